@@ -1,0 +1,1 @@
+"""Shared plumbing: chunked reading, logging, resource reports, docstring fragments."""

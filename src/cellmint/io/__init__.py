@@ -1,0 +1,3 @@
+"""Reading and writing models and exports (``cm.io``)."""
+
+__all__: list[str] = []

@@ -1,0 +1,3 @@
+"""Tools: train and apply annotators and perturbation models (``cm.tl``)."""
+
+__all__: list[str] = []
