@@ -36,9 +36,7 @@ def _dataset_summary(name: str, *, data_dir: str | None) -> dict:
             "median_genes": float(np.median(detected)),
             "sparsity": 1 - detected.sum() / (adata.n_obs * adata.n_vars),
             "integer_counts": integer,
-            "labels": "; ".join(
-                f"{key}: {adata.obs[key].nunique()}" for key in _label_keys(name) if key in adata.obs
-            ),
+            "labels": "; ".join(f"{key}: {adata.obs[key].nunique()}" for key in _label_keys(name) if key in adata.obs),
             "sha256": adata.uns["dataset"]["sha256"][:12] + "…",
         }
     finally:
@@ -80,8 +78,13 @@ def _cmd_synthetic(args: argparse.Namespace) -> int:
 
     with ResourceMonitor(n_cells=args.n_obs) as monitor:
         adata = synthetic(
-            args.n_obs, args.n_vars, n_perturbations=args.n_perturbations, path=args.out,
-            random_state=args.seed, overwrite=args.overwrite, progress=args.progress,
+            args.n_obs,
+            args.n_vars,
+            n_perturbations=args.n_perturbations,
+            path=args.out,
+            random_state=args.seed,
+            overwrite=args.overwrite,
+            progress=args.progress,
         )
         adata.file.close()
     print(f"wrote {args.out}: {args.n_obs:,} cells × {args.n_vars:,} genes")

@@ -10,9 +10,8 @@ import scipy.sparse as sp
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cellmint._utils._chunks import TARGET_CHUNK_BYTES, auto_chunk_size, iter_row_chunks, open_matrix
-
 from _helpers import make_counts
+from cellmint._utils._chunks import TARGET_CHUNK_BYTES, auto_chunk_size, iter_row_chunks, open_matrix
 
 
 def _assemble(chunks) -> tuple[np.ndarray, list[tuple[int, int]]]:
@@ -242,7 +241,9 @@ def test_real_backed_pbmc3k_matches_in_memory(shared_data):
     in_memory = ad.read_h5ad(path).X
     backed = ad.read_h5ad(path, backed="r")
     try:
-        row_sums = np.concatenate([np.asarray(c.X.sum(axis=1)).ravel() for c in iter_row_chunks(backed, chunk_size=700)])
+        row_sums = np.concatenate(
+            [np.asarray(c.X.sum(axis=1)).ravel() for c in iter_row_chunks(backed, chunk_size=700)]
+        )
         gene_sums = sum(np.asarray(c.X.sum(axis=0)).ravel() for c in iter_row_chunks(backed, chunk_size=700))
     finally:
         backed.file.close()

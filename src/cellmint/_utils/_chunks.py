@@ -42,9 +42,9 @@ class MatrixSource(Protocol):
     is_sparse: bool
 
     @property
-    def nnz(self) -> int | None: ...  # noqa: D102
+    def nnz(self) -> int | None: ...
 
-    def read(self, start: int, stop: int) -> np.ndarray | sp.csr_matrix: ...  # noqa: D102
+    def read(self, start: int, stop: int) -> np.ndarray | sp.csr_matrix: ...
 
 
 class _InMemory:
@@ -118,7 +118,9 @@ class _OnDiskCompressed:
         n_data, n_indices = self.group["data"].shape[0], self.group["indices"].shape[0]
         problem = None
         if len(self.indptr) != n_major + 1:
-            problem = f"indptr has {len(self.indptr)} entries for {n_major} {'rows' if self.format == 'csr' else 'columns'}"
+            problem = (
+                f"indptr has {len(self.indptr)} entries for {n_major} {'rows' if self.format == 'csr' else 'columns'}"
+            )
         elif self.indptr[0] != 0 or np.any(np.diff(self.indptr) < 0):
             problem = "indptr does not start at 0 and increase"
         elif not (self.indptr[-1] == n_data == n_indices):
@@ -211,8 +213,10 @@ class _RowSubset:
         breaks = np.flatnonzero(np.diff(sorted_rows) != 1) + 1
         blocks = [self.base.read(int(run[0]), int(run[-1]) + 1) for run in np.split(sorted_rows, breaks) if len(run)]
         if not blocks:
-            block = sp.csr_matrix((0, self.base.shape[1]), dtype=self.dtype) if self.is_sparse else np.empty(
-                (0, self.base.shape[1]), dtype=self.dtype
+            block = (
+                sp.csr_matrix((0, self.base.shape[1]), dtype=self.dtype)
+                if self.is_sparse
+                else np.empty((0, self.base.shape[1]), dtype=self.dtype)
             )
         else:
             block = sp.vstack(blocks, format="csr") if self.is_sparse else np.vstack(blocks)

@@ -1,6 +1,6 @@
 """Shared numpydoc fragments, injected with :func:`doc_params` (scanpy's ``_doc_params`` habit).
 
-A function docstring writes ``{doc_adata}`` where the fragment goes; the decorator dedents the
+A function docstring writes ``{doc_adata}`` where the fragment goes; the decorator cleans the
 docstring first, so fragments are written for zero indentation (parameter name at column 0, its
 description indented by four spaces).
 """
@@ -8,7 +8,7 @@ description indented by four spaces).
 from __future__ import annotations
 
 from collections.abc import Callable
-from textwrap import dedent
+from inspect import cleandoc
 from typing import TypeVar
 
 F = TypeVar("F", bound=Callable)
@@ -68,7 +68,7 @@ def doc_params(**replacements: str) -> Callable[[F], F]:
 
     def decorate(obj: F) -> F:
         if obj.__doc__ is not None:
-            obj.__doc__ = dedent(obj.__doc__).format_map(fragments)
+            obj.__doc__ = cleandoc(obj.__doc__).format_map(fragments)
         return obj
 
     return decorate

@@ -42,16 +42,24 @@ def show_progress(progress: bool | None = None) -> bool:
     return stream is not None and hasattr(stream, "isatty") and stream.isatty()
 
 
-def progress_bar(iterable: Any = None, *, total: int | None = None, desc: str | None = None,
-                 unit: str = "it", progress: bool | None = None, **kwargs: Any):
+def progress_bar(
+    iterable: Any = None,
+    *,
+    total: int | None = None,
+    desc: str | None = None,
+    unit: str = "it",
+    progress: bool | None = None,
+    **kwargs: Any,
+):
     """A :mod:`tqdm` bar (notebook widget where available), disabled when :func:`show_progress` says so.
 
     Use it as a context manager or iterate over it, exactly like ``tqdm``.
     """
     enabled = show_progress(progress)
     tqdm = _tqdm_class() if enabled else _plain_tqdm()
-    return tqdm(iterable, total=total, desc=desc, unit=unit, disable=not enabled, dynamic_ncols=True,
-                unit_scale=unit == "cells", **kwargs)
+    kwargs.setdefault("unit_scale", unit == "cells")
+    kwargs.setdefault("dynamic_ncols", True)
+    return tqdm(iterable, total=total, desc=desc, unit=unit, disable=not enabled, **kwargs)
 
 
 def _plain_tqdm():

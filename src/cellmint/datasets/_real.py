@@ -12,8 +12,9 @@ from ._fetch import bundled_path, cache_dir, dataset_path
 from ._registry import DATASETS, DatasetInfo
 
 
-def load(name: str, *, data_dir: str | Path | None = None, backed: bool = False,
-         progress: bool | None = None) -> ad.AnnData:
+def load(
+    name: str, *, data_dir: str | Path | None = None, backed: bool = False, progress: bool | None = None
+) -> ad.AnnData:
     """Load a real dataset by name (see :func:`available`).
 
     Parameters
@@ -36,8 +37,13 @@ def load(name: str, *, data_dir: str | Path | None = None, backed: bool = False,
     info = DATASETS[name]
     path = dataset_path(info, data_dir=data_dir, progress=progress)
     adata = ad.read_h5ad(path, backed="r" if backed else None)
-    adata.uns["dataset"] = {"name": info.name, "citation": info.citation, "source": info.source,
-                            "licence": info.licence, "sha256": info.sha256}
+    adata.uns["dataset"] = {
+        "name": info.name,
+        "citation": info.citation,
+        "source": info.source,
+        "licence": info.licence,
+        "sha256": info.sha256,
+    }
     return adata
 
 
@@ -53,25 +59,36 @@ def available() -> pd.DataFrame:
     rows = []
     for info in DATASETS.values():
         local = bundled_path(info) if info.bundled else cache_dir() / info.filename
-        rows.append({
-            "name": info.name, "n_obs": info.n_obs, "n_vars": info.n_vars, "labels": ", ".join(info.labels),
-            "bundled": info.bundled, "local": local.is_file(), "description": info.description,
-            "citation": info.citation, "source": info.source, "licence": info.licence,
-        })
+        rows.append(
+            {
+                "name": info.name,
+                "n_obs": info.n_obs,
+                "n_vars": info.n_vars,
+                "labels": ", ".join(info.labels),
+                "bundled": info.bundled,
+                "local": local.is_file(),
+                "description": info.description,
+                "citation": info.citation,
+                "source": info.source,
+                "licence": info.licence,
+            }
+        )
     return pd.DataFrame(rows).set_index("name")
 
 
 def _make_loader(info: DatasetInfo) -> Callable[..., ad.AnnData]:
-    def loader(*, data_dir: str | Path | None = None, backed: bool = False,
-               progress: bool | None = None) -> ad.AnnData:
+    def loader(*, data_dir: str | Path | None = None, backed: bool = False, progress: bool | None = None) -> ad.AnnData:
         return load(info.name, data_dir=data_dir, backed=backed, progress=progress)
 
-    where = ("Bundled with cellmint (no download); `data_dir` is ignored." if info.bundled else
-             "Not bundled: read from `data_dir`, ``CELLMINT_DATA_DIR`` or the cache, after a sha256 check.")
+    where = (
+        "Bundled with cellmint (no download); `data_dir` is ignored."
+        if info.bundled
+        else "Not bundled: read from `data_dir`, ``CELLMINT_DATA_DIR`` or the cache, after a sha256 check."
+    )
     loader.__name__ = loader.__qualname__ = info.name
     loader.__doc__ = f"""{info.description}
 
-    {info.n_obs} cells × {info.n_vars} genes; labels in ``obs``: {', '.join(f'``{k}``' for k in info.labels) or 'none'}.
+    {info.n_obs} cells × {info.n_vars} genes; labels in ``obs``: {", ".join(f"``{k}``" for k in info.labels) or "none"}.
     {where}
 
     Source: {info.source} ({info.licence}). Please cite: {info.citation}

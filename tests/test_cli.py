@@ -1,0 +1,64 @@
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from cellmint.cli import main
+
+
+def test_datasets_command_verifies_and_summarises_bundled_data(capsys, tmp_path):
+    out = tmp_path / "summary.csv"
+    assert main(["datasets", "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    for name in ("cellbench", "cellbench_10x", "glioblastoma_panobinostat", "papalexi_crispr"):
+        assert name in text
+    assert "4 dataset(s) verified (sha256) and summarised; 0 not found." in text
+    import pandas as pd
+
+    table = pd.read_csv(out, index_col=0)
+    assert table.loc["cellbench", "cells"] == 510
+    assert table.loc["papalexi_crispr", "genes"] == 299
+    assert table["integer_counts"].all()  # bundled files hold raw counts
+    assert (table["median_counts"] > 0).all()
+
+
+def test_datasets_command_reports_missing_files(capsys, tmp_path, monkeypatch):
+    monkeypatch.setenv("CELLMINT_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.delenv("CELLMINT_DATA_DIR", raising=False)
+    assert main(["datasets", "pbmc3k", "--data-dir", str(tmp_path)]) == 1
+    captured = capsys.readouterr()
+    assert "0 dataset(s) verified" in captured.out
+    assert "not bundled" in captured.err
+
+
+def test_unknown_dataset_is_a_clear_error(capsys):
+    assert main(["datasets", "no_such_data"]) == 2
+    assert "Unknown dataset 'no_such_data'" in capsys.readouterr().err
+
+
+def test_console_script_help():
+    result = subprocess.run(
+        [sys.executable, "-m", "cellmint.cli", "--help"], capture_output=True, text=True, check=True
+    )
+    assert "datasets" in result.stdout
+    assert "synthetic" in result.stdout
+
+
+def test_synthetic_command_streams_a_file(tmp_path, capsys):
+    path = tmp_path / "s.h5ad"
+    assert main(["synthetic", str(path), "--n-obs", "600", "--n-vars", "150", "--no-progress"]) == 0
+    import anndata as ad
+
+    adata = ad.read_h5ad(path)
+    assert adata.shape == (600, 150)
+    assert "resources:" in capsys.readouterr().out
+    assert main(["synthetic", str(path), "--n-obs", "600", "--n-vars", "150"]) == 2  # exists, no --overwrite
+
+
+@pytest.mark.realdata
+def test_datasets_command_with_shared_data_dir(shared_data, capsys, tmp_path, monkeypatch):
+    monkeypatch.setenv("CELLMINT_CACHE_DIR", str(tmp_path))
+    assert main(["datasets", "pbmc3k", "cbmc_citeseq", "--data-dir", str(shared_data)]) == 0
+    assert "2 dataset(s) verified" in capsys.readouterr().out

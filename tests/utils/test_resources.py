@@ -1,0 +1,73 @@
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+import pytest
+
+from cellmint._utils._resources import ResourceMonitor, ResourceReport, current_rss_bytes
+
+linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="window peak RSS needs /proc (Linux)")
+
+
+@linux_only
+def test_peak_rss_sees_a_temporary_allocation_and_forgets_earlier_ones():
+    before = np.ones(200 * 2**20 // 8)  # 200 MiB allocated *before* the window
+    del before
+    with ResourceMonitor(n_cells=1_000) as quiet:
+        pass
+    with ResourceMonitor(n_cells=1_000) as busy:
+        block = np.ones(300 * 2**20 // 8)  # 300 MiB touched inside the window
+        del block
+    assert quiet.report.peak_rss_scope == "window"
+    # the earlier 200 MiB peak is not charged to the quiet window
+    assert quiet.report.peak_rss_bytes < current_rss_bytes() + 100 * 2**20
+    assert busy.report.peak_rss_bytes >= quiet.report.peak_rss_bytes + 250 * 2**20
+
+
+@linux_only
+def test_nested_monitors_keep_their_own_peaks():
+    with ResourceMonitor() as outer:
+        block = np.ones(250 * 2**20 // 8)
+        del block
+        with ResourceMonitor() as inner:  # resets the kernel's high-water mark
+            pass
+    assert outer.report.peak_rss_bytes >= inner.report.peak_rss_bytes + 200 * 2**20
+
+
+def test_report_fields_and_throughput():
+    with ResourceMonitor(device="cpu") as monitor:
+        monitor.add_cells(500)
+        monitor.add_cells(250)
+    report = monitor.report
+    assert report.n_cells == 750
+    assert report.wall_time_s > 0
+    assert report.cells_per_s == pytest.approx(750 / report.wall_time_s)
+    assert report.gpu_peak_bytes is None  # CPU job
+    assert report.device == "cpu"
+    text = str(report)
+    assert "cells/s" in text
+    assert "peak RSS" in text
+    assert "device cpu" in text
+
+
+def test_report_to_dict_is_h5ad_writable(tmp_path):
+    import anndata as ad
+
+    report = ResourceReport(wall_time_s=1.5, n_cells=None, peak_rss_bytes=2**30, extra={"epochs": 3, "skip": None})
+    d = report.to_dict()
+    assert d == {"wall_time_s": 1.5, "device": "cpu", "peak_rss_bytes": 2**30, "peak_rss_scope": "window", "epochs": 3}
+    adata = ad.AnnData(np.zeros((2, 2), dtype=np.float32))
+    adata.uns["resources"] = d
+    adata.write_h5ad(tmp_path / "r.h5ad")
+    assert ad.read_h5ad(tmp_path / "r.h5ad").uns["resources"]["peak_rss_bytes"] == 2**30
+
+
+def test_gpu_peak_reported_on_cuda():
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device on this machine (measured on the GPU machine, see benchmarks)")
+    with ResourceMonitor(device="cuda:0") as monitor:
+        x = torch.ones(64 * 2**20 // 4, device="cuda:0")
+        del x
+    assert monitor.report.gpu_peak_bytes >= 64 * 2**20
