@@ -1,3 +1,5 @@
-"""Reading and writing models and exports (``cm.io``)."""
+"""Reading and writing: chunked access to matrices wherever they live; models and exports (``cm.io``)."""
 
-__all__: list[str] = []
+from .._utils._chunks import RowChunk, iter_row_chunks
+
+__all__ = ["RowChunk", "iter_row_chunks"]
