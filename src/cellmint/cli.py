@@ -96,7 +96,10 @@ def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``cellmint`` command (exposed for the docs and tests)."""
     from . import __version__
 
-    parser = argparse.ArgumentParser(prog="cellmint", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="cellmint",
+        description="cellmint: atlas-scale single-cell data to trusted annotators and perturbation models.",
+    )
     parser.add_argument("--version", action="version", version=f"cellmint {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
