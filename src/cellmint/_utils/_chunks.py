@@ -40,6 +40,8 @@ class MatrixSource(Protocol):
     shape: tuple[int, int]
     dtype: np.dtype
     is_sparse: bool
+    #: how the matrix is laid out where it lives: "csr", "csc", "dense" or "dask"
+    storage: str
 
     @property
     def nnz(self) -> int | None: ...
@@ -57,6 +59,7 @@ class _InMemory:
         self.shape = tuple(X.shape)
         self.dtype = np.dtype(X.dtype)
         self.is_sparse = sp.issparse(X)
+        self.storage = X.format if self.is_sparse else "dense"
 
     @property
     def nnz(self) -> int:
@@ -71,6 +74,7 @@ class _OnDiskDense:
     """An ``h5py.Dataset`` or ``zarr.Array``: a row slice reads only those rows."""
 
     is_sparse = False
+    storage = "dense"
 
     def __init__(self, dataset: Any):
         self.dataset = dataset
@@ -99,7 +103,7 @@ class _OnDiskCompressed:
         fmt = _encoding_type(group)
         if fmt not in {"csr_matrix", "csc_matrix"}:
             raise ValueError(f"{name!r} is stored as {fmt!r}, not as a CSR/CSC sparse matrix.")
-        self.format = fmt[:3]
+        self.format = self.storage = fmt[:3]
         self.group = group
         self.shape = tuple(int(s) for s in group.attrs["shape"])
         self.dtype = np.dtype(group["data"].dtype)
@@ -169,6 +173,8 @@ class _OnDiskCompressed:
 class _Dask:
     """A dask array; each chunk is computed with the active dask scheduler."""
 
+    storage = "dask"
+
     def __init__(self, X: Any):
         self.X = X
         self.shape = tuple(int(s) for s in X.shape)
@@ -201,6 +207,7 @@ class _RowSubset:
         self.shape = (len(rows), base.shape[1] if cols is None else len(cols))
         self.dtype = base.dtype
         self.is_sparse = base.is_sparse
+        self.storage = base.storage
 
     @property
     def nnz(self) -> None:

@@ -1,6 +1,5 @@
-"""Preprocessing: statistics and on-disk stores for atlas-scale data (``cm.pp``).
+"""Preprocessing: statistics and on-disk stores for atlas-scale data (``cm.pp``)."""
 
-Filled by the HVG and store issues; empty until then rather than holding placeholders.
-"""
+from ._select_hvgs import select_hvgs
 
-__all__: list[str] = []
+__all__ = ["select_hvgs"]

@@ -1,0 +1,325 @@
+"""``cm.pp.select_hvgs``: scanpy's highly variable genes on data of any size, with scanpy's exact answers.
+
+The statistics are gathered chunk by chunk (:mod:`._hvg_stats`); everything after them — the loess
+fit, binning, normalisation, ranking and tie-breaking — follows ``scanpy.pp.highly_variable_genes``
+step by step on per-gene vectors, so results match scanpy's for the same flavour.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import pandas as pd
+from anndata import AnnData
+
+from .._utils import _logging as logg
+from .._utils._chunks import RowChunk
+from .._utils._docs import doc_params
+from . import _hvg_dispersion, _hvg_seurat_v3
+from ._hvg_stats import arithmetic_for, clipped_sums, moments
+
+Flavor = Literal["seurat_v3", "seurat_v3_paper", "seurat", "cell_ranger"]
+_COUNT_FLAVORS = ("seurat_v3", "seurat_v3_paper")
+_FLAVORS = (*_COUNT_FLAVORS, "seurat", "cell_ranger")
+_CUTOFF_DEFAULTS = {"min_mean": 0.0125, "max_mean": 3.0, "min_disp": 0.5, "max_disp": np.inf}
+
+
+@dataclass
+class _Input:
+    """What select_hvgs needs from any kind of input, without touching the matrix."""
+
+    data: AnnData | Path  # handed to the chunk reader
+    adata: AnnData | None  # where results can be written (None for a path)
+    var_names: pd.Index
+    obs: pd.DataFrame | None  # only the batch column is read for paths
+    log1p_base: float | None
+
+
+def _read_input(adata: AnnData | str | Path, batch_key: str | None) -> _Input:
+    if isinstance(adata, AnnData):
+        base = adata.uns.get("log1p", {}).get("base")
+        return _Input(adata, adata, adata.var_names, adata.obs, base)
+    if not isinstance(adata, str | Path):
+        raise TypeError(f"`adata` must be an AnnData or a path to .h5ad/.zarr, not {type(adata).__name__}.")
+    path = Path(adata)
+    if not path.exists():
+        raise FileNotFoundError(f"No such file or store: {path}")
+    import anndata as ad
+
+    if path.suffix.lower() == ".h5ad":
+        import h5py
+
+        with h5py.File(path, "r") as f:
+            return _input_from_root(f, path, batch_key, ad)
+    import zarr
+
+    return _input_from_root(zarr.open_group(path, mode="r"), path, batch_key, ad)
+
+
+def _input_from_root(root, path: Path, batch_key: str | None, ad) -> _Input:
+    var = ad.io.read_elem(root["var"])
+    obs = None
+    if batch_key is not None:
+        if batch_key not in root["obs"]:
+            columns = [k for k in root["obs"] if not k.startswith("__")]
+            raise KeyError(f"batch_key {batch_key!r} is not a column of obs in {path}; columns: {columns}.")
+        obs = pd.DataFrame({batch_key: ad.io.read_elem(root["obs"][batch_key])})
+    base = None
+    if "uns" in root and "log1p" in root["uns"] and "base" in root["uns"]["log1p"]:
+        base = ad.io.read_elem(root["uns"]["log1p"]["base"])
+    return _Input(path, None, var.index, obs, base)
+
+
+def _batch_codes(inp: _Input, batch_key: str | None, flavor: str) -> tuple[np.ndarray, list]:
+    n_obs = _n_obs(inp)
+    if batch_key is None:
+        return np.zeros(n_obs, dtype=np.int64), [0]
+    if inp.obs is None or batch_key not in inp.obs.columns:
+        columns = [] if inp.obs is None else list(inp.obs.columns)
+        raise KeyError(f"batch_key {batch_key!r} is not a column of obs; columns: {columns}.")
+    values = inp.obs[batch_key]
+    if pd.isna(values).any():
+        raise ValueError(f"obs[{batch_key!r}] has no batch for {int(pd.isna(values).sum())} cells; fill them in first.")
+    if flavor in _COUNT_FLAVORS:
+        # scanpy loops over np.unique(values): their sorted order decides how batches are averaged
+        batches, codes = np.unique(np.asarray(values), return_inverse=True)
+        return codes.astype(np.int64), list(batches)
+    # scanpy makes the column categorical (sorted categories, as sanitize_anndata) and loops over them
+    categorical = values if isinstance(values.dtype, pd.CategoricalDtype) else pd.Categorical(values)
+    categorical = pd.Categorical(categorical).remove_unused_categories()
+    return categorical.codes.astype(np.int64), list(categorical.categories)
+
+
+def _n_obs(inp: _Input) -> int:
+    if inp.adata is not None:
+        return inp.adata.n_obs
+    from .._utils._chunks import open_matrix
+
+    with open_matrix(inp.data) as source:
+        return source.shape[0]
+
+
+def _value_check(flavor: str, layer: str | None, check_values: bool):
+    where = "X" if layer is None else f"layers[{layer!r}]"
+
+    def check(chunk: RowChunk) -> None:
+        values = chunk.X.data if hasattr(chunk.X, "indptr") else np.asarray(chunk.X).ravel()
+        if values.dtype.kind == "f" and not np.isfinite(values).all():
+            raise ValueError(
+                f"{where} contains NaN or infinite values (cells {chunk.start}–{chunk.stop - 1}); "
+                "highly variable genes are undefined there. Remove or fix those values first."
+            )
+        if check_values and flavor in _COUNT_FLAVORS:
+            if (values < 0).any():
+                raise ValueError(
+                    f"flavor={flavor!r} expects raw counts, but {where} has negative values (cells "
+                    f"{chunk.start}–{chunk.stop - 1}). Use a layer of counts, or check_values=False to proceed."
+                )
+            if values.dtype.kind == "f" and (values % 1 != 0).any():
+                example = values[values % 1 != 0][0]
+                raise ValueError(
+                    f"flavor={flavor!r} expects raw counts, but {where} has non-integer values (e.g. {example:g} "
+                    f"in cells {chunk.start}–{chunk.stop - 1}). Use a layer of counts (e.g. layer='counts'), "
+                    "pick flavor='seurat' for log-normalised data, or pass check_values=False to proceed anyway."
+                )
+
+    return check
+
+
+def _check_arguments(flavor: str, n_top_genes: int | None, n_vars: int, cutoffs: dict) -> None:
+    if flavor not in _FLAVORS:
+        raise ValueError(f"flavor must be one of {list(_FLAVORS)}, not {flavor!r}.")
+    if n_top_genes is None:
+        if flavor in _COUNT_FLAVORS:
+            raise ValueError(f"flavor={flavor!r} needs n_top_genes (cutoffs apply to 'seurat' and 'cell_ranger').")
+        return
+    if isinstance(n_top_genes, bool) or not isinstance(n_top_genes, int | np.integer) or n_top_genes < 1:
+        raise ValueError(f"n_top_genes must be a positive integer or None, not {n_top_genes!r}.")
+    if n_top_genes > n_vars:
+        raise ValueError(f"n_top_genes={n_top_genes} is larger than the {n_vars} genes available.")
+    if flavor not in _COUNT_FLAVORS and cutoffs != _CUTOFF_DEFAULTS:
+        warnings.warn("If you pass `n_top_genes`, all cutoffs are ignored.", UserWarning, stacklevel=3)
+
+
+@doc_params(
+    doc_flavor="""\
+flavor
+    ``"seurat_v3"`` / ``"seurat_v3_paper"``: normalised variance of raw counts after a loess fit of
+    variance on mean (Stuart et al. 2019); they differ only with ``batch_key`` (ties broken by median
+    rank vs. by number of batches). ``"seurat"`` (log-normalised data; Satija et al. 2015) and
+    ``"cell_ranger"`` (normalised data; Zheng et al. 2017): dispersion normalised within bins of
+    mean expression.""",
+)
+def select_hvgs(
+    adata: AnnData | str | Path,
+    *,
+    n_top_genes: int | None = 2000,
+    flavor: Flavor = "seurat_v3",
+    batch_key: str | None = None,
+    layer: str | None = None,
+    chunk_size: int | None = None,
+    min_mean: float = 0.0125,
+    max_mean: float = 3.0,
+    min_disp: float = 0.5,
+    max_disp: float = np.inf,
+    span: float = 0.3,
+    n_bins: int = 20,
+    check_values: bool = True,
+    key_added: str = "highly_variable",
+    subset: bool = False,
+    inplace: bool = True,
+    progress: bool | None = None,
+) -> pd.DataFrame | AnnData | None:
+    """Annotate highly variable genes, exactly as :func:`scanpy.pp.highly_variable_genes`, on data of any size.
+
+    The matrix is read a chunk of cells at a time, so backed ``.h5ad`` files, ``.zarr`` stores and
+    dask-backed AnnData larger than memory work; memory stays near one chunk plus a few vectors per
+    gene and batch. For the same flavour and parameters the result equals scanpy's: the same genes,
+    the same ranks and the same statistics (gene sums are added in scanpy's order and precision).
+
+    Parameters
+    ----------
+    {doc_adata}
+    n_top_genes
+        Number of highly variable genes. With ``None`` (dispersion flavours only) genes are selected
+        by the ``min_mean``/``max_mean``/``min_disp``/``max_disp`` cutoffs instead.
+    {doc_flavor}
+    batch_key
+        ``obs`` column of batches: genes are ranked within each batch and combined as scanpy does,
+        which avoids selecting batch-specific genes.
+    {doc_layer}
+    {doc_chunk_size}
+    min_mean
+        Lower cutoff on the mean (dispersion flavours with ``n_top_genes=None``).
+    max_mean
+        Upper cutoff on the mean (dispersion flavours with ``n_top_genes=None``).
+    min_disp
+        Lower cutoff on the normalised dispersion (dispersion flavours with ``n_top_genes=None``).
+    max_disp
+        Upper cutoff on the normalised dispersion (dispersion flavours with ``n_top_genes=None``).
+    span
+        Fraction of genes used by each local loess fit (``seurat_v3`` flavours).
+    n_bins
+        Number of equal-width mean bins (``"seurat"``); ``"cell_ranger"`` uses 5% percentile bins.
+    check_values
+        For the ``seurat_v3`` flavours, refuse negative or non-integer values (raw counts expected).
+        NaN and infinite values are refused for every flavour.
+    key_added
+        ``var`` column of the boolean mask; the rank, number of batches and intersection columns
+        are ``f"{{key_added}}_rank"``, ``f"{{key_added}}_nbatches"`` and ``f"{{key_added}}_intersection"``.
+    subset
+        Keep only the highly variable genes. In memory, ``adata`` is subset in place (scanpy's
+        behaviour). For backed ``adata`` nothing is loaded: the genes are marked in ``var`` and a
+        backed view ``adata[:, mask]`` is returned. With ``inplace=False`` only the rows of the
+        selected genes are returned.
+    {doc_inplace} A path is opened read-only, so it needs ``inplace=False``.
+    {doc_progress}
+
+    Returns
+    -------
+    With ``inplace=False``: a :class:`pandas.DataFrame` (index: gene names) with scanpy's columns for
+    the flavour. Otherwise ``None`` (a backed view with ``subset=True`` on backed data), and writes:
+
+    ``adata.var[key_added]`` (bool)
+        Whether the gene is highly variable.
+    ``adata.var["means"]`` (float64)
+        Mean per gene (``log1p`` of the mean of ``expm1`` for ``"seurat"``).
+    ``adata.var["variances"]``, ``adata.var["variances_norm"]`` (float64)
+        ``seurat_v3`` flavours: variance, and normalised variance averaged over batches.
+    ``adata.var[f"{{key_added}}_rank"]`` (float32)
+        ``seurat_v3`` flavours: rank by normalised variance (median over batches; NaN outside the top).
+    ``adata.var["dispersions"]`` (float64), ``adata.var["dispersions_norm"]`` (float32)
+        Dispersion flavours: dispersion and normalised dispersion.
+    ``adata.var[f"{{key_added}}_nbatches"]`` (int64)
+        With ``batch_key``: in how many batches the gene is highly variable.
+    ``adata.var[f"{{key_added}}_intersection"]`` (bool)
+        With ``batch_key``, dispersion flavours: highly variable in every batch.
+    ``adata.uns["hvg"]``
+        ``{{"flavor": flavor}}``, as scanpy.
+
+    Examples
+    --------
+    >>> import cellmint as cm
+    >>> adata = cm.datasets.cellbench()
+    >>> cm.pp.select_hvgs(adata, n_top_genes=500, batch_key="technology")
+    >>> int(adata.var["highly_variable"].sum())
+    500
+    """
+    start = logg.info("extracting highly variable genes")
+    inp = _read_input(adata, batch_key)
+    if inp.adata is None and inplace:
+        raise ValueError(
+            f"{inp.data} is opened read-only: pass inplace=False to get the table, or open it as a backed "
+            "AnnData (anndata.read_h5ad(path, backed='r')) to annotate its var."
+        )
+    cutoffs = {"min_mean": min_mean, "max_mean": max_mean, "min_disp": min_disp, "max_disp": max_disp}
+    _check_arguments(flavor, n_top_genes, len(inp.var_names), cutoffs)
+    codes, batches = _batch_codes(inp, batch_key, flavor)
+    check = _value_check(flavor, layer, check_values)
+    arithmetic = arithmetic_for(inp.data, layer)
+    read = {"layer": layer, "chunk_size": chunk_size, "progress": progress}
+
+    if flavor in _COUNT_FLAVORS:
+        stats = moments(inp.data, codes, len(batches), arithmetic=arithmetic, check=check, **read)
+        clip = _hvg_seurat_v3.clip_values(stats, batches, span=span)
+        clipped = clipped_sums(inp.data, codes, clip.values, **read)
+        df = _hvg_seurat_v3.table(
+            stats, clip, clipped, inp.var_names, flavor=flavor, n_top_genes=n_top_genes, batched=batch_key is not None
+        )
+    else:
+        transform = _hvg_dispersion.expm1_transform(inp.log1p_base) if flavor == "seurat" else None
+        stats = moments(inp.data, codes, len(batches), arithmetic=arithmetic, transform=transform, check=check, **read)
+        df = _hvg_dispersion.table(
+            stats,
+            inp.var_names,
+            batched=batch_key is not None,
+            flavor=flavor,
+            n_bins=n_bins,
+            n_top_genes=n_top_genes,
+            cutoffs=cutoffs,
+        )
+    logg.info("    finished", time=start)
+    return _deliver(inp, df, flavor=flavor, batch_key=batch_key, key_added=key_added, subset=subset, inplace=inplace)
+
+
+def _renamed(df: pd.DataFrame, key_added: str) -> pd.DataFrame:
+    if key_added == "highly_variable":
+        return df
+    return df.rename(
+        columns=lambda c: key_added + c[len("highly_variable") :] if c.startswith("highly_variable") else c
+    )
+
+
+def _deliver(inp: _Input, df: pd.DataFrame, *, flavor, batch_key, key_added, subset, inplace):
+    df = _renamed(df, key_added)
+    if not inplace:
+        return df.loc[df[key_added]] if subset else df
+    adata = inp.adata
+    df = df.loc[adata.var_names]  # scanpy returns some tables sorted by gene name
+    columns = [key_added, "means"]
+    if flavor in _COUNT_FLAVORS:
+        columns = [key_added, f"{key_added}_rank", "means", "variances", "variances_norm"]
+        if batch_key is not None:
+            columns.append(f"{key_added}_nbatches")
+    else:
+        columns += ["dispersions", "dispersions_norm"]
+        if batch_key is not None:
+            columns += [f"{key_added}_nbatches", f"{key_added}_intersection"]
+    for column in columns:
+        values = df[column].to_numpy()
+        if column == "dispersions_norm":
+            values = values.astype(np.float32, copy=False)
+        adata.var[column] = values
+    adata.uns["hvg"] = {"flavor": flavor}
+    logg.hint("added\n" + "\n".join(f"    {c!r}, (adata.var)" for c in columns))
+    if not subset:
+        return None
+    mask = adata.var[key_added].to_numpy()
+    if adata.isbacked:
+        return adata[:, mask]
+    adata._inplace_subset_var(mask)
+    return None
