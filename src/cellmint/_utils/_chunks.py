@@ -27,7 +27,10 @@ TARGET_CHUNK_BYTES = 256 * 2**20
 
 
 class RowChunk(NamedTuple):
-    """Rows ``start:stop`` of the matrix, as a CSR matrix or a dense array."""
+    """Rows ``start:stop`` of the matrix, as a CSR matrix or a dense array.
+
+    ``X`` may share memory with an in-memory source matrix: treat it as read-only.
+    """
 
     start: int
     stop: int
@@ -66,6 +69,13 @@ class _InMemory:
         return int(self.X.nnz) if self.is_sparse else self.shape[0] * self.shape[1]
 
     def read(self, start: int, stop: int):
+        if self.storage == "csr":
+            # a view on the rows' stored values (scipy's row slicing copies them, slowly)
+            lo, hi = self.X.indptr[start], self.X.indptr[stop]
+            indptr = np.asarray(self.X.indptr[start : stop + 1], dtype=np.int64) - lo
+            return sp.csr_matrix(
+                (self.X.data[lo:hi], self.X.indices[lo:hi], indptr), shape=(stop - start, self.shape[1])
+            )
         block = self.X[start:stop]
         return sp.csr_matrix(block) if self.is_sparse else np.asarray(block)
 
@@ -383,6 +393,7 @@ def iter_row_chunks(
     fmt: ChunkFormat = "native",
     progress: bool | None = False,
     desc: str = "reading cells",
+    prefetch: bool = False,
 ) -> Iterator[RowChunk]:
     """Iterate over consecutive row blocks of a matrix with bounded memory.
 
@@ -401,6 +412,9 @@ def iter_row_chunks(
         Progress bar over cells (``None``: only in an interactive terminal or notebook).
     desc
         Label of the progress bar.
+    prefetch
+        Read the next block in a background thread while the caller works on the current one
+        (up to three blocks in memory). Pays off for on-disk data when the caller's work releases the GIL.
 
     Yields
     ------
@@ -413,14 +427,33 @@ def iter_row_chunks(
     with open_matrix(data, layer=layer) as source:
         n_obs = source.shape[0]
         size = int(chunk_size) if chunk_size is not None else auto_chunk_size(source, fmt=fmt)
+        starts = range(0, n_obs, size)
+
+        def read(start: int) -> RowChunk:
+            stop = min(n_obs, start + size)
+            block = source.read(start, stop)
+            if block.shape != (stop - start, source.shape[1]):
+                raise ValueError(
+                    f"Rows {start}:{stop} came back with shape {block.shape}; the matrix is corrupted or "
+                    f"inconsistent with its declared shape {source.shape}."
+                )
+            return RowChunk(start, stop, _convert(block, fmt))
+
         with progress_bar(total=n_obs, desc=desc, unit="cells", progress=progress) as bar:
-            for start in range(0, n_obs, size):
-                stop = min(n_obs, start + size)
-                block = source.read(start, stop)
-                if block.shape != (stop - start, source.shape[1]):
-                    raise ValueError(
-                        f"Rows {start}:{stop} came back with shape {block.shape}; the matrix is corrupted or "
-                        f"inconsistent with its declared shape {source.shape}."
-                    )
-                yield RowChunk(start, stop, _convert(block, fmt))
-                bar.update(stop - start)
+            for chunk in _prefetched(read, starts) if prefetch else map(read, starts):
+                yield chunk
+                bar.update(chunk.stop - chunk.start)
+
+
+def _prefetched(read, starts) -> Iterator[RowChunk]:
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="cellmint-prefetch") as pool:
+        pending = None
+        for start in starts:
+            upcoming = pool.submit(read, start)
+            if pending is not None:
+                yield pending.result()
+            pending = upcoming
+        if pending is not None:
+            yield pending.result()

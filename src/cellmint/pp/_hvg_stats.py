@@ -65,67 +65,99 @@ class Moments:
         return mean, var
 
 
+# Each kernel splits the genes into one contiguous range per thread: a thread scans every stored
+# value of the chunk but adds only its own genes, so every (batch, partial, gene) sum still receives
+# its values in row order — the same additions as scanpy's, on both cores.
+
+
 @numba.njit(nogil=True, cache=True)
-def _moments_csr(data, indices, indptr, batch, seen, sums, squares, detected, square_f64):
-    n_all = sums.shape[0] - 1
-    n_part = sums.shape[1]
-    for r in range(len(indptr) - 1):
+def _gene_range(t, n_threads, n_genes):
+    return t * n_genes // n_threads, (t + 1) * n_genes // n_threads
+
+
+@numba.njit(nogil=True, cache=True)
+def _partials(batch, seen, n_part):
+    """Partial-sum index of every row for its batch and for all cells; advances the row counters."""
+    n_all = len(seen) - 1
+    part_b = np.empty(len(batch), dtype=np.int64)
+    part_all = np.empty(len(batch), dtype=np.int64)
+    for r in range(len(batch)):
         b = batch[r]
-        part_b = seen[b] % n_part
-        part_all = seen[n_all] % n_part
+        part_b[r] = seen[b] % n_part
+        part_all[r] = seen[n_all] % n_part
         seen[b] += 1
         seen[n_all] += 1
-        for j in range(indptr[r], indptr[r + 1]):
-            g = indices[j]
-            value = data[j]
-            square = np.float64(value) * np.float64(value) if square_f64 else value * value
-            sums[b, part_b, g] += value
-            squares[b, part_b, g] += square
-            sums[n_all, part_all, g] += value
-            squares[n_all, part_all, g] += square
-            if value > 0:
-                detected[b, g] += 1
-                detected[n_all, g] += 1
+    return part_b, part_all
 
 
-@numba.njit(nogil=True, cache=True)
-def _moments_dense(X, batch, seen, sums, squares, detected):
-    n_all = sums.shape[0] - 1
-    for r in range(X.shape[0]):
-        b = batch[r]
-        seen[b] += 1
-        seen[n_all] += 1
-        for g in range(X.shape[1]):
-            value = X[r, g]
-            square = value * value
-            sums[b, 0, g] += value
-            squares[b, 0, g] += square
-            sums[n_all, 0, g] += value
-            squares[n_all, 0, g] += square
-            if value > 0:
-                detected[b, g] += 1
-                detected[n_all, g] += 1
+@numba.njit(parallel=True, nogil=True, cache=True)
+def _moments_csr(
+    data, indices, indptr, batch, part_b, part_all, sums, squares, detected, square_f64, with_all, n_threads
+):
+    n_all, n_genes = sums.shape[0] - 1, sums.shape[2]
+    for t in numba.prange(n_threads):
+        lo, hi = _gene_range(t, n_threads, n_genes)
+        for r in range(len(indptr) - 1):
+            b, pb, pa = batch[r], part_b[r], part_all[r]
+            for j in range(indptr[r], indptr[r + 1]):
+                g = indices[j]
+                if g < lo or g >= hi:
+                    continue
+                value = data[j]
+                square = np.float64(value) * np.float64(value) if square_f64 else value * value
+                sums[b, pb, g] += value
+                squares[b, pb, g] += square
+                if with_all:
+                    sums[n_all, pa, g] += value
+                    squares[n_all, pa, g] += square
+                if value > 0:
+                    detected[b, g] += 1
 
 
-@numba.njit(nogil=True, cache=True)
-def _clipped_csr(data, indices, indptr, batch, clip, sums, squares):
-    for r in range(len(indptr) - 1):
-        b = batch[r]
-        for j in range(indptr[r], indptr[r + 1]):
-            g = indices[j]
-            value = min(np.float64(data[j]), clip[b, g])
-            sums[b, g] += value
-            squares[b, g] += value**2
+@numba.njit(parallel=True, nogil=True, cache=True)
+def _moments_dense(X, batch, sums, squares, detected, with_all, n_threads):
+    n_all, n_genes = sums.shape[0] - 1, X.shape[1]
+    for t in numba.prange(n_threads):
+        lo, hi = _gene_range(t, n_threads, n_genes)
+        for r in range(X.shape[0]):
+            b = batch[r]
+            for g in range(lo, hi):
+                value = X[r, g]
+                square = value * value
+                sums[b, 0, g] += value
+                squares[b, 0, g] += square
+                if with_all:
+                    sums[n_all, 0, g] += value
+                    squares[n_all, 0, g] += square
+                if value > 0:
+                    detected[b, g] += 1
 
 
-@numba.njit(nogil=True, cache=True)
-def _clipped_dense(X, batch, clip, sums, squares):
-    for r in range(X.shape[0]):
-        b = batch[r]
-        for g in range(X.shape[1]):
-            value = min(np.float64(X[r, g]), clip[b, g])
-            sums[b, g] += value
-            squares[b, g] += value**2
+@numba.njit(parallel=True, nogil=True, cache=True)
+def _clipped_csr(data, indices, indptr, batch, clip, sums, squares, n_threads):
+    for t in numba.prange(n_threads):
+        lo, hi = _gene_range(t, n_threads, clip.shape[1])
+        for r in range(len(indptr) - 1):
+            b = batch[r]
+            for j in range(indptr[r], indptr[r + 1]):
+                g = indices[j]
+                if g < lo or g >= hi:
+                    continue
+                value = min(np.float64(data[j]), clip[b, g])
+                sums[b, g] += value
+                squares[b, g] += value**2
+
+
+@numba.njit(parallel=True, nogil=True, cache=True)
+def _clipped_dense(X, batch, clip, sums, squares, n_threads):
+    for t in numba.prange(n_threads):
+        lo, hi = _gene_range(t, n_threads, clip.shape[1])
+        for r in range(X.shape[0]):
+            b = batch[r]
+            for g in range(lo, hi):
+                value = min(np.float64(X[r, g]), clip[b, g])
+                sums[b, g] += value
+                squares[b, g] += value**2
 
 
 ChunkCheck = Callable[[RowChunk], None]
@@ -135,15 +167,14 @@ Transform = Callable[[np.ndarray], np.ndarray]
 def _prepared(chunk: RowChunk, transform: Transform | None, check: ChunkCheck | None):
     if check is not None:
         check(chunk)
-    X = chunk.X
+    X = chunk.X  # may share memory with the user's matrix: never modified in place
     if transform is not None:
         if sp.issparse(X):
-            X = X.copy()
-            X.data = transform(X.data)
+            X = sp.csr_matrix((transform(X.data.copy()), X.indices, X.indptr), shape=X.shape)
         else:
             X = transform(np.array(X))
-    if sp.issparse(X):
-        X.sort_indices()  # canonical order, as scanpy's in-memory matrices
+    if sp.issparse(X) and not X.has_sorted_indices:
+        X = X.sorted_indices()  # canonical order, as scanpy's in-memory matrices
     return X
 
 
@@ -167,23 +198,39 @@ def moments(
     sums, squares = np.zeros(shape), np.zeros(shape)
     detected = np.zeros((n_batches + 1, n_genes), dtype=np.int64)
     seen = np.zeros(n_batches + 1, dtype=np.int64)
-    for chunk in iter_row_chunks(data, layer=layer, chunk_size=chunk_size, progress=progress, desc="gene moments"):
+    with_all = n_batches > 1  # with one batch, "all cells" is that batch
+    for chunk in iter_row_chunks(
+        data, layer=layer, chunk_size=chunk_size, progress=progress, desc="gene moments", prefetch=True
+    ):
         X = _prepared(chunk, transform, check)
         codes = batch[chunk.start : chunk.stop]
+        part_b, part_all = _partials(codes, seen, arithmetic.partitions)
         if sp.issparse(X):
             _moments_csr(
-                X.data, X.indices, X.indptr, codes, seen, sums, squares, detected, arithmetic.square_in_float64
+                X.data,
+                X.indices,
+                X.indptr,
+                codes,
+                part_b,
+                part_all,
+                sums,
+                squares,
+                detected,
+                arithmetic.square_in_float64,
+                with_all,
+                numba.get_num_threads(),
             )
         else:
-            if arithmetic.partitions != 1:
-                raise AssertionError("dense chunks are summed with one partial")  # pragma: no cover
-            _moments_dense(np.ascontiguousarray(X), codes, seen, sums, squares, detected)
-    return Moments(
-        n_cells=seen,
-        sums=_add_partials(sums),
-        squares=_add_partials(squares),
-        n_detected=detected,
-    )
+            _moments_dense(np.ascontiguousarray(X), codes, sums, squares, detected, with_all, numba.get_num_threads())
+    return _finish(seen, sums, squares, detected, with_all)
+
+
+def _finish(seen, sums, squares, detected, with_all) -> Moments:
+    sums, squares = _add_partials(sums), _add_partials(squares)
+    if not with_all:
+        sums[-1], squares[-1] = sums[0], squares[0]
+    detected[-1] = detected[:-1].sum(axis=0)
+    return Moments(n_cells=seen, sums=sums, squares=squares, n_detected=detected)
 
 
 def _add_partials(parts: np.ndarray) -> np.ndarray:
@@ -207,13 +254,15 @@ def clipped_sums(
     if _is_dask_matrix(data, layer):
         return _clipped_dask(data, batch, clip, layer=layer)
     sums, squares = np.zeros(clip.shape), np.zeros(clip.shape)
-    for chunk in iter_row_chunks(data, layer=layer, chunk_size=chunk_size, progress=progress, desc="clipped sums"):
+    for chunk in iter_row_chunks(
+        data, layer=layer, chunk_size=chunk_size, progress=progress, desc="clipped sums", prefetch=True
+    ):
         X = _prepared(chunk, None, None)
         codes = batch[chunk.start : chunk.stop]
         if sp.issparse(X):
-            _clipped_csr(X.data, X.indices, X.indptr, codes, clip, sums, squares)
+            _clipped_csr(X.data, X.indices, X.indptr, codes, clip, sums, squares, numba.get_num_threads())
         else:
-            _clipped_dense(np.ascontiguousarray(X), codes, clip, sums, squares)
+            _clipped_dense(np.ascontiguousarray(X), codes, clip, sums, squares, numba.get_num_threads())
     return sums, squares
 
 
@@ -239,16 +288,29 @@ def _n_genes(data, layer) -> int:
 
 
 def _block_moments(X, codes, n_batches, transform, check, start):
-    X = _prepared(RowChunk(start, start + X.shape[0], X), transform, check)
+    X = _prepared(RowChunk(start, start + X.shape[0], sp.csr_matrix(X) if sp.issparse(X) else X), transform, check)
     n_genes = X.shape[1]
     sums, squares = np.zeros((n_batches + 1, 1, n_genes)), np.zeros((n_batches + 1, 1, n_genes))
     detected = np.zeros((n_batches + 1, n_genes), dtype=np.int64)
     seen = np.zeros(n_batches + 1, dtype=np.int64)
+    part_b, part_all = _partials(codes, seen, 1)
     if sp.issparse(X):
-        X = sp.csr_matrix(X)
-        _moments_csr(X.data, X.indices, X.indptr, codes, seen, sums, squares, detected, False)
+        _moments_csr(
+            X.data,
+            X.indices,
+            X.indptr,
+            codes,
+            part_b,
+            part_all,
+            sums,
+            squares,
+            detected,
+            False,
+            True,
+            numba.get_num_threads(),
+        )
     else:
-        _moments_dense(np.ascontiguousarray(X), codes, seen, sums, squares, detected)
+        _moments_dense(np.ascontiguousarray(X), codes, sums, squares, detected, True, numba.get_num_threads())
     return seen, sums[:, 0], squares[:, 0], detected
 
 
@@ -279,9 +341,9 @@ def _block_clipped(X, codes, clip):
     sums, squares = np.zeros(clip.shape), np.zeros(clip.shape)
     if sp.issparse(X):
         X = sp.csr_matrix(X)
-        _clipped_csr(X.data, X.indices, X.indptr, codes, clip, sums, squares)
+        _clipped_csr(X.data, X.indices, X.indptr, codes, clip, sums, squares, numba.get_num_threads())
     else:
-        _clipped_dense(np.ascontiguousarray(X), codes, clip, sums, squares)
+        _clipped_dense(np.ascontiguousarray(X), codes, clip, sums, squares, numba.get_num_threads())
     return sums, squares
 
 

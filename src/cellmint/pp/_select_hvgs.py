@@ -19,6 +19,7 @@ from anndata import AnnData
 from .._utils import _logging as logg
 from .._utils._chunks import RowChunk
 from .._utils._docs import doc_params
+from .._utils._values import validate_chunk
 from . import _hvg_dispersion, _hvg_seurat_v3
 from ._hvg_stats import arithmetic_for, clipped_sums, moments
 
@@ -105,27 +106,20 @@ def _n_obs(inp: _Input) -> int:
 
 def _value_check(flavor: str, layer: str | None, check_values: bool):
     where = "X" if layer is None else f"layers[{layer!r}]"
+    require_counts = check_values and flavor in _COUNT_FLAVORS
+    hint = (
+        "Use a layer of counts (e.g. layer='counts'), pick flavor='seurat' for log-normalised data, or pass "
+        "check_values=False to proceed anyway."
+    )
 
     def check(chunk: RowChunk) -> None:
-        values = chunk.X.data if hasattr(chunk.X, "indptr") else np.asarray(chunk.X).ravel()
-        if values.dtype.kind == "f" and not np.isfinite(values).all():
-            raise ValueError(
-                f"{where} contains NaN or infinite values (cells {chunk.start}–{chunk.stop - 1}); "
-                "highly variable genes are undefined there. Remove or fix those values first."
-            )
-        if check_values and flavor in _COUNT_FLAVORS:
-            if (values < 0).any():
-                raise ValueError(
-                    f"flavor={flavor!r} expects raw counts, but {where} has negative values (cells "
-                    f"{chunk.start}–{chunk.stop - 1}). Use a layer of counts, or check_values=False to proceed."
-                )
-            if values.dtype.kind == "f" and (values % 1 != 0).any():
-                example = values[values % 1 != 0][0]
-                raise ValueError(
-                    f"flavor={flavor!r} expects raw counts, but {where} has non-integer values (e.g. {example:g} "
-                    f"in cells {chunk.start}–{chunk.stop - 1}). Use a layer of counts (e.g. layer='counts'), "
-                    "pick flavor='seurat' for log-normalised data, or pass check_values=False to proceed anyway."
-                )
+        validate_chunk(
+            chunk,
+            where=where,
+            require_counts=require_counts,
+            expectation=f"flavor={flavor!r} expects raw counts",
+            hint=hint,
+        )
 
     return check
 
