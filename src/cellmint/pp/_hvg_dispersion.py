@@ -49,6 +49,8 @@ def _in_bounds(mean, dispersion_norm, cutoffs: dict):
 def _top_genes(dispersion_norm: np.ndarray, n_top_genes: int) -> np.ndarray:
     n_top_genes = min(n_top_genes, dispersion_norm.size)
     finite = dispersion_norm[~np.isnan(dispersion_norm)]
+    if finite.size == 0:
+        raise ValueError("no gene has a finite normalized dispersion (too few cells, or no gene varies)")
     if n_top_genes > finite.size:
         import warnings
 
@@ -112,7 +114,7 @@ def table(
     stats: Moments,
     var_names: pd.Index,
     *,
-    batched: bool,
+    batches: list | None,
     flavor: str,
     n_bins: int,
     n_top_genes: int | None,
@@ -120,16 +122,19 @@ def table(
 ) -> pd.DataFrame:
     """The dispersion result table of scanpy (one batch, or merged over batches)."""
     score = {"flavor": flavor, "n_bins": n_bins, "n_top_genes": n_top_genes, "cutoffs": cutoffs}
-    if not batched:
+    if batches is None:
         mean, var = stats.mean_var(0)
         return _score(mean, var, var_names, **score)
 
-    n_batches = len(stats.n_cells) - 1
+    n_batches = len(batches)
     tables = []
-    for b in range(n_batches):
+    for b, batch in enumerate(batches):
         mean, var = stats.mean_var(b)
         expressed = stats.n_detected[b] > 0  # scanpy drops genes without a detected cell in the batch
-        df = _score(mean[expressed], var[expressed], var_names[expressed], **score).drop(columns="mean_bin")
+        try:
+            df = _score(mean[expressed], var[expressed], var_names[expressed], **score).drop(columns="mean_bin")
+        except ValueError as err:
+            raise ValueError(f"Batch {batch!r} ({int(stats.n_cells[b])} cells): {err}") from err
         if not expressed.all():
             missing = pd.DataFrame(np.zeros((int((~expressed).sum()), df.shape[1])), columns=df.columns)
             missing["highly_variable"] = missing["highly_variable"].astype(bool)

@@ -193,44 +193,45 @@ def moments(
     """First pass: per-batch Σx, Σx² and detected cells, chunk by chunk (see module docstring)."""
     if _is_dask_matrix(data, layer):
         return _moments_dask(data, batch, n_batches, layer=layer, transform=transform, check=check)
-    n_genes = _n_genes(data, layer)
-    shape = (n_batches + 1, arithmetic.partitions, n_genes)
-    sums, squares = np.zeros(shape), np.zeros(shape)
-    detected = np.zeros((n_batches + 1, n_genes), dtype=np.int64)
-    seen = np.zeros(n_batches + 1, dtype=np.int64)
-    with_all = n_batches > 1  # with one batch, "all cells" is that batch
+    accumulator = _MomentSums(n_batches, _n_genes(data, layer), arithmetic, with_all=n_batches > 1)
     for chunk in iter_row_chunks(
         data, layer=layer, chunk_size=chunk_size, progress=progress, desc="gene moments", prefetch=True
     ):
-        X = _prepared(chunk, transform, check)
-        codes = batch[chunk.start : chunk.stop]
-        part_b, part_all = _partials(codes, seen, arithmetic.partitions)
+        accumulator.add(_prepared(chunk, transform, check), batch[chunk.start : chunk.stop])
+    return accumulator.result()
+
+
+class _MomentSums:
+    """Running Σx, Σx² (in scanpy's partial sums) and detected counts per batch."""
+
+    def __init__(self, n_batches: int, n_genes: int, arithmetic: Arithmetic, *, with_all: bool):
+        shape = (n_batches + 1, arithmetic.partitions, n_genes)
+        self.sums, self.squares = np.zeros(shape), np.zeros(shape)
+        self.detected = np.zeros((n_batches + 1, n_genes), dtype=np.int64)
+        self.seen = np.zeros(n_batches + 1, dtype=np.int64)
+        self.arithmetic = arithmetic
+        self.with_all = with_all  # with one batch, "all cells" is that batch
+
+    def add(self, X, codes: np.ndarray) -> None:
+        part_b, part_all = _partials(codes, self.seen, self.arithmetic.partitions)
+        threads = numba.get_num_threads()
         if sp.issparse(X):
             _moments_csr(
-                X.data,
-                X.indices,
-                X.indptr,
-                codes,
-                part_b,
-                part_all,
-                sums,
-                squares,
-                detected,
-                arithmetic.square_in_float64,
-                with_all,
-                numba.get_num_threads(),
-            )
+                X.data, X.indices, X.indptr, codes, part_b, part_all, self.sums, self.squares, self.detected,
+                self.arithmetic.square_in_float64, self.with_all, threads,
+            )  # fmt: skip
         else:
-            _moments_dense(np.ascontiguousarray(X), codes, sums, squares, detected, with_all, numba.get_num_threads())
-    return _finish(seen, sums, squares, detected, with_all)
+            _moments_dense(
+                np.ascontiguousarray(X), codes, self.sums, self.squares, self.detected, self.with_all, threads
+            )
 
-
-def _finish(seen, sums, squares, detected, with_all) -> Moments:
-    sums, squares = _add_partials(sums), _add_partials(squares)
-    if not with_all:
-        sums[-1], squares[-1] = sums[0], squares[0]
-    detected[-1] = detected[:-1].sum(axis=0)
-    return Moments(n_cells=seen, sums=sums, squares=squares, n_detected=detected)
+    def result(self) -> Moments:
+        sums, squares = _add_partials(self.sums), _add_partials(self.squares)
+        if not self.with_all:
+            sums[-1], squares[-1] = sums[0], squares[0]
+        detected = self.detected.copy()
+        detected[-1] = detected[:-1].sum(axis=0)
+        return Moments(n_cells=self.seen.copy(), sums=sums, squares=squares, n_detected=detected)
 
 
 def _add_partials(parts: np.ndarray) -> np.ndarray:
@@ -257,13 +258,15 @@ def clipped_sums(
     for chunk in iter_row_chunks(
         data, layer=layer, chunk_size=chunk_size, progress=progress, desc="clipped sums", prefetch=True
     ):
-        X = _prepared(chunk, None, None)
-        codes = batch[chunk.start : chunk.stop]
-        if sp.issparse(X):
-            _clipped_csr(X.data, X.indices, X.indptr, codes, clip, sums, squares, numba.get_num_threads())
-        else:
-            _clipped_dense(np.ascontiguousarray(X), codes, clip, sums, squares, numba.get_num_threads())
+        _add_clipped(_prepared(chunk, None, None), batch[chunk.start : chunk.stop], clip, sums, squares)
     return sums, squares
+
+
+def _add_clipped(X, codes, clip, sums, squares) -> None:
+    if sp.issparse(X):
+        _clipped_csr(X.data, X.indices, X.indptr, codes, clip, sums, squares, numba.get_num_threads())
+    else:
+        _clipped_dense(np.ascontiguousarray(X), codes, clip, sums, squares, numba.get_num_threads())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -287,31 +290,11 @@ def _n_genes(data, layer) -> int:
         return source.shape[1]
 
 
-def _block_moments(X, codes, n_batches, transform, check, start):
+def _block_moments(X, codes, n_batches, transform, check, start) -> Moments:
     X = _prepared(RowChunk(start, start + X.shape[0], sp.csr_matrix(X) if sp.issparse(X) else X), transform, check)
-    n_genes = X.shape[1]
-    sums, squares = np.zeros((n_batches + 1, 1, n_genes)), np.zeros((n_batches + 1, 1, n_genes))
-    detected = np.zeros((n_batches + 1, n_genes), dtype=np.int64)
-    seen = np.zeros(n_batches + 1, dtype=np.int64)
-    part_b, part_all = _partials(codes, seen, 1)
-    if sp.issparse(X):
-        _moments_csr(
-            X.data,
-            X.indices,
-            X.indptr,
-            codes,
-            part_b,
-            part_all,
-            sums,
-            squares,
-            detected,
-            False,
-            True,
-            numba.get_num_threads(),
-        )
-    else:
-        _moments_dense(np.ascontiguousarray(X), codes, sums, squares, detected, True, numba.get_num_threads())
-    return seen, sums[:, 0], squares[:, 0], detected
+    accumulator = _MomentSums(n_batches, X.shape[1], Arithmetic(partitions=1, square_in_float64=False), with_all=True)
+    accumulator.add(X, codes)
+    return accumulator.result()
 
 
 def _row_blocks(data, layer):
@@ -330,20 +313,16 @@ def _moments_dask(data, batch, n_batches, *, layer, transform, check) -> Moments
     ]
     parts = dask.compute(*tasks)
     return Moments(
-        n_cells=sum(p[0] for p in parts),
-        sums=sum(p[1] for p in parts),
-        squares=sum(p[2] for p in parts),
-        n_detected=sum(p[3] for p in parts),
+        n_cells=sum(p.n_cells for p in parts),
+        sums=sum(p.sums for p in parts),
+        squares=sum(p.squares for p in parts),
+        n_detected=sum(p.n_detected for p in parts),
     )
 
 
 def _block_clipped(X, codes, clip):
     sums, squares = np.zeros(clip.shape), np.zeros(clip.shape)
-    if sp.issparse(X):
-        X = sp.csr_matrix(X)
-        _clipped_csr(X.data, X.indices, X.indptr, codes, clip, sums, squares, numba.get_num_threads())
-    else:
-        _clipped_dense(np.ascontiguousarray(X), codes, clip, sums, squares, numba.get_num_threads())
+    _add_clipped(sp.csr_matrix(X) if sp.issparse(X) else X, codes, clip, sums, squares)
     return sums, squares
 
 

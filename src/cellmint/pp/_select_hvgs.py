@@ -270,7 +270,7 @@ def select_hvgs(
         df = _hvg_dispersion.table(
             stats,
             inp.var_names,
-            batched=batch_key is not None,
+            batches=batches if batch_key is not None else None,
             flavor=flavor,
             n_bins=n_bins,
             n_top_genes=n_top_genes,
