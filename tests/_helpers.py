@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import warnings
+
+import anndata as ad
 import numpy as np
 import scipy.sparse as sp
 
@@ -17,3 +20,11 @@ def make_counts(n_obs: int = 1037, n_vars: int = 53, density: float = 0.1, seed:
     if n_obs > 5:
         X[5, :] = 0
     return X.tocsr()
+
+
+def write_zarr_v3(adata: ad.AnnData, path) -> None:
+    """Write zarr format 3 with any anndata: older versions need the setting, 0.13+ deprecates it."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "This setting will be removed", DeprecationWarning)
+        with ad.settings.override(zarr_write_format=3):
+            adata.write_zarr(path)

@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 import scipy.sparse as sp
 
-from _helpers import make_counts
+from _helpers import make_counts, write_zarr_v3
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
@@ -49,6 +49,5 @@ def h5ad_path(counts_adata, tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def zarr_path(counts_adata, tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("zarr") / "counts.zarr"
-    with ad.settings.override(zarr_write_format=3):
-        counts_adata.write_zarr(path)
+    write_zarr_v3(counts_adata, path)
     return path

@@ -269,7 +269,8 @@ def test_streaming_memory_is_bounded(tmp_path):
     small_peak, small_full = _stream_peak(tmp_path / "small.h5ad", 10_000)
     peak, full = _stream_peak(tmp_path / "big.h5ad", 80_000)
     assert full > 4.5 * small_full
-    assert peak < 1.5 * small_peak, (peak / 2**20, small_peak / 2**20)  # does not grow with the cells
+    # 8x the cells: the matrix grows 8x, the peak only by the per-cell annotations (obs names, labels)
+    assert peak - small_peak < 0.2 * (full - small_full), (peak / 2**20, small_peak / 2**20, full / 2**20)
     assert peak < full / 3, (peak / 2**20, full / 2**20)
 
 

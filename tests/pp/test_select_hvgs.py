@@ -15,6 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import cellmint as cm
+from _helpers import write_zarr_v3
 
 FLAVORS = ["seurat_v3", "seurat_v3_paper", "seurat", "cell_ranger"]
 STORAGES = ["csr", "csc", "dense", "backed", "path_h5ad", "path_zarr", "dask"]
@@ -62,8 +63,7 @@ def as_storage(adata: ad.AnnData, storage: str, tmp_path):
         lazy.uns = dict(adata.uns)
         return lazy
     path = tmp_path / "data.zarr"
-    with ad.settings.override(zarr_write_format=3):
-        adata.write_zarr(path)
+    write_zarr_v3(adata, path)
     return path
 
 
@@ -104,8 +104,8 @@ def test_parity_with_scanpy_on_synthetic(flavor, batch_key, storage, tmp_path):
     # scanpy runs in memory: on the same layout where it can, else on the CSR matrix the file holds
     reference = data if storage in {"csr", "csc", "dense"} else adata
     expected, result = run_both(reference, data, flavor=flavor, n_top_genes=100, batch_key=batch_key, chunk_size=128)
-    # identical arithmetic, so identical bits, except dask (summed block by block in parallel)
-    assert_same_table(expected, result, exact=storage != "dask")
+    # identical arithmetic, so identical bits, whatever the storage
+    assert_same_table(expected, result, exact=True)
 
 
 @pytest.mark.parametrize("batch_key", [None, "batch"])
@@ -340,3 +340,88 @@ def test_zarr_path_reads_only_what_it_needs(tmp_path):
     table = cm.pp.select_hvgs(path, batch_key="batch", n_top_genes=30, inplace=False)
     assert table["highly_variable"].sum() == 30
     assert table.index.equals(adata.var_names)
+
+
+def test_duplicate_gene_names_are_refused():
+    adata = counts_with_batches(n_obs=200, n_vars=100)
+    adata.var_names = ["dup" if i in (3, 50) else name for i, name in enumerate(adata.var_names)]
+    with pytest.raises(ValueError, match=r"var_names are not unique \(1 duplicated, e.g. \['dup'\]\)"):
+        cm.pp.select_hvgs(adata, n_top_genes=20, inplace=False)
+
+
+def test_backed_view_needs_inplace_false(tmp_path):
+    adata = counts_with_batches(n_obs=300, n_vars=100)
+    adata.write_h5ad(tmp_path / "b.h5ad")
+    backed = ad.read_h5ad(tmp_path / "b.h5ad", backed="r")
+    try:
+        view = backed[backed.obs["batch"] != "batch_0"]
+        with pytest.raises(ValueError, match="view of a backed AnnData"):
+            cm.pp.select_hvgs(view, n_top_genes=20)
+        expected = sc.pp.highly_variable_genes(
+            adata[view.obs_names].copy(), n_top_genes=20, flavor="seurat_v3", inplace=False
+        )
+        assert_same_table(expected, cm.pp.select_hvgs(view, n_top_genes=20, inplace=False), exact=True)
+    finally:
+        backed.file.close()
+
+
+def test_path_with_a_layer_and_no_X(tmp_path):
+    adata = counts_with_batches(n_obs=200, n_vars=100)
+    stored = ad.AnnData(obs=adata.obs, var=adata.var, layers={"counts": adata.X})
+    stored.write_h5ad(tmp_path / "layers_only.h5ad")
+    table = cm.pp.select_hvgs(tmp_path / "layers_only.h5ad", layer="counts", n_top_genes=20, inplace=False)
+    expected = sc.pp.highly_variable_genes(adata.copy(), n_top_genes=20, flavor="seurat_v3", inplace=False)
+    assert_same_table(expected, table, exact=True)
+    with pytest.raises(ValueError, match="expected an .h5ad file or a .zarr store"):
+        cm.pp.select_hvgs(tmp_path, n_top_genes=20, inplace=False)
+
+
+def test_seurat_on_counts_says_so():
+    adata = counts_with_batches(n_obs=200, n_vars=100)
+    adata.X.data[0] = 5000.0  # expm1 overflows float32: these are not log values
+    with pytest.raises(ValueError, match="expects log-normalised data"):
+        cm.pp.select_hvgs(adata, flavor="seurat", n_top_genes=20, inplace=False)
+
+
+@pytest.mark.parametrize("flavor", FLAVORS)
+def test_duplicate_entries_are_added_up(flavor):
+    adata = _data_for(flavor, counts_with_batches(n_obs=300, n_vars=120))
+    X = adata.X.tocoo()
+    half = X.data / 2  # every value stored as two halves of one (cell, gene) entry
+    duplicated = sp.csr_matrix(
+        (np.concatenate([half, half]), (np.concatenate([X.row, X.row]), np.concatenate([X.col, X.col]))),
+        shape=X.shape,
+    )
+    duplicated.has_canonical_format = False
+    twin = adata.copy()
+    twin.X = duplicated
+    kwargs = {"flavor": flavor, "n_top_genes": 30, "batch_key": "batch", "check_values": False}
+    expected = cm.pp.select_hvgs(adata, inplace=False, **kwargs)
+    result = cm.pp.select_hvgs(twin, inplace=False, **kwargs)
+    assert set(result.index[result["highly_variable"]]) == set(expected.index[expected["highly_variable"]])
+    np.testing.assert_allclose(result["means"], expected["means"], rtol=1e-6)
+
+
+def test_lazy_anndata_with_a_batch_column(tmp_path):
+    pytest.importorskip("dask")
+    from anndata.experimental import read_lazy
+
+    adata = lognorm(counts_with_batches(n_obs=300, n_vars=120))
+    adata.write_h5ad(tmp_path / "l.h5ad")
+    lazy = read_lazy(tmp_path / "l.h5ad")  # obs stays lazy (xarray)
+    for flavor in ("seurat", "cell_ranger"):
+        expected = sc.pp.highly_variable_genes(
+            adata.copy(), flavor=flavor, n_top_genes=30, batch_key="batch", inplace=False
+        )
+        result = cm.pp.select_hvgs(lazy, flavor=flavor, n_top_genes=30, batch_key="batch", inplace=False)
+        assert set(result.index[result["highly_variable"]]) == set(expected.index[expected["highly_variable"]])
+
+
+def test_key_added_cannot_clobber_statistics_and_float16_works():
+    adata = counts_with_batches(n_obs=200, n_vars=100)
+    with pytest.raises(ValueError, match="would overwrite a statistics column"):
+        cm.pp.select_hvgs(adata, n_top_genes=20, key_added="means")
+    half = lognorm(adata)
+    half.X = half.X.toarray().astype(np.float16)
+    table = cm.pp.select_hvgs(half, flavor="seurat", n_top_genes=20, inplace=False)
+    assert table["highly_variable"].sum() == 20

@@ -145,7 +145,7 @@ def test_edge_sizes(counts):
     assert one[0].X.shape == (1, counts.shape[1])
 
 
-@pytest.mark.parametrize("bad", [0, -3, 1.5, "10"])
+@pytest.mark.parametrize("bad", [0, -3, 1.5, "10", True])
 def test_bad_chunk_size(counts, bad):
     with pytest.raises(ValueError, match="chunk_size"):
         list(iter_row_chunks(counts, chunk_size=bad))
@@ -178,6 +178,17 @@ def test_corrupted_sparse_file_is_named(counts_adata, tmp_path):
         f["X/data"] = data  # ten stored values lost
     with pytest.raises(ValueError, match=r"sparse matrix 'X' is corrupted: indptr ends at \d+ but data has"):
         list(iter_row_chunks(path))
+
+
+def test_out_of_range_gene_indices_are_named(counts_adata, tmp_path):
+    path = tmp_path / "broken.h5ad"
+    counts_adata.write_h5ad(path)
+    with h5py.File(path, "r+") as f:
+        indices = f["X/indices"][:]
+        indices[-1] = 10_000
+        f["X/indices"][:] = indices
+    with pytest.raises(ValueError, match=r"gene indices outside 0\.\.52"):
+        list(iter_row_chunks(path, chunk_size=500))
 
 
 def test_auto_chunk_size_targets_the_memory_budget(counts):

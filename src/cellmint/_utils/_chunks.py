@@ -153,6 +153,11 @@ class _OnDiskCompressed:
             indptr = self.indptr[start : stop + 1] - lo
             data = np.asarray(self.group["data"][lo:hi])
             indices = np.asarray(self.group["indices"][lo:hi])
+            if indices.size and (indices.min() < 0 or indices.max() >= n_vars):
+                raise ValueError(
+                    f"The sparse matrix on disk is corrupted: rows {start}:{stop} hold gene indices outside "
+                    f"0..{n_vars - 1}."
+                )
             return sp.csr_matrix((data, indices, indptr), shape=(stop - start, n_vars))
         return self._read_csc(start, stop)
 
@@ -271,7 +276,8 @@ def _source_from_array(X: Any, *, name: str) -> MatrixSource:
 
 
 def _layer_error(layer: str, available: Any) -> KeyError:
-    return KeyError(f"Layer {layer!r} not found; available layers: {sorted(available) or 'none'}.")
+    names = sorted(k for k in available if k is not None)  # anndata >= 0.13 lists X as layers[None]
+    return KeyError(f"Layer {layer!r} not found; available layers: {names or 'none'}.")
 
 
 def _open_file_element(root: Any, layer: str | None, path: Path) -> MatrixSource:
@@ -422,7 +428,9 @@ def iter_row_chunks(
     """
     if fmt not in {"native", "csr", "dense"}:
         raise ValueError(f"fmt must be 'native', 'csr' or 'dense', not {fmt!r}.")
-    if chunk_size is not None and (not isinstance(chunk_size, int | np.integer) or chunk_size < 1):
+    if chunk_size is not None and (
+        isinstance(chunk_size, bool) or not isinstance(chunk_size, int | np.integer) or chunk_size < 1
+    ):
         raise ValueError(f"chunk_size must be a positive integer or None, not {chunk_size!r}.")
     with open_matrix(data, layer=layer) as source:
         n_obs = source.shape[0]

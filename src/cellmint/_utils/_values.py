@@ -44,7 +44,8 @@ def validate_chunk(chunk: RowChunk, *, where: str, require_counts: bool, expecta
         else:
             return
     else:
-        code, index = _first_problem(values, require_counts)
+        scan = values.astype(np.float32) if values.dtype == np.float16 else values  # numba has no float16
+        code, index = _first_problem(scan, require_counts)
     if code == _OK:
         return
     cells = f"cells {chunk.start}–{chunk.stop - 1}"

@@ -55,7 +55,7 @@ def _annotations(
             "donor": pd.Categorical.from_codes(labels["donor"], categories=donor_names),
             "batch": pd.Categorical.from_codes(batch_of_donor[labels["donor"]], categories=batch_names),
         },
-        index=pd.Index([f"cell_{i:0{width}d}" for i in range(n_obs)], dtype=object),
+        index=pd.Index([f"cell_{i:0{width}d}" for i in range(n_obs)]),
     )
     pert_names = [f"pert_{p}" for p in range(n_perturbations)]
     if n_perturbations:
@@ -63,7 +63,7 @@ def _annotations(
     gene_names = np.array([f"gene_{g:0{max(5, len(str(n_vars - 1)))}d}" for g in range(n_vars)], dtype=object)
     var = pd.DataFrame(
         {"program": extras["program"], "program_log2fc": extras["program_log2fc"]},
-        index=pd.Index(gene_names, dtype=object),
+        index=pd.Index(list(gene_names)),
     )
     uns = dict(params)
     if n_perturbations:

@@ -24,10 +24,18 @@ def expm1_transform(log1p_base: float | None):
 
     def transform(values: np.ndarray) -> np.ndarray:
         if values.dtype.kind != "f":
-            return np.expm1(values if scale is None else values * scale)
-        if scale is not None:
-            values *= scale
-        return np.expm1(values, out=values)
+            values = np.expm1(values if scale is None else values * scale)
+        else:
+            if scale is not None:
+                values *= scale
+            with np.errstate(over="ignore"):
+                values = np.expm1(values, out=values)
+        if not np.isfinite(values).all():
+            raise ValueError(
+                "flavor='seurat' expects log-normalised data (sc.pp.normalize_total, then sc.pp.log1p), but expm1 of "
+                "some values overflows: these look like counts. Use flavor='seurat_v3' for counts."
+            )
+        return values
 
     return transform
 

@@ -34,7 +34,7 @@ def clip_values(stats: Moments, batches: list, *, span: float) -> ClipValues:
     means, reg_std = np.zeros((len(batches), n_genes)), np.zeros((len(batches), n_genes))
     for b, batch in enumerate(batches):
         n = int(stats.n_cells[b])
-        mean, var = stats.mean_var(b)
+        mean, var = stats.batch_mean_var(b) if len(batches) > 1 else stats.mean_var(b)
         not_const = var > 0
         if n < 2 or not_const.sum() < 3:
             raise ValueError(

@@ -11,8 +11,10 @@ close numbers, the chunked sums must be added in the same order and precision as
 - dense: numpy's column sums run over rows in order, squares in the matrix dtype: one partial.
 
 The second seurat_v3 pass (values clipped at a per-gene maximum) is a single ordered float64 sum
-for every layout, as in scanpy. Dask arrays are reduced block by block through dask (so a cluster
-scales them); their sums equal the in-memory ones up to summation order.
+for every layout, as in scanpy. scanpy >= 1.12 takes seurat_v3's per-batch moments from
+``sc.get.aggregate`` (Welford's recurrence); that is reproduced too when that scanpy is installed.
+Dask arrays: dask computes each row block (reading, decompressing, lazy steps — on a cluster if one
+is attached) and the blocks are added here in order, so the sums are exact as well.
 """
 
 from __future__ import annotations
@@ -33,17 +35,31 @@ class Arithmetic:
 
     partitions: int
     square_in_float64: bool
+    #: per-batch mean/variance by Welford's recurrence (scanpy >= 1.12's ``aggregate``), else from sums
+    welford_batches: bool = False
+    dense: bool = False
 
 
-def arithmetic_for(data, layer: str | None) -> Arithmetic:
+def arithmetic_for(data, layer: str | None, *, welford_batches: bool = False) -> Arithmetic:
     """The summation scheme scanpy uses for the matrix behind ``data`` (see module docstring)."""
     with open_matrix(data, layer=layer) as source:
-        storage = source.storage
+        # dask blocks arrive as CSR or dense and are summed like an in-memory matrix of that kind
+        storage = ("csr" if source.is_sparse else "dense") if source.storage == "dask" else source.storage
     if storage == "csc":
-        return Arithmetic(partitions=1, square_in_float64=True)
+        return Arithmetic(partitions=1, square_in_float64=True, welford_batches=welford_batches)
     if storage == "csr":
-        return Arithmetic(partitions=max(1, numba.get_num_threads()), square_in_float64=False)
-    return Arithmetic(partitions=1, square_in_float64=False)
+        threads = max(1, numba.get_num_threads())
+        return Arithmetic(partitions=threads, square_in_float64=False, welford_batches=welford_batches)
+    return Arithmetic(partitions=1, square_in_float64=False, welford_batches=welford_batches, dense=True)
+
+
+def scanpy_aggregates_batches() -> bool:
+    """Whether the installed scanpy (>= 1.12) takes seurat_v3's per-batch moments from ``sc.get.aggregate``."""
+    import re
+    from importlib.metadata import version
+
+    major, minor = (int(part) for part in re.findall(r"\d+", version("scanpy"))[:2])
+    return (major, minor) >= (1, 12)
 
 
 @dataclass
@@ -54,6 +70,8 @@ class Moments:
     sums: np.ndarray  # (n_batches + 1, n_genes)
     squares: np.ndarray  # (n_batches + 1, n_genes)
     n_detected: np.ndarray  # (n_batches + 1, n_genes) cells with a value > 0
+    welford: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None  # mean, M2, values seen (batches × genes)
+    welford_dense: bool = False
 
     def mean_var(self, b: int) -> tuple[np.ndarray, np.ndarray]:
         """Mean and unbiased variance of batch ``b`` (``-1``: all cells), as scanpy's ``_get_mean_var``."""
@@ -62,6 +80,22 @@ class Moments:
         var = self.squares[b] / n - mean**2
         if n != 1:
             var *= n / (n - 1)
+        return mean, var
+
+    def batch_mean_var(self, b: int) -> tuple[np.ndarray, np.ndarray]:
+        """Mean and unbiased variance of batch ``b`` as seurat_v3 gets them from the installed scanpy."""
+        if self.welford is None:
+            return self.mean_var(b)
+        mean, m2, seen = (a[b].copy() for a in self.welford)
+        n_obs = self.n_cells[b]
+        if not self.welford_dense:  # merge each gene's accumulator with its implicit zeros
+            zeros = n_obs - seen
+            merge = (zeros > 0) & (seen > 0)
+            mean_a = mean[merge]
+            mean[merge] = mean_a * seen[merge] / n_obs
+            m2[merge] += mean_a * mean_a * seen[merge] * zeros[merge] / n_obs
+        var = m2 / n_obs
+        var *= n_obs / (n_obs - 1) if n_obs > 1 else np.nan
         return mean, var
 
 
@@ -160,6 +194,41 @@ def _clipped_dense(X, batch, clip, sums, squares, n_threads):
                 squares[b, g] += value**2
 
 
+@numba.njit(parallel=True, nogil=True, cache=True)
+def _welford_csr(data, indices, indptr, batch, mean, m2, seen, n_threads):
+    for t in numba.prange(n_threads):
+        lo, hi = _gene_range(t, n_threads, mean.shape[1])
+        for r in range(len(indptr) - 1):
+            b = batch[r]
+            for j in range(indptr[r], indptr[r + 1]):
+                g = indices[j]
+                if g < lo or g >= hi:
+                    continue
+                value = np.float64(data[j])
+                n = seen[b, g] + 1
+                seen[b, g] = n
+                m = mean[b, g]
+                delta = value - m
+                m += delta / n
+                mean[b, g] = m
+                m2[b, g] += delta * (value - m)
+
+
+@numba.njit(parallel=True, nogil=True, cache=True)
+def _welford_dense(X, batch, mean, m2, seen, n_threads):
+    for t in numba.prange(n_threads):
+        lo, hi = _gene_range(t, n_threads, mean.shape[1])
+        for r in range(X.shape[0]):
+            b = batch[r]
+            for g in range(lo, hi):
+                value = np.float64(X[r, g])
+                n = seen[b, g] + 1
+                seen[b, g] = n
+                delta = value - mean[b, g]
+                mean[b, g] += delta / n
+                m2[b, g] += delta * (value - mean[b, g])
+
+
 ChunkCheck = Callable[[RowChunk], None]
 Transform = Callable[[np.ndarray], np.ndarray]
 
@@ -168,13 +237,17 @@ def _prepared(chunk: RowChunk, transform: Transform | None, check: ChunkCheck | 
     if check is not None:
         check(chunk)
     X = chunk.X  # may share memory with the user's matrix: never modified in place
+    if X.dtype == np.float16:  # the kernels have no float16: such values are summed as float32
+        X = X.astype(np.float32)
     if transform is not None:
         if sp.issparse(X):
             X = sp.csr_matrix((transform(X.data.copy()), X.indices, X.indptr), shape=X.shape)
         else:
             X = transform(np.array(X))
-    if sp.issparse(X) and not X.has_sorted_indices:
-        X = X.sorted_indices()  # canonical order, as scanpy's in-memory matrices
+    if sp.issparse(X) and not X.has_canonical_format:
+        # sorted, with duplicate entries of a cell and gene added up: their sum is the value
+        X = X.copy()
+        X.sum_duplicates()
     return X
 
 
@@ -191,8 +264,6 @@ def moments(
     progress: bool | None = None,
 ) -> Moments:
     """First pass: per-batch Σx, Σx² and detected cells, chunk by chunk (see module docstring)."""
-    if _is_dask_matrix(data, layer):
-        return _moments_dask(data, batch, n_batches, layer=layer, transform=transform, check=check)
     accumulator = _MomentSums(n_batches, _n_genes(data, layer), arithmetic, with_all=n_batches > 1)
     for chunk in iter_row_chunks(
         data, layer=layer, chunk_size=chunk_size, progress=progress, desc="gene moments", prefetch=True
@@ -211,6 +282,10 @@ class _MomentSums:
         self.seen = np.zeros(n_batches + 1, dtype=np.int64)
         self.arithmetic = arithmetic
         self.with_all = with_all  # with one batch, "all cells" is that batch
+        self.welford = None
+        if arithmetic.welford_batches and n_batches > 1:
+            self.welford = (np.zeros((n_batches, n_genes)), np.zeros((n_batches, n_genes)),
+                            np.zeros((n_batches, n_genes), dtype=np.int64))  # fmt: skip
 
     def add(self, X, codes: np.ndarray) -> None:
         part_b, part_all = _partials(codes, self.seen, self.arithmetic.partitions)
@@ -221,9 +296,13 @@ class _MomentSums:
                 self.arithmetic.square_in_float64, self.with_all, threads,
             )  # fmt: skip
         else:
-            _moments_dense(
-                np.ascontiguousarray(X), codes, self.sums, self.squares, self.detected, self.with_all, threads
-            )
+            X = np.ascontiguousarray(X)
+            _moments_dense(X, codes, self.sums, self.squares, self.detected, self.with_all, threads)
+        if self.welford is not None:
+            if sp.issparse(X):
+                _welford_csr(X.data, X.indices, X.indptr, codes, *self.welford, threads)
+            else:
+                _welford_dense(X, codes, *self.welford, threads)
 
     def result(self) -> Moments:
         sums, squares = _add_partials(self.sums), _add_partials(self.squares)
@@ -231,7 +310,10 @@ class _MomentSums:
             sums[-1], squares[-1] = sums[0], squares[0]
         detected = self.detected.copy()
         detected[-1] = detected[:-1].sum(axis=0)
-        return Moments(n_cells=self.seen.copy(), sums=sums, squares=squares, n_detected=detected)
+        return Moments(
+            n_cells=self.seen.copy(), sums=sums, squares=squares, n_detected=detected, welford=self.welford,
+            welford_dense=self.arithmetic.dense,
+        )  # fmt: skip
 
 
 def _add_partials(parts: np.ndarray) -> np.ndarray:
@@ -252,8 +334,6 @@ def clipped_sums(
     progress: bool | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Second seurat_v3 pass: Σ min(x, clip) and Σ min(x, clip)² per batch, as ordered float64 sums."""
-    if _is_dask_matrix(data, layer):
-        return _clipped_dask(data, batch, clip, layer=layer)
     sums, squares = np.zeros(clip.shape), np.zeros(clip.shape)
     for chunk in iter_row_chunks(
         data, layer=layer, chunk_size=chunk_size, progress=progress, desc="clipped sums", prefetch=True
@@ -269,69 +349,6 @@ def _add_clipped(X, codes, clip, sums, squares) -> None:
         _clipped_dense(np.ascontiguousarray(X), codes, clip, sums, squares, numba.get_num_threads())
 
 
-# ---------------------------------------------------------------------------------------------
-# dask: one task per row block, partial sums added on the client
-
-
-def _dask_matrix(data, layer):
-    X = data.X if layer is None else data.layers[layer]
-    return X
-
-
-def _is_dask_matrix(data, layer) -> bool:
-    if not hasattr(data, "isbacked"):  # paths and bare matrices go through the chunk reader
-        return False
-    X = _dask_matrix(data, layer)
-    return type(X).__module__.split(".")[0] == "dask"
-
-
 def _n_genes(data, layer) -> int:
     with open_matrix(data, layer=layer) as source:
         return source.shape[1]
-
-
-def _block_moments(X, codes, n_batches, transform, check, start) -> Moments:
-    X = _prepared(RowChunk(start, start + X.shape[0], sp.csr_matrix(X) if sp.issparse(X) else X), transform, check)
-    accumulator = _MomentSums(n_batches, X.shape[1], Arithmetic(partitions=1, square_in_float64=False), with_all=True)
-    accumulator.add(X, codes)
-    return accumulator.result()
-
-
-def _row_blocks(data, layer):
-    X = _dask_matrix(data, layer).rechunk({1: -1})
-    starts = np.concatenate([[0], np.cumsum(X.chunks[0])])
-    return X.to_delayed().ravel(), starts
-
-
-def _moments_dask(data, batch, n_batches, *, layer, transform, check) -> Moments:
-    import dask
-
-    blocks, starts = _row_blocks(data, layer)
-    tasks = [
-        dask.delayed(_block_moments)(block, batch[starts[i] : starts[i + 1]], n_batches, transform, check, starts[i])
-        for i, block in enumerate(blocks)
-    ]
-    parts = dask.compute(*tasks)
-    return Moments(
-        n_cells=sum(p.n_cells for p in parts),
-        sums=sum(p.sums for p in parts),
-        squares=sum(p.squares for p in parts),
-        n_detected=sum(p.n_detected for p in parts),
-    )
-
-
-def _block_clipped(X, codes, clip):
-    sums, squares = np.zeros(clip.shape), np.zeros(clip.shape)
-    _add_clipped(sp.csr_matrix(X) if sp.issparse(X) else X, codes, clip, sums, squares)
-    return sums, squares
-
-
-def _clipped_dask(data, batch, clip, *, layer):
-    import dask
-
-    blocks, starts = _row_blocks(data, layer)
-    tasks = [
-        dask.delayed(_block_clipped)(block, batch[starts[i] : starts[i + 1]], clip) for i, block in enumerate(blocks)
-    ]
-    parts = dask.compute(*tasks)
-    return sum(p[0] for p in parts), sum(p[1] for p in parts)

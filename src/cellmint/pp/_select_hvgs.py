@@ -21,11 +21,12 @@ from .._utils._chunks import RowChunk
 from .._utils._docs import doc_params
 from .._utils._values import validate_chunk
 from . import _hvg_dispersion, _hvg_seurat_v3
-from ._hvg_stats import arithmetic_for, clipped_sums, moments
+from ._hvg_stats import arithmetic_for, clipped_sums, moments, scanpy_aggregates_batches
 
 Flavor = Literal["seurat_v3", "seurat_v3_paper", "seurat", "cell_ranger"]
 _COUNT_FLAVORS = ("seurat_v3", "seurat_v3_paper")
 _FLAVORS = (*_COUNT_FLAVORS, "seurat", "cell_ranger")
+_STAT_COLUMNS = ("means", "variances", "variances_norm", "dispersions", "dispersions_norm", "gene_name", "mean_bin")
 _CUTOFF_DEFAULTS = {"min_mean": 0.0125, "max_mean": 3.0, "min_disp": 0.5, "max_disp": np.inf}
 
 
@@ -51,14 +52,16 @@ def _read_input(adata: AnnData | str | Path, batch_key: str | None) -> _Input:
         raise FileNotFoundError(f"No such file or store: {path}")
     import anndata as ad
 
-    if path.suffix.lower() == ".h5ad":
+    if path.suffix.lower() in {".h5ad", ".h5", ".hdf5"} and path.is_file():
         import h5py
 
         with h5py.File(path, "r") as f:
             return _input_from_root(f, path, batch_key, ad)
-    import zarr
+    if path.suffix.lower() == ".zarr" or (path / "zarr.json").exists() or (path / ".zgroup").exists():
+        import zarr
 
-    return _input_from_root(zarr.open_group(path, mode="r"), path, batch_key, ad)
+        return _input_from_root(zarr.open_group(path, mode="r"), path, batch_key, ad)
+    raise ValueError(f"Cannot read {path}: expected an .h5ad file or a .zarr store.")
 
 
 def _input_from_root(root, path: Path, batch_key: str | None, ad) -> _Input:
@@ -75,14 +78,18 @@ def _input_from_root(root, path: Path, batch_key: str | None, ad) -> _Input:
     return _Input(path, None, var.index, obs, base)
 
 
-def _batch_codes(inp: _Input, batch_key: str | None, flavor: str) -> tuple[np.ndarray, list]:
-    n_obs = _n_obs(inp)
+def _batch_codes(inp: _Input, batch_key: str | None, flavor: str, layer: str | None) -> tuple[np.ndarray, list]:
+    n_obs = _n_obs(inp, layer)
+    if n_obs == 0:
+        raise ValueError("adata has no cells: highly variable genes are undefined.")
     if batch_key is None:
         return np.zeros(n_obs, dtype=np.int64), [0]
     if inp.obs is None or batch_key not in inp.obs.columns:
         columns = [] if inp.obs is None else list(inp.obs.columns)
         raise KeyError(f"batch_key {batch_key!r} is not a column of obs; columns: {columns}.")
     values = inp.obs[batch_key]
+    if not isinstance(values, pd.Series):  # lazily loaded obs (anndata.experimental.read_lazy): an xarray column
+        values = pd.Series(np.asarray(values))
     if pd.isna(values).any():
         raise ValueError(f"obs[{batch_key!r}] has no batch for {int(pd.isna(values).sum())} cells; fill them in first.")
     if flavor in _COUNT_FLAVORS:
@@ -95,12 +102,12 @@ def _batch_codes(inp: _Input, batch_key: str | None, flavor: str) -> tuple[np.nd
     return categorical.codes.astype(np.int64), list(categorical.categories)
 
 
-def _n_obs(inp: _Input) -> int:
+def _n_obs(inp: _Input, layer: str | None) -> int:
     if inp.adata is not None:
         return inp.adata.n_obs
     from .._utils._chunks import open_matrix
 
-    with open_matrix(inp.data) as source:
+    with open_matrix(inp.data, layer=layer) as source:
         return source.shape[0]
 
 
@@ -250,11 +257,26 @@ def select_hvgs(
             f"{inp.data} is opened read-only: pass inplace=False to get the table, or open it as a backed "
             "AnnData (anndata.read_h5ad(path, backed='r')) to annotate its var."
         )
+    if inp.adata is not None and inplace and inp.adata.is_view and inp.adata.isbacked:
+        raise ValueError(
+            "adata is a view of a backed AnnData, whose var cannot be annotated in place: pass inplace=False, "
+            "or call select_hvgs on the backed AnnData itself."
+        )
+    if not inp.var_names.is_unique:
+        duplicated = inp.var_names[inp.var_names.duplicated()].unique()
+        raise ValueError(
+            f"var_names are not unique ({len(duplicated)} duplicated, e.g. {list(duplicated[:3])}): statistics "
+            "would be merged across different genes. Call adata.var_names_make_unique() first."
+        )
+    if key_added in _STAT_COLUMNS:
+        raise ValueError(f"key_added={key_added!r} would overwrite a statistics column; choose another name.")
     cutoffs = {"min_mean": min_mean, "max_mean": max_mean, "min_disp": min_disp, "max_disp": max_disp}
     _check_arguments(flavor, n_top_genes, len(inp.var_names), cutoffs)
-    codes, batches = _batch_codes(inp, batch_key, flavor)
+    codes, batches = _batch_codes(inp, batch_key, flavor, layer)
     check = _value_check(flavor, layer, check_values)
-    arithmetic = arithmetic_for(inp.data, layer)
+    # scanpy >= 1.12 computes seurat_v3's per-batch moments with sc.get.aggregate (Welford), earlier ones from sums
+    welford = flavor in _COUNT_FLAVORS and batch_key is not None and scanpy_aggregates_batches()
+    arithmetic = arithmetic_for(inp.data, layer, welford_batches=welford)
     read = {"layer": layer, "chunk_size": chunk_size, "progress": progress}
 
     if flavor in _COUNT_FLAVORS:
