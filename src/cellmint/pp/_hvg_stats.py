@@ -229,6 +229,16 @@ def _welford_dense(X, batch, mean, m2, seen, n_threads):
                 m2[b, g] += delta * (value - mean[b, g])
 
 
+@numba.njit(nogil=True, cache=True)
+def _strictly_increasing_rows(indptr, indices):
+    # canonical CSR: sorted gene indices and no duplicate entries (scipy's own check is ~5x slower)
+    for r in range(len(indptr) - 1):
+        for j in range(indptr[r] + 1, indptr[r + 1]):
+            if indices[j] <= indices[j - 1]:
+                return False
+    return True
+
+
 ChunkCheck = Callable[[RowChunk], None]
 Transform = Callable[[np.ndarray], np.ndarray]
 
@@ -244,7 +254,7 @@ def _prepared(chunk: RowChunk, transform: Transform | None, check: ChunkCheck | 
             X = sp.csr_matrix((transform(X.data.copy()), X.indices, X.indptr), shape=X.shape)
         else:
             X = transform(np.array(X))
-    if sp.issparse(X) and not X.has_canonical_format:
+    if sp.issparse(X) and not _strictly_increasing_rows(X.indptr, X.indices):
         # sorted, with duplicate entries of a cell and gene added up: their sum is the value
         X = X.copy()
         X.sum_duplicates()

@@ -179,8 +179,13 @@ def select_hvgs(
 
     The matrix is read a chunk of cells at a time, so backed ``.h5ad`` files, ``.zarr`` stores and
     dask-backed AnnData larger than memory work; memory stays near one chunk plus a few vectors per
-    gene and batch. For the same flavour and parameters the result equals scanpy's: the same genes,
-    the same ranks and the same statistics (gene sums are added in scanpy's order and precision).
+    gene and batch. For the same flavour and parameters the result equals that of the installed
+    scanpy: the same genes, the same ranks and the same statistics, bit for bit (gene sums are added
+    in scanpy's order and precision; scanpy >= 1.12's per-batch Welford moments are reproduced too).
+    With dask, dask computes each block of cells (on a cluster if one is attached) and the blocks
+    are summed in order. Unlike scanpy, duplicate gene names, NaN/inf values, non-counts for the
+    ``seurat_v3`` flavours and ``n_top_genes`` above the number of genes are errors, and duplicate
+    entries of a sparse matrix are added up.
 
     Parameters
     ----------
