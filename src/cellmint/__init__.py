@@ -1,7 +1,8 @@
 """cellmint: atlas-scale single-cell data to trusted cell-type annotators and perturbation models."""
 
+__version__ = "0.1.0.dev0"  # first: submodules record it (store manifests, model artifacts)
+
 from . import datasets, io, pl, pp, tl
+from .store import Store
 
-__version__ = "0.1.0.dev0"
-
-__all__ = ["datasets", "io", "pl", "pp", "tl", "__version__"]
+__all__ = ["datasets", "io", "pl", "pp", "tl", "Store", "__version__"]

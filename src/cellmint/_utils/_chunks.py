@@ -400,6 +400,7 @@ def iter_row_chunks(
     progress: bool | None = False,
     desc: str = "reading cells",
     prefetch: bool = False,
+    start: int = 0,
 ) -> Iterator[RowChunk]:
     """Iterate over consecutive row blocks of a matrix with bounded memory.
 
@@ -421,6 +422,8 @@ def iter_row_chunks(
     prefetch
         Read the next block in a background thread while the caller works on the current one
         (up to three blocks in memory). Pays off for on-disk data when the caller's work releases the GIL.
+    start
+        First row to read (e.g. to resume an interrupted pass); blocks are ``chunk_size`` rows from there.
 
     Yields
     ------
@@ -435,19 +438,21 @@ def iter_row_chunks(
     with open_matrix(data, layer=layer) as source:
         n_obs = source.shape[0]
         size = int(chunk_size) if chunk_size is not None else auto_chunk_size(source, fmt=fmt)
-        starts = range(0, n_obs, size)
+        if not 0 <= start <= n_obs:
+            raise ValueError(f"start={start} is outside 0..{n_obs}.")
+        starts = range(start, n_obs, size)
 
-        def read(start: int) -> RowChunk:
-            stop = min(n_obs, start + size)
-            block = source.read(start, stop)
-            if block.shape != (stop - start, source.shape[1]):
+        def read(first: int) -> RowChunk:
+            stop = min(n_obs, first + size)
+            block = source.read(first, stop)
+            if block.shape != (stop - first, source.shape[1]):
                 raise ValueError(
-                    f"Rows {start}:{stop} came back with shape {block.shape}; the matrix is corrupted or "
+                    f"Rows {first}:{stop} came back with shape {block.shape}; the matrix is corrupted or "
                     f"inconsistent with its declared shape {source.shape}."
                 )
-            return RowChunk(start, stop, _convert(block, fmt))
+            return RowChunk(first, stop, _convert(block, fmt))
 
-        with progress_bar(total=n_obs, desc=desc, unit="cells", progress=progress) as bar:
+        with progress_bar(total=n_obs - start, desc=desc, unit="cells", progress=progress) as bar:
             for chunk in _prefetched(read, starts) if prefetch else map(read, starts):
                 yield chunk
                 bar.update(chunk.stop - chunk.start)

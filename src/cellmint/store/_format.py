@@ -1,0 +1,71 @@
+"""The on-disk layout of a cellmint store, described once, with its format version.
+
+A store is a zarr v3 group (a folder)::
+
+    store.zarr/
+      manifest.json            the source of truth: format and package version, inputs, committed
+                               batches (row ranges, nnz, sha256), label categories, gene panel, state
+      X/indptr   int64         CSR counts of the committed cells over the gene panel
+      X/indices  int32
+      X/data     float32
+      obs/names  str           cell names as in the inputs (obs/input tells inputs apart)
+      obs/library_size float64 total counts of each cell over *all* genes of its input
+      obs/n_genes int32        genes detected in each cell over all genes of its input
+      obs/input  int32         index of the input each cell came from
+      labels/<key> int32       label codes (categories in the manifest); -1 = missing
+      groups     int32         group codes (e.g. donors; categories in the manifest)
+      obs_table/<key>          extra obs columns: float64, or int32 codes for categorical/str
+      var/names  str           the gene panel, in order
+
+Crash safety: a batch is written *beyond* the committed rows, flushed, then committed by atomically
+replacing ``manifest.json`` (write a temporary file, fsync, rename). Arrays may hold uncommitted
+bytes past the committed length after a crash; readers trust only the manifest, and a resumed
+build overwrites them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+#: values per zarr chunk of X/data and X/indices; shards group 64 chunks so contiguous reads are cheap
+DATA_CHUNK = 1 << 18
+DATA_SHARD = DATA_CHUNK * 64
+ROW_CHUNK = 1 << 16
+
+
+def read_manifest(path: str | Path) -> dict[str, Any]:
+    """The manifest of the store at ``path`` (a clear error when it is missing or damaged)."""
+    file = Path(path) / MANIFEST
+    if not file.is_file():
+        raise FileNotFoundError(f"{path} is not a cellmint store: {MANIFEST} is missing.")
+    try:
+        manifest = json.loads(file.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"The manifest of the store at {path} is corrupted: {err}") from err
+    version = manifest.get("format_version")
+    if version != FORMAT_VERSION:
+        raise ValueError(
+            f"The store at {path} has format version {version!r}; this cellmint reads version {FORMAT_VERSION}."
+        )
+    return manifest
+
+
+def write_manifest(path: str | Path, manifest: dict[str, Any]) -> None:
+    """Atomically replace the manifest: a reader sees the old one or the new one, never half of one."""
+    file = Path(path) / MANIFEST
+    tmp = file.with_name(MANIFEST + ".tmp")
+    with open(tmp, "w") as fh:
+        json.dump(manifest, fh, indent=1)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, file)
+    directory = os.open(Path(path), os.O_RDONLY)
+    try:
+        os.fsync(directory)  # the rename itself is durable
+    finally:
+        os.close(directory)

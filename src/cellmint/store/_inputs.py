@@ -1,0 +1,145 @@
+"""Inputs of a store build: AnnData objects and files, opened lazily, fingerprinted and aligned by gene.
+
+A file input is identified by its path, size, modification time and a sha256 of its first and last
+8 MiB (a fingerprint that is quick on files of many GB and changes with any rewrite in practice);
+an in-memory AnnData by its shape and a sha256 of its cell and gene names. A resumed build refuses
+inputs whose identity changed since the build began.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+
+_EDGE = 8 * 2**20
+_ENSEMBL_VERSION = re.compile(r"^(ENS[A-Z]*\d{6,})\.\d+$")
+
+
+@dataclass
+class Input:
+    """One input: how to read its matrix, its annotations, and how to recognise it again."""
+
+    name: str
+    data: Any  # what the chunk reader takes (AnnData or path)
+    adata: ad.AnnData  # obs/var (X backed or in memory)
+    identity: dict
+
+    @property
+    def n_obs(self) -> int:
+        return self.adata.n_obs
+
+
+def _file_identity(path: Path) -> dict:
+    stat = path.stat()
+    digest = hashlib.sha256()
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    size = 0
+    for file in files:
+        size += file.stat().st_size
+        with open(file, "rb") as fh:
+            digest.update(fh.read(_EDGE))
+            if file.stat().st_size > 2 * _EDGE:
+                fh.seek(-_EDGE, 2)
+                digest.update(fh.read(_EDGE))
+    return {"path": str(path.resolve()), "bytes": size, "mtime": stat.st_mtime, "fingerprint": digest.hexdigest()}
+
+
+def _adata_identity(adata: ad.AnnData) -> dict:
+    digest = hashlib.sha256()
+    for names in (adata.obs_names, adata.var_names):
+        digest.update("\n".join(map(str, names)).encode())
+    return {"path": None, "shape": [int(adata.n_obs), int(adata.n_vars)], "fingerprint": digest.hexdigest()}
+
+
+def open_input(item: Any, index: int) -> Input:
+    """Open one input: AnnData, ``.h5ad`` (backed), ``.zarr``, 10x ``.h5`` or a 10x mtx folder."""
+    if isinstance(item, ad.AnnData):
+        return Input(f"adata[{index}]", item, item, _adata_identity(item))
+    if not isinstance(item, str | Path):
+        raise TypeError(f"Input {index} is a {type(item).__name__}; expected an AnnData or a path.")
+    path = Path(item)
+    if not path.exists():
+        raise FileNotFoundError(f"Input {index}: no such file or folder: {path}")
+    suffix = path.suffix.lower()
+    if suffix == ".h5ad":
+        adata = ad.read_h5ad(path, backed="r")
+        return Input(str(path), adata, adata, _file_identity(path))
+    if suffix == ".zarr":
+        return Input(str(path), path, _zarr_annotations(path), _file_identity(path))
+    import scanpy as sc
+
+    if suffix == ".h5":  # 10x Genomics HDF5: read whole (these files are per sample)
+        adata = sc.read_10x_h5(path)
+    elif path.is_dir() and any(p.name.startswith("matrix.mtx") for p in path.iterdir()):
+        adata = sc.read_10x_mtx(path)
+    else:
+        raise ValueError(f"Input {index}: cannot read {path} (expected .h5ad, .zarr, 10x .h5 or a 10x mtx folder).")
+    return Input(str(path), adata, adata, _file_identity(path))
+
+
+def _zarr_annotations(path: Path) -> ad.AnnData:
+    """The obs and var of a zarr AnnData, without its matrix (which the chunk reader streams)."""
+    import zarr
+
+    root = zarr.open_group(path, mode="r")
+    obs, var = ad.io.read_elem(root["obs"]), ad.io.read_elem(root["var"])
+    return ad.AnnData(obs=obs, var=var)
+
+
+def gene_names(inp: Input, strip_versions: bool) -> pd.Index:
+    """Gene names of an input, with Ensembl version suffixes removed on request (ENSG….12 → ENSG…)."""
+    names = pd.Index(inp.adata.var_names.astype(str))
+    if strip_versions:
+        names = pd.Index([_ENSEMBL_VERSION.sub(r"\1", n) for n in names])
+    if not names.is_unique:
+        dup = names[names.duplicated()].unique()
+        raise ValueError(
+            f"{inp.name} has duplicated gene names ({len(dup)}, e.g. {list(dup[:3])}); make them unique first "
+            "(adata.var_names_make_unique())."
+        )
+    return names
+
+
+def gene_panel(inputs: list[Input], genes: Any, strip_versions: bool) -> pd.Index:
+    """The ordered gene panel of the store (see ``build_store``'s ``genes``)."""
+    names = [gene_names(inp, strip_versions) for inp in inputs]
+    if genes is None:
+        for inp, other in zip(inputs[1:], names[1:], strict=True):
+            if not other.equals(names[0]):
+                raise ValueError(
+                    f"{inp.name} has other genes than {inputs[0].name}; pass genes='intersection', 'union' or a list."
+                )
+        panel = names[0]
+    elif isinstance(genes, str) and genes == "intersection":
+        panel = names[0]
+        for other in names[1:]:
+            panel = panel[panel.isin(other)]
+    elif isinstance(genes, str) and genes == "union":
+        panel = names[0]
+        for other in names[1:]:
+            panel = panel.append(other[~other.isin(panel)])
+    elif isinstance(genes, str):
+        first = inputs[0].adata.var
+        if genes not in first.columns or first[genes].dtype != bool:
+            raise ValueError(f"genes={genes!r} is neither 'intersection', 'union' nor a boolean var column of "
+                             f"{inputs[0].name}.")  # fmt: skip
+        panel = names[0][first[genes].to_numpy()]
+    else:
+        panel = pd.Index([str(g) for g in genes])
+        if not panel.is_unique:
+            raise ValueError("The `genes` list has duplicates.")
+    if len(panel) == 0:
+        raise ValueError("The gene panel is empty: the inputs share no genes.")
+    return panel
+
+
+def column_map(inp: Input, panel: pd.Index, strip_versions: bool) -> np.ndarray:
+    """For every gene of the input, its column in the panel (-1: not in the panel)."""
+    return panel.get_indexer(gene_names(inp, strip_versions)).astype(np.int64)
