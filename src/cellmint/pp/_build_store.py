@@ -7,38 +7,17 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import scipy.sparse as sp
-
 from .._utils import _logging as logg
-from .._utils._chunks import iter_row_chunks
 from .._utils._docs import doc_params
-from .._utils._values import validate_chunk
 from ..store._format import MANIFEST, read_manifest
-from ..store._inputs import Input, column_map, gene_panel, open_input
+from ..store._ingest import check_keys, ingest
+from ..store._inputs import Input, gene_panel, open_input
 from ..store._store import Store
 from ..store._writer import StoreWriter, create
 
 
 def _as_list(data: Any) -> list:
     return list(data) if isinstance(data, Sequence) and not isinstance(data, str | bytes) else [data]
-
-
-def _check_keys(inputs: list[Input], keys: list[str]) -> None:
-    for inp in inputs:
-        missing = [k for k in keys if k not in inp.adata.obs.columns]
-        if missing:
-            raise KeyError(f"{inp.name} has no obs column {missing}; its columns: {list(inp.adata.obs.columns)}.")
-
-
-def _panel_rows(X: sp.csr_matrix, columns: np.ndarray, n_panel: int) -> sp.csr_matrix:
-    """Re-index a chunk's genes to the panel (genes outside it dropped), canonical CSR."""
-    coo = X.tocoo()
-    target = columns[coo.col]
-    keep = target >= 0
-    out = sp.csr_matrix((coo.data[keep], (coo.row[keep], target[keep])), shape=(X.shape[0], n_panel))
-    out.sum_duplicates()
-    return out
 
 
 def _open_existing(path: Path, inputs: list[Input], params: dict, *, resume: bool) -> StoreWriter | None:
@@ -126,7 +105,7 @@ def build_store(
     inputs = [open_input(item, i) for i, item in enumerate(_as_list(data))]
     if not inputs:
         raise ValueError("No input given.")
-    _check_keys(inputs, label_keys + obs_keys + ([group_key] if group_key else []))
+    check_keys(inputs, label_keys + obs_keys + ([group_key] if group_key else []))
     panel = gene_panel(inputs, genes, strip_ensembl_versions)
     params = {"layer": layer, "genes": list(map(str, panel)) if genes is not None else None,
               "label_keys": label_keys, "group_key": group_key, "obs_keys": obs_keys, "batch_cells": batch_cells,
@@ -143,23 +122,7 @@ def build_store(
     else:
         writer = create(path, panel=panel, label_keys=label_keys, group_key=group_key, obs_keys=obs_keys,
                         inputs=inputs, params=params)  # fmt: skip
-    keys = label_keys + obs_keys + ([group_key] if group_key else [])
-    for index, inp in enumerate(inputs):
-        columns = column_map(inp, panel, strip_ensembl_versions)
-        where = f"{inp.name}: " + ("X" if layer is None else f"layers[{layer!r}]")
-        first = writer.resume_row(index)
-        for chunk in iter_row_chunks(inp.data, layer=layer, chunk_size=batch_cells, fmt="csr", start=first,
-                                     prefetch=True, progress=progress, desc=inp.name):  # fmt: skip
-            validate_chunk(chunk, where=where, require_counts=True, expectation="A store holds raw counts",
-                           hint="Pass the layer of counts with `layer=`.")  # fmt: skip
-            X = chunk.X
-            obs = inp.adata.obs.iloc[chunk.start : chunk.stop]
-            writer.write_batch(
-                _panel_rows(X, columns, len(panel)), input_index=index, input_start=chunk.start, obs=obs[keys],
-                names=np.asarray(obs.index, dtype=str),
-                library_size=np.asarray(X.sum(axis=1, dtype=np.float64)).ravel(),
-                n_genes=np.asarray((X > 0).sum(axis=1)).ravel(),
-            )  # fmt: skip
+    ingest(writer, inputs, first_index=0, progress=progress)
     writer.finish()
     store = Store(path)
     logg.info(f"    finished: {store!r}", time=start)

@@ -10,7 +10,8 @@ import pandas as pd
 import scipy.sparse as sp
 import zarr
 
-from ._format import read_manifest
+from . import _split
+from ._format import ROW_CHUNK, read_manifest, write_manifest
 from ._writer import batch_checksum
 
 
@@ -117,10 +118,253 @@ class Store:
         indices = np.asarray(self._root["X/indices"][lo:hi])
         return sp.csr_matrix((data, indices, indptr - lo), shape=(stop - start, self.n_vars))
 
-    def to_adata(self) -> ad.AnnData:
-        """The whole store as an in-memory AnnData (counts in ``X``; ``obs`` as :meth:`obs`)."""
+    def to_adata(self, split: str | None = None, subset: str = "train") -> ad.AnnData:
+        """The store (or one part of a split) as an in-memory AnnData: counts in ``X``, ``obs`` as :meth:`obs`.
+
+        Parameters
+        ----------
+        split
+            Name of a split made with :meth:`make_split`; ``None`` returns every cell.
+        subset
+            Which part of the split: ``"train"``, ``"val"`` or ``"test"``.
+
+        Returns
+        -------
+        AnnData with the split's cells in store order; ``obs["split"]`` names their part when ``split`` is given.
+        """
         X = self.read_rows(0, self.n_obs)
-        return ad.AnnData(X=X, obs=self.obs(), var=pd.DataFrame(index=self.var_names))
+        adata = ad.AnnData(X=X, obs=self.obs(), var=pd.DataFrame(index=self.var_names))
+        if split is None:
+            return adata
+        codes = self.split_codes(split)
+        adata.obs["split"] = pd.Categorical.from_codes(codes, categories=list(_split.SPLIT_NAMES))
+        return adata[codes == _split.SPLIT_NAMES.index(subset)].copy()
+
+    def append(self, data, *, progress: bool | None = None) -> Store:
+        """Add the cells of more inputs to a finished store, batch by batch and crash-safe like a build.
+
+        Parameters
+        ----------
+        data
+            AnnData or path, or a list of them, with the store's label, group and obs columns. Genes are
+            matched to the store's panel by name; panel genes an input lacks are zero there.
+        progress
+            Progress bar per input.
+
+        Returns
+        -------
+        This store, extended. Existing splits keep their cells; appended cells belong to no part
+        (code -1) until a split is made again. An interrupted append resumes when called again.
+        """
+        from ._ingest import check_keys, ingest
+        from ._inputs import open_input
+        from ._writer import StoreWriter
+
+        items = list(data) if isinstance(data, list | tuple) else [data]
+        writer = StoreWriter(self.path)
+        m = writer.manifest
+        inputs = [open_input(item, len(m["inputs"]) + i) for i, item in enumerate(items)]
+        params = m["params"]
+        keys = params["label_keys"] + params["obs_keys"] + ([params["group_key"]] if params["group_key"] else [])
+        check_keys(inputs, keys)
+        records = [{"name": inp.name, **inp.identity, "n_obs": int(inp.n_obs)} for inp in inputs]
+        if m["state"] == "complete":
+            m["inputs"] += records
+            m["state"] = "building"
+            write_manifest(self.path, m)
+        elif m["inputs"][-len(records) :] != records:
+            raise ValueError(
+                f"The store at {self.path} has an unfinished build or append of other inputs; finish that first."
+            )
+        ingest(writer, inputs, first_index=len(m["inputs"]) - len(inputs), progress=progress)
+        writer.finish()
+        self.manifest = read_manifest(self.path)
+        self._root = zarr.open_group(self.path, mode="r")
+        return self
+
+    # -- splits ------------------------------------------------------------------------------
+    @property
+    def splits(self) -> list[str]:
+        """Names of the persisted splits."""
+        return list(self.manifest.get("splits", {}))
+
+    def split_codes(self, name: str) -> np.ndarray:
+        """Part of every cell in split ``name``: 0 train, 1 val, 2 test; -1 for cells appended afterwards."""
+        if name not in self.splits:
+            raise KeyError(f"No split {name!r} in this store; splits: {self.splits}. Make one with make_split().")
+        stored = np.asarray(self._root[f"splits/{name}"][:], dtype=np.int8)
+        return np.concatenate([stored, np.full(self.n_obs - len(stored), -1, dtype=np.int8)])
+
+    def split_rows(self, name: str, subset: str = "train") -> np.ndarray:
+        """Store rows (sorted) of one part of a split."""
+        if subset not in _split.SPLIT_NAMES:
+            raise ValueError(f"subset must be one of {_split.SPLIT_NAMES}, not {subset!r}.")
+        return np.flatnonzero(self.split_codes(name) == _split.SPLIT_NAMES.index(subset))
+
+    def make_split(
+        self,
+        name: str = "default",
+        *,
+        test_fraction: float = 0.1,
+        val_fraction: float = 0.0,
+        group_key: str | bool | None = None,
+        stratify_labels: bool = True,
+        label_key: str | None = None,
+        random_state: int = 0,
+        overwrite: bool = False,
+    ) -> pd.DataFrame:
+        """Split the cells into train/val/test, keeping groups whole and label proportions close, and persist it.
+
+        Parameters
+        ----------
+        name
+            Name of the split (a store holds several).
+        test_fraction
+            Target fraction of cells in the test part.
+        val_fraction
+            Target fraction of cells in the validation part.
+        group_key
+            Keep the cells of each value of this column together: the store's group column or one of its
+            ``obs_keys``. ``None`` uses the store's groups when it has them; ``False`` splits single cells.
+        stratify_labels
+            Match the label proportions of the parts (exactly without groups, as closely as groups allow).
+        label_key
+            Label key to stratify by (default: the first).
+        random_state
+            Seed of the assignment.
+        overwrite
+            Replace an existing split of that name.
+
+        Returns
+        -------
+        Cells per part and label class (rows: classes; columns: train, val, test), as recorded.
+        """
+        if name in self.splits and not overwrite:
+            raise ValueError(f"A split named {name!r} exists; pass overwrite=True to replace it.")
+        obs = self.obs()
+        group_key = None if group_key is False else (group_key or self.manifest["group_key"])
+        if group_key is not None and group_key not in obs.columns:
+            raise KeyError(f"group_key {group_key!r} is neither the store's group nor one of its obs_keys.")
+        label_key = label_key or (self.label_keys[0] if self.label_keys else None)
+        labels = obs[label_key].cat.codes.to_numpy() if (stratify_labels and label_key) else None
+        groups = obs[group_key].astype(str).to_numpy() if group_key is not None else None
+        codes = _split.assign(
+            labels, groups, test_fraction=test_fraction, val_fraction=val_fraction, random_state=random_state
+        )
+        if groups is not None and (leaks := _split.leakage(groups, codes)):
+            raise AssertionError(f"groups in several parts: {leaks[:5]}")  # pragma: no cover - by construction
+        root = zarr.open_group(self.path, mode="r+")
+        splits = root.require_group("splits")
+        if name in splits:
+            del splits[name]
+        splits.create_array(name, shape=(self.n_obs,), dtype="int8", chunks=(ROW_CHUNK,))
+        splits[name][:] = codes
+        parts = pd.Categorical.from_codes(codes, categories=list(_split.SPLIT_NAMES))
+        classes = obs[label_key] if label_key else pd.Series(["all"] * self.n_obs, index=obs.index)
+        table = pd.crosstab(pd.Series(classes.to_numpy(), name=label_key or "cells"), pd.Series(parts, name="split"))
+        table = table.reindex(columns=list(_split.SPLIT_NAMES), fill_value=0)
+        self.manifest.setdefault("splits", {})[name] = {
+            "test_fraction": test_fraction, "val_fraction": val_fraction, "group_key": group_key,
+            "label_key": label_key if stratify_labels else None, "random_state": random_state, "n_obs": self.n_obs,
+            "cells": {part: int((codes == i).sum()) for i, part in enumerate(_split.SPLIT_NAMES)},
+        }  # fmt: skip
+        write_manifest(self.path, self.manifest)
+        self._root = zarr.open_group(self.path, mode="r")
+        return table
+
+    # -- streaming ---------------------------------------------------------------------------
+    def loader(
+        self,
+        batch_size: int = 256,
+        split: str | None = "train",
+        *,
+        shuffle: bool = True,
+        balance: str | None = None,
+        label_key: str | None = None,
+        random_state: int = 0,
+        num_workers: int = 0,
+        worker_start_method: str | None = None,
+        drop_last: bool = False,
+        dense: bool = True,
+        device: str | None = None,
+        start_batch: int = 0,
+        block_size: int = 256,
+        fetch_blocks: int = 16,
+    ):
+        """Shuffled, optionally label-balanced mini-batches for torch (see :mod:`cellmint.store._sampling`).
+
+        Parameters
+        ----------
+        batch_size
+            Cells per batch.
+        split
+            ``"train"``, ``"val"`` or ``"test"`` part of the split ``"default"``, or ``"name:part"`` for another
+            split; ``None`` streams every cell.
+        shuffle
+            Block shuffling: blocks of ``block_size`` consecutive cells in random order, ``fetch_blocks`` of
+            them read together and shuffled in memory. ``False`` streams cells in store order.
+        balance
+            ``None``; ``"sqrt"`` or ``"inverse"``: cells are drawn with weights ``n_c^-0.5`` or ``n_c^-1`` of
+            their class (``label_key``), about as many cells per epoch as the split holds, none discarded
+            for good (each epoch draws again).
+        label_key
+            Label key used for balancing (default: the first).
+        random_state
+            Seed; with :meth:`~StoreBatches.set_epoch` it fixes the order of every epoch.
+        num_workers
+            torch DataLoader workers; each reads its own share of blocks.
+        worker_start_method
+            ``"fork"``, ``"spawn"`` or ``"forkserver"`` for the workers (default: torch's).
+        drop_last
+            Drop a last, smaller batch.
+        dense
+            Yield dense ``float32`` counts (else torch sparse CSR).
+        device
+            Move batches to this device (pinned memory for CUDA).
+        start_batch
+            Resume an epoch after this many batches (per worker and rank) without reading them.
+        block_size
+            Consecutive cells per shuffled block.
+        fetch_blocks
+            Blocks read and shuffled together.
+
+        Returns
+        -------
+        An iterable of batches (a torch DataLoader underneath; ``set_epoch(e)`` selects the epoch's order):
+        dicts with ``"X"`` (cells × genes counts), ``"labels"`` (``{key: int64 codes}``), ``"library_size"``
+        (float32, over all genes of the input) and ``"index"`` (store rows). Under ``torch.distributed``
+        every rank reads its own share.
+        """
+        from ._sampling import BALANCE_EXPONENT, StoreBatches, StoreLoader
+
+        if balance not in BALANCE_EXPONENT:
+            raise ValueError(f"balance must be None, 'sqrt' or 'inverse', not {balance!r}.")
+        if split is None:
+            rows = np.arange(self.n_obs)
+        else:
+            name, _, part = split.rpartition(":")
+            rows = self.split_rows(name or "default", part)
+        if len(rows) == 0:
+            raise ValueError(f"The {split!r} part of the store has no cells.")
+        codes = None
+        if balance is not None:
+            label_key = label_key or (self.label_keys[0] if self.label_keys else None)
+            if label_key is None:
+                raise ValueError("balance needs a label key, and this store has none.")
+            codes = np.asarray(self._root[f"labels/{label_key}"][: self.n_obs])[rows]
+        dataset = StoreBatches(
+            self.path, rows, self.label_keys, batch_size=batch_size, shuffle=shuffle, balance_codes=codes,
+            balance_exponent=BALANCE_EXPONENT[balance], random_state=random_state, drop_last=drop_last, dense=dense,
+            block_size=block_size, fetch_blocks=fetch_blocks, start_batch=start_batch,
+        )  # fmt: skip
+        cuda = device is not None and str(device).startswith("cuda")
+        import torch
+
+        loader = torch.utils.data.DataLoader(
+            dataset, batch_size=None, num_workers=num_workers, pin_memory=cuda,
+            multiprocessing_context=worker_start_method if num_workers > 0 else None,
+        )  # fmt: skip
+        return StoreLoader(loader, torch.device(device) if device is not None else None)
 
     # -- integrity ---------------------------------------------------------------------------
     def verify(self) -> dict:
@@ -162,9 +406,20 @@ class Store:
                     problems.append(f"batch {i} (rows {r0}:{r1}, input {batch['input']}) fails its sha256 checksum")
             if expected_rows != n:
                 problems.append(f"committed batches cover {expected_rows} rows, the manifest says {n}")
+            problems += self._split_problems()
         if problems:
             raise ValueError(f"The store at {self.path} is damaged:\n- " + "\n- ".join(problems))
         return {"batches": len(self.manifest["batches"]), "cells": n, "nnz": nnz}
+
+    def _split_problems(self) -> list[str]:
+        problems = []
+        for name, info in self.manifest.get("splits", {}).items():
+            codes = self.split_codes(name)[: info["n_obs"]]
+            if info["group_key"] is not None:
+                groups = self.obs()[info["group_key"]].astype(str).to_numpy()[: info["n_obs"]]
+                if leaks := _split.leakage(groups, codes):
+                    problems.append(f"split {name!r} puts groups in several parts: {leaks[:5]}")
+        return problems
 
     def summary(self) -> dict:
         """Cells, genes, stored counts, inputs, and the class balance per label key and per group."""
@@ -175,6 +430,7 @@ class Store:
         }  # fmt: skip
         if (groups := self.groups) is not None:
             out["groups"] = pd.Series(groups).value_counts().to_dict()
+        out["splits"] = {name: dict(info["cells"]) for name, info in self.manifest.get("splits", {}).items()}
         return out
 
     def __repr__(self) -> str:

@@ -1,0 +1,87 @@
+"""Persistent train/validation/test splits of a store that keep groups (e.g. donors) whole.
+
+Without groups, cells are split within each label class (exact stratification). With groups, whole
+groups are assigned greedily, largest first, each to the split whose label deficit it fills best
+among those still below their target size; the achieved fractions and label proportions are
+recorded with the split.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+SPLIT_NAMES = ("train", "val", "test")
+TRAIN, VAL, TEST = 0, 1, 2
+
+
+def _check_fractions(test_fraction: float, val_fraction: float) -> None:
+    for name, value in (("test_fraction", test_fraction), ("val_fraction", val_fraction)):
+        if not 0 <= value < 1:
+            raise ValueError(f"{name} must be in [0, 1), not {value!r}.")
+    if test_fraction + val_fraction >= 1:
+        raise ValueError("test_fraction + val_fraction must leave cells for training.")
+
+
+def assign(
+    labels: np.ndarray | None,
+    groups: np.ndarray | None,
+    *,
+    test_fraction: float,
+    val_fraction: float,
+    random_state: int,
+) -> np.ndarray:
+    """Split code (0 train, 1 val, 2 test) of every cell; ``labels``/``groups`` are integer codes or None."""
+    _check_fractions(test_fraction, val_fraction)
+    rng = np.random.default_rng(random_state)
+    n = len(labels) if labels is not None else len(groups)
+    fractions = np.array([1 - test_fraction - val_fraction, val_fraction, test_fraction])
+    codes = np.zeros(n, dtype=np.int8)
+    if groups is None:
+        strata = labels if labels is not None else np.zeros(n, dtype=np.int64)
+        for stratum in np.unique(strata):
+            cells = rng.permutation(np.flatnonzero(strata == stratum))
+            n_test = round(test_fraction * len(cells))
+            n_val = round(val_fraction * len(cells))
+            codes[cells[:n_test]] = TEST
+            codes[cells[n_test : n_test + n_val]] = VAL
+        return codes
+    labels = labels if labels is not None else np.zeros(n, dtype=np.int64)
+    table = pd.crosstab(groups, labels)  # groups × classes
+    sizes = table.sum(axis=1).to_numpy()
+    targets = np.outer(fractions, table.sum(axis=0).to_numpy())  # splits × classes
+    filled = np.zeros_like(targets)
+    # roughly largest first (packs well), randomised by the seed so that seeds give different splits
+    order = np.argsort(-sizes * rng.uniform(0.5, 1.5, len(sizes)), kind="stable")
+    group_split = np.zeros(len(table), dtype=np.int8)
+    for g in order:
+        composition = table.iloc[g].to_numpy()
+        room = targets.sum(axis=1) - filled.sum(axis=1)
+        candidates = [s for s in (TEST, VAL) if fractions[s] > 0 and room[s] > 0]
+        best, best_fit = TRAIN, -np.inf
+        for s in candidates:
+            deficit = np.clip(targets[s] - filled[s], 0, None)
+            fit = np.minimum(composition, deficit).sum() - max(0.0, composition.sum() - room[s])
+            if fit > best_fit and fit > 0:
+                best, best_fit = s, fit
+        group_split[g] = best
+        filled[best] += composition
+    for part, fraction in ((VAL, val_fraction), (TEST, test_fraction)):
+        if fraction > 0 and not (group_split == part).any():
+            import warnings
+
+            warnings.warn(
+                f"No group fits the {SPLIT_NAMES[part]} part (target {fraction:.0%} of {n} cells, smallest group "
+                f"{int(sizes.min())} cells): it is empty. Use smaller groups or a larger fraction.",
+                UserWarning,
+                stacklevel=3,
+            )
+    position = pd.Index(table.index).get_indexer(groups)
+    return group_split[position]
+
+
+def leakage(groups: np.ndarray, codes: np.ndarray) -> list:
+    """Groups found in more than one split (empty when the split is clean)."""
+    frame = pd.DataFrame({"group": groups, "split": codes})
+    counts = frame.groupby("group", observed=True)["split"].nunique()
+    return list(counts.index[counts > 1])
