@@ -13,12 +13,19 @@ from ._writer import StoreWriter
 
 
 def _panel_rows(X: sp.csr_matrix, columns: np.ndarray, n_panel: int) -> sp.csr_matrix:
-    """Re-index a chunk's genes to the panel (genes outside it dropped), canonical CSR."""
-    coo = X.tocoo()
-    target = columns[coo.col]
+    """Re-index a chunk's genes to the panel (genes outside it dropped), canonical CSR, without a COO detour."""
+    X.sum_duplicates()  # canonical input: sorted gene indices, duplicates added up
+    target = columns[X.indices]
     keep = target >= 0
-    out = sp.csr_matrix((coo.data[keep], (coo.row[keep], target[keep])), shape=(X.shape[0], n_panel))
-    out.sum_duplicates()
+    if keep.all():  # every gene of the input is in the panel: only the column numbers change
+        out = sp.csr_matrix((X.data, target, X.indptr), shape=(X.shape[0], n_panel))
+    else:
+        kept_before = np.zeros(len(keep) + 1, dtype=np.int64)
+        np.cumsum(keep, out=kept_before[1:])
+        out = sp.csr_matrix((X.data[keep], target[keep], kept_before[X.indptr]), shape=(X.shape[0], n_panel))
+    kept = columns[columns >= 0]
+    if len(kept) > 1 and np.any(np.diff(kept) < 0):  # the panel orders genes differently from the input
+        out.sort_indices()
     return out
 
 

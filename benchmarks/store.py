@@ -1,0 +1,168 @@
+"""Store: conversion speed and memory, and shuffled mini-batch throughput side by side with peer loaders.
+
+(a) Conversion: ``cm.pp.build_store`` on a synthetic sparse ``.h5ad`` (fresh process, peak RSS).
+(b) Loader throughput on a 2,000-gene store, batch 256, shuffled, one process, dense float32 batches:
+    - cellmint ``Store.loader`` (block shuffling over the zarr store);
+    - scDataset ``BlockShuffling`` over the backed ``.h5ad`` (its documented block sampling, fetch_factor 16);
+    - anndata ``AnnLoader`` over the backed ``.h5ad`` (random cells; short run);
+    - random rows from a dense float32 zarr with 4,096-row chunks (ginseng's layout; short run).
+
+Default sizes are a smoke run; ``--full`` converts 1,000,000 × 20,000 and streams 1,000,000 × 2,000.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+RESULTS = Path(__file__).parent / "results"
+BATCH = 256
+
+
+def _peak_rss_bytes() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    return -1
+
+
+def convert_worker(source: str, target: str) -> dict:
+    import cellmint as cm
+
+    t0 = time.perf_counter()
+    store = cm.pp.build_store(source, target, label_keys=["cell_type"], group_key="donor", progress=False)
+    wall = time.perf_counter() - t0
+    return {
+        "cells": store.n_obs,
+        "wall_s": wall,
+        "cells_per_s": store.n_obs / wall,
+        "peak_rss_bytes": _peak_rss_bytes(),
+    }
+
+
+def _throughput(batches, limit_s: float) -> tuple[int, float]:
+    t0, cells = time.perf_counter(), 0
+    for batch in batches:
+        cells += len(batch)
+        if time.perf_counter() - t0 > limit_s:
+            break
+    return cells, time.perf_counter() - t0
+
+
+def loaders(h5ad: Path, store_path: Path, dense_zarr: Path, limit_s: float) -> list[dict]:
+    import anndata as ad
+    import scipy.sparse as sp
+    import torch
+    import zarr
+
+    import cellmint as cm
+
+    rows = []
+    store = cm.Store(store_path)
+    cm_batches = (b["X"] for b in store.loader(BATCH, split=None, random_state=0))
+    rows.append(("cellmint Store.loader", *_throughput(cm_batches, limit_s)))
+
+    try:
+        from scdataset import BlockShuffling, scDataset
+
+        backed = ad.read_h5ad(h5ad, backed="r")
+
+        def fetch(collection, indices):
+            block = collection.X[np.sort(indices)]
+            return torch.from_numpy(block.toarray() if sp.issparse(block) else np.asarray(block))
+
+        dataset = scDataset(backed, BlockShuffling(block_size=8), batch_size=BATCH, fetch_factor=16,
+                            fetch_callback=fetch, seed=0)  # fmt: skip
+        rows.append(("scDataset BlockShuffling (backed h5ad)", *_throughput(iter(dataset), limit_s)))
+        backed.file.close()
+    except ImportError:
+        rows.append(("scDataset (not installed)", 0, float("nan")))
+
+    from anndata.experimental import AnnLoader
+
+    backed = ad.read_h5ad(h5ad, backed="r")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # anndata deprecates AnnLoader for annbatch
+        annloader = AnnLoader(backed, batch_size=BATCH, shuffle=True)
+    rows.append(("anndata AnnLoader (backed h5ad)", *_throughput((b.X for b in annloader), min(limit_s, 20))))
+    backed.file.close()
+
+    X = zarr.open_array(dense_zarr, mode="r")
+    rng = np.random.default_rng(0)
+
+    def dense_random():
+        while True:
+            yield X.get_orthogonal_selection((np.sort(rng.choice(X.shape[0], BATCH, replace=False)), slice(None)))
+
+    rows.append(("dense zarr, random rows (ginseng layout)", *_throughput(dense_random(), min(limit_s, 20))))
+    return [{"loader": name, "cells": cells, "wall_s": wall, "cells_per_s": cells / wall} for name, cells, wall in rows]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--full", action="store_true", help="1M × 20k conversion, 1M × 2k loader comparison")
+    parser.add_argument("--workdir", type=Path, help="keep generated files here (reused when present)")
+    parser.add_argument("--seconds", type=float, default=30.0, help="time budget of each loader run")
+    parser.add_argument("--worker", nargs=2, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        print(json.dumps(convert_worker(*args.worker)))
+        return
+
+    import shutil
+
+    import zarr
+
+    import cellmint as cm
+
+    tmp = tempfile.TemporaryDirectory()
+    work = args.workdir or Path(tmp.name)
+    work.mkdir(parents=True, exist_ok=True)
+    convert_size = (1_000_000, 20_000) if args.full else (50_000, 5_000)
+    loader_size = (1_000_000, 2_000) if args.full else (50_000, 2_000)
+
+    source = work / f"convert_{convert_size[0]}x{convert_size[1]}.h5ad"
+    if not source.exists():
+        cm.datasets.synthetic(*convert_size, path=source, progress=False).file.close()
+    target = work / "convert.zarr"
+    shutil.rmtree(target, ignore_errors=True)
+    out = subprocess.run([sys.executable, __file__, "--worker", str(source), str(target)], capture_output=True,
+                         text=True, check=True)  # fmt: skip
+    conversion = json.loads(out.stdout.strip().splitlines()[-1])
+    size_gib = source.stat().st_size / 2**30
+    print(f"(a) conversion of {convert_size[0]:,} × {convert_size[1]:,} ({size_gib:.2f} GiB h5ad): "
+          f"{conversion['wall_s']:.1f} s, {conversion['cells_per_s']:,.0f} cells/s, "
+          f"peak RSS {conversion['peak_rss_bytes'] / 2**30:.2f} GiB", flush=True)  # fmt: skip
+    shutil.rmtree(target, ignore_errors=True)
+
+    h5ad = work / f"loader_{loader_size[0]}x{loader_size[1]}.h5ad"
+    if not h5ad.exists():
+        cm.datasets.synthetic(*loader_size, path=h5ad, progress=False).file.close()
+    store_path = work / "loader.zarr"
+    if not store_path.exists():
+        cm.pp.build_store(h5ad, store_path, label_keys=["cell_type"], group_key="donor", progress=False)
+    dense = work / "dense.zarr"
+    if not dense.exists():  # ginseng's layout: dense float32, 4,096-row chunks
+        arr = zarr.create_array(dense, shape=loader_size, chunks=(4096, loader_size[1]), dtype="float32")
+        for chunk in cm.io.iter_row_chunks(h5ad, chunk_size=4096, fmt="dense"):
+            arr[chunk.start : chunk.stop] = chunk.X.astype(np.float32)
+    results = loaders(h5ad, store_path, dense, args.seconds)
+    print(f"\n(b) shuffled batches of {BATCH} from {loader_size[0]:,} cells × {loader_size[1]:,} genes, one process")
+    best_peer = max(r["cells_per_s"] for r in results[1:] if r["cells"])
+    for r in results:
+        print(f"{r['loader']:<44}{r['cells_per_s']:>12,.0f} cells/s  ({r['cells']:,} cells in {r['wall_s']:.1f} s)")
+    print(f"cellmint / best peer: {results[0]['cells_per_s'] / best_peer:.1f}x")
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "store.json").write_text(json.dumps({"conversion": conversion, "loaders": results}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
