@@ -12,7 +12,7 @@ import scipy.sparse as sp
 import zarr
 
 from .. import __version__
-from ._format import DATA_CHUNK, DATA_SHARD, FORMAT_VERSION, ROW_CHUNK, read_manifest, write_manifest
+from ._format import DATA_CHUNK, FORMAT_VERSION, ROW_CHUNK, read_manifest, write_manifest
 
 
 def batch_checksum(indptr: np.ndarray, indices: np.ndarray, data: np.ndarray) -> str:
@@ -35,7 +35,7 @@ def create(path: Path, *, panel: pd.Index, label_keys, group_key, obs_keys, inpu
     X.create_array("indptr", shape=(1,), dtype="int64", chunks=(ROW_CHUNK,))
     X["indptr"][0] = 0
     for name, dtype in (("indices", "int32"), ("data", "float32")):
-        X.create_array(name, shape=(0,), dtype=dtype, chunks=(DATA_CHUNK,), shards=(DATA_SHARD,))
+        X.create_array(name, shape=(0,), dtype=dtype, chunks=(DATA_CHUNK,))
     obs = root.create_group("obs")
     _row_array(obs, "names", str)
     _row_array(obs, "library_size", "float64")
