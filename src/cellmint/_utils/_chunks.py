@@ -296,6 +296,26 @@ def _open_file_element(root: Any, layer: str | None, path: Path) -> MatrixSource
 
 
 @contextmanager
+def open_root(path: str | Path) -> Iterator[Any]:
+    """The root group of an ``.h5ad`` file or a ``.zarr`` store, opened read-only (closed on exit)."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"No such file or store: {path}")
+    suffix = path.suffix.lower()
+    if suffix == ".h5ad" or (suffix in {".h5", ".hdf5"} and _looks_like_h5ad(path)):
+        import h5py
+
+        with h5py.File(path, "r") as root:
+            yield root
+    elif suffix == ".zarr" or (path / "zarr.json").exists() or (path / ".zgroup").exists():
+        import zarr
+
+        yield zarr.open_group(path, mode="r")
+    else:
+        raise ValueError(f"Cannot read {path}: expected an .h5ad file or a .zarr store.")
+
+
+@contextmanager
 def open_matrix(data: AnnData | str | Path | Any, *, layer: str | None = None) -> Iterator[MatrixSource]:
     """Open the cells × genes matrix of ``data`` for row access, without loading it.
 
@@ -315,20 +335,7 @@ def open_matrix(data: AnnData | str | Path | Any, *, layer: str | None = None) -
     with ExitStack() as stack:
         if isinstance(data, str | Path):
             path = Path(data)
-            if not path.exists():
-                raise FileNotFoundError(f"No such file or store: {path}")
-            suffix = path.suffix.lower()
-            if suffix == ".h5ad" or (suffix in {".h5", ".hdf5"} and _looks_like_h5ad(path)):
-                import h5py
-
-                root = stack.enter_context(h5py.File(path, "r"))
-            elif suffix == ".zarr" or (path / "zarr.json").exists() or (path / ".zgroup").exists():
-                import zarr
-
-                root = zarr.open_group(path, mode="r")
-            else:
-                raise ValueError(f"Cannot read {path}: expected an .h5ad file or a .zarr store.")
-            yield _open_file_element(root, layer, path)
+            yield _open_file_element(stack.enter_context(open_root(path)), layer, path)
         elif isinstance(data, AnnData):
             yield _source_from_anndata(data, layer)
         else:

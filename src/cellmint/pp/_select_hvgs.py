@@ -17,7 +17,7 @@ import pandas as pd
 from anndata import AnnData
 
 from .._utils import _logging as logg
-from .._utils._chunks import RowChunk
+from .._utils._chunks import RowChunk, open_matrix, open_root
 from .._utils._docs import doc_params
 from .._utils._values import validate_chunk
 from . import _hvg_dispersion, _hvg_seurat_v3
@@ -47,21 +47,11 @@ def _read_input(adata: AnnData | str | Path, batch_key: str | None) -> _Input:
         return _Input(adata, adata, adata.var_names, adata.obs, base)
     if not isinstance(adata, str | Path):
         raise TypeError(f"`adata` must be an AnnData or a path to .h5ad/.zarr, not {type(adata).__name__}.")
-    path = Path(adata)
-    if not path.exists():
-        raise FileNotFoundError(f"No such file or store: {path}")
     import anndata as ad
 
-    if path.suffix.lower() in {".h5ad", ".h5", ".hdf5"} and path.is_file():
-        import h5py
-
-        with h5py.File(path, "r") as f:
-            return _input_from_root(f, path, batch_key, ad)
-    if path.suffix.lower() == ".zarr" or (path / "zarr.json").exists() or (path / ".zgroup").exists():
-        import zarr
-
-        return _input_from_root(zarr.open_group(path, mode="r"), path, batch_key, ad)
-    raise ValueError(f"Cannot read {path}: expected an .h5ad file or a .zarr store.")
+    path = Path(adata)
+    with open_root(path) as root:
+        return _input_from_root(root, path, batch_key, ad)
 
 
 def _input_from_root(root, path: Path, batch_key: str | None, ad) -> _Input:
@@ -105,8 +95,6 @@ def _batch_codes(inp: _Input, batch_key: str | None, flavor: str, layer: str | N
 def _n_obs(inp: _Input, layer: str | None) -> int:
     if inp.adata is not None:
         return inp.adata.n_obs
-    from .._utils._chunks import open_matrix
-
     with open_matrix(inp.data, layer=layer) as source:
         return source.shape[0]
 
