@@ -413,10 +413,12 @@ class Store:
 
     def _split_problems(self) -> list[str]:
         problems = []
-        for name, info in self.manifest.get("splits", {}).items():
+        splits = self.manifest.get("splits", {})
+        obs = self.obs() if any(info["group_key"] is not None for info in splits.values()) else None
+        for name, info in splits.items():
             codes = self.split_codes(name)[: info["n_obs"]]
             if info["group_key"] is not None:
-                groups = self.obs()[info["group_key"]].astype(str).to_numpy()[: info["n_obs"]]
+                groups = obs[info["group_key"]].astype(str).to_numpy()[: info["n_obs"]]
                 if leaks := _split.leakage(groups, codes):
                     problems.append(f"split {name!r} puts groups in several parts: {leaks[:5]}")
         return problems
