@@ -12,7 +12,7 @@ import scipy.sparse as sp
 
 import cellmint as cm
 from _helpers import write_zarr_v3
-from cellmint.store import _writer
+from cellmint.store import _format, _writer
 
 
 def sample(n_obs=300, n_vars=80, seed=0, prefix="c") -> ad.AnnData:
@@ -92,7 +92,7 @@ class Crash(RuntimeError):
 def test_crash_then_rerun_resumes_without_loss_or_duplicates(inputs, tmp_path, monkeypatch):
     _, data = inputs
     reference = build(data, tmp_path / "ref.zarr").to_adata()
-    real = _writer.StoreWriter.write_batch
+    real = _writer.StoreWriter.commit
     calls = {"n": 0}
 
     def crashing(self, *args, **kwargs):
@@ -101,7 +101,7 @@ def test_crash_then_rerun_resumes_without_loss_or_duplicates(inputs, tmp_path, m
             raise Crash("power cut")
         return real(self, *args, **kwargs)
 
-    monkeypatch.setattr(_writer.StoreWriter, "write_batch", crashing)
+    monkeypatch.setattr(_writer.StoreWriter, "commit", crashing)
     with pytest.raises(Crash):
         build(data, tmp_path / "s.zarr")
     partial = cm.Store(tmp_path / "s.zarr")
@@ -111,7 +111,7 @@ def test_crash_then_rerun_resumes_without_loss_or_duplicates(inputs, tmp_path, m
     )
     assert partial.n_obs < reference.n_obs
     partial.verify()  # what was committed is intact
-    monkeypatch.setattr(_writer.StoreWriter, "write_batch", real)
+    monkeypatch.setattr(_writer.StoreWriter, "commit", real)
     store = build(data, tmp_path / "s.zarr")
     got = store.to_adata()
     assert store.complete
@@ -171,7 +171,7 @@ def test_verify_finds_corruption(inputs, tmp_path):
     values = zarr.open_group(tmp_path / "s.zarr", mode="r+")["X/data"]
     first_of_batch_1 = store.manifest["batches"][1]["nnz"][0]
     values[first_of_batch_1] = values[first_of_batch_1] + 1  # one count silently changed on disk
-    with pytest.raises(ValueError, match=r"batch 1 \(rows 64:128, input 0\) fails its sha256 checksum"):
+    with pytest.raises(ValueError, match=r"batch 1 \(rows 64:128, input 0\) fails its crc32 checksum"):
         cm.Store(tmp_path / "s.zarr").verify()
     manifest = tmp_path / "s.zarr" / "manifest.json"
     manifest.write_text(manifest.read_text()[:100])
@@ -191,7 +191,7 @@ def test_bad_inputs_are_named(tmp_path):
     empty = adata.copy()
     empty.obs["cell_type"] = empty.obs["cell_type"].astype(object)
     empty.obs.iloc[3, empty.obs.columns.get_loc("cell_type")] = None
-    with pytest.raises(ValueError, match="Label 'cell_type' is empty for 1 cells"):
+    with pytest.raises(ValueError, match=r"Label 'cell_type' is empty \(NaN\) for 1 cells"):
         build(empty, tmp_path / "c.zarr")
     other = sample(prefix="o")
     other.var_names = [f"x{i}" for i in range(other.n_vars)]
@@ -239,7 +239,7 @@ def test_manifest_records_inputs_batches_and_versions(inputs, tmp_path):
     _, data = inputs
     build(data, tmp_path / "s.zarr")
     manifest = json.loads((tmp_path / "s.zarr" / "manifest.json").read_text())
-    assert manifest["format_version"] == 1
+    assert manifest["format_version"] == _format.FORMAT_VERSION
     assert manifest["cellmint_version"] == cm.__version__
     assert [i["n_obs"] for i in manifest["inputs"]] == [300, 250, 120]
     assert all(len(i["fingerprint"]) == 64 for i in manifest["inputs"])
@@ -247,3 +247,44 @@ def test_manifest_records_inputs_batches_and_versions(inputs, tmp_path):
     assert rows[0][0] == 0
     assert all(a[1] == b[0] for a, b in itertools.pairwise(rows))
     assert manifest["state"] == "complete"
+
+
+def test_empty_inputs_and_mixed_obs_types_are_refused(tmp_path):
+    adata = sample()
+    with pytest.raises(ValueError, match=r"adata\[1\] is empty \(0 cells × 80 genes\)"):
+        build([adata, adata[:0].copy()], tmp_path / "a.zarr")
+    with pytest.raises(ValueError, match="No input given"):
+        build([], tmp_path / "b.zarr")
+    other = sample(prefix="o")
+    other.obs["depth"] = other.obs["depth"].astype(str)
+    with pytest.raises(ValueError, match="obs column 'depth' holds numbers in the first input"):
+        build([adata, other], tmp_path / "c.zarr")
+
+
+def test_stores_of_other_format_versions_are_refused_clearly(inputs, tmp_path):
+    _, data = inputs
+    build(data[:1], tmp_path / "s.zarr")
+    manifest_file = tmp_path / "s.zarr" / "manifest.json"
+    manifest = json.loads(manifest_file.read_text())
+    manifest["format_version"] = _format.FORMAT_VERSION + 1
+    manifest_file.write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match=r"format version \d+, written by cellmint .*Upgrade cellmint"):
+        cm.Store(tmp_path / "s.zarr")
+    manifest["format_version"] = 0
+    manifest_file.write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match="no longer reads .* rebuild it"):
+        cm.Store(tmp_path / "s.zarr")
+
+
+def test_non_canonical_and_integer_inputs_are_stored_canonically(tmp_path):
+    indptr = np.array([0, 3, 5])
+    indices = np.array([4, 1, 4, 0, 2])  # row 0: unsorted, gene 4 twice
+    X = sp.csr_matrix((np.array([1, 2, 3, 5, 6], dtype=np.int64), indices, indptr), shape=(2, 6))
+    adata = ad.AnnData(X=X)
+    adata.obs_names, adata.var_names = ["a", "b"], [f"g{i}" for i in range(6)]
+    store = cm.pp.build_store(adata, tmp_path / "s.zarr", progress=False)
+    got = store.read_rows(0, 2)
+    assert got.has_canonical_format
+    np.testing.assert_array_equal(got.toarray(), X.toarray())
+    np.testing.assert_array_equal(store.obs()["library_size"], [6, 11])
+    np.testing.assert_array_equal(store.obs()["n_genes"], [2, 2])

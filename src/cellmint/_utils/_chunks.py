@@ -19,6 +19,7 @@ import scipy.sparse as sp
 from anndata import AnnData
 
 from ._progress import progress_bar
+from ._threads import background
 
 ChunkFormat = Literal["native", "csr", "dense"]
 
@@ -460,20 +461,7 @@ def iter_row_chunks(
             return RowChunk(first, stop, _convert(block, fmt))
 
         with progress_bar(total=n_obs - start, desc=desc, unit="cells", progress=progress) as bar:
-            for chunk in _prefetched(read, starts) if prefetch else map(read, starts):
+            chunks = map(read, starts)
+            for chunk in background(chunks, depth=1, name="cellmint-prefetch") if prefetch else chunks:
                 yield chunk
                 bar.update(chunk.stop - chunk.start)
-
-
-def _prefetched(read, starts) -> Iterator[RowChunk]:
-    from concurrent.futures import ThreadPoolExecutor
-
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="cellmint-prefetch") as pool:
-        pending = None
-        for start in starts:
-            upcoming = pool.submit(read, start)
-            if pending is not None:
-                yield pending.result()
-            pending = upcoming
-        if pending is not None:
-            yield pending.result()

@@ -11,7 +11,8 @@ import numpy as np
 
 from ._chunks import RowChunk
 
-_OK, _NONFINITE, _NEGATIVE, _NONINTEGER = 0, 1, 2, 3
+#: problem codes shared by the numba checks (here and in the store's ingest kernel)
+OK, NONFINITE, NEGATIVE, NONINTEGER = 0, 1, 2, 3
 
 
 @numba.njit(nogil=True, cache=True)
@@ -19,13 +20,13 @@ def _first_problem(values, require_counts):
     for i in range(values.size):
         v = values[i]
         if not np.isfinite(v):
-            return _NONFINITE, i
+            return NONFINITE, i
         if require_counts:
             if v < 0:
-                return _NEGATIVE, i
+                return NEGATIVE, i
             if v != np.floor(v):
-                return _NONINTEGER, i
-    return _OK, -1
+                return NONINTEGER, i
+    return OK, -1
 
 
 def validate_chunk(chunk: RowChunk, *, where: str, require_counts: bool, expectation: str = "", hint: str = "") -> None:
@@ -40,16 +41,21 @@ def validate_chunk(chunk: RowChunk, *, where: str, require_counts: bool, expecta
         raise ValueError(f"{where} holds values of dtype {values.dtype}, not numbers.")
     if values.dtype.kind != "f":
         if require_counts and values.dtype.kind == "i" and values.size and values.min() < 0:
-            code, index = _NEGATIVE, int(np.argmax(values < 0))
+            code, index = NEGATIVE, int(np.argmax(values < 0))
         else:
             return
     else:
         scan = values.astype(np.float32) if values.dtype == np.float16 else values  # numba has no float16
         code, index = _first_problem(scan, require_counts)
-    if code == _OK:
-        return
-    cells = f"cells {chunk.start}–{chunk.stop - 1}"
-    if code == _NONFINITE:
-        raise ValueError(f"{where} contains NaN or infinite values ({cells}); fix or remove them first.")
-    what = "negative values" if code == _NEGATIVE else "non-integer values"
-    raise ValueError(f"{expectation}, but {where} has {what} (e.g. {values[index]:g} in {cells}). {hint}".strip())
+    if code != OK:
+        raise value_error(code, values[index], where=where, cells=f"cells {chunk.start}–{chunk.stop - 1}",
+                          expectation=expectation, hint=hint)  # fmt: skip
+
+
+def value_error(code: int, value: float, *, where: str, cells: str, expectation: str = "",
+                hint: str = "") -> ValueError:  # fmt: skip
+    """The error for problem ``code`` (``NONFINITE``, ``NEGATIVE``, ``NONINTEGER``) found at ``value`` in ``cells``."""
+    if code == NONFINITE:
+        return ValueError(f"{where} contains NaN or infinite values ({cells}); fix or remove them first.")
+    what = "negative values" if code == NEGATIVE else "non-integer values"
+    return ValueError(f"{expectation}, but {where} has {what} (e.g. {value:g} in {cells}). {hint}".strip())

@@ -4,7 +4,7 @@ A store is a zarr v3 group (a folder)::
 
     store.zarr/
       manifest.json            the source of truth: format and package version, inputs, committed
-                               batches (row ranges, nnz, sha256), label categories, gene panel, state
+                               batches (row ranges, nnz, crc32), label categories, gene panel, state
       X/indptr   int64         CSR counts of the committed cells over the gene panel
       X/indices  int32
       X/data     float32
@@ -17,10 +17,16 @@ A store is a zarr v3 group (a folder)::
       obs_table/<key>          extra obs columns: float64, or int32 codes for categorical/str
       var/names  str           the gene panel, in order
 
-Crash safety: a batch is written *beyond* the committed rows, flushed, then committed by atomically
-replacing ``manifest.json`` (write a temporary file, fsync, rename). Arrays may hold uncommitted
-bytes past the committed length after a crash; readers trust only the manifest, and a resumed
-build overwrites them.
+Every array is 1-D, in regular chunks; numbers are compressed with blosc-lz4 and byte shuffling
+(about 3.5× smaller on counts, decoded at GB/s), strings with zstd. ``_arrays`` reads and writes
+their chunk files directly; any zarr v3 reader opens them too.
+
+Crash safety: a batch is written *beyond* the committed rows, then committed by atomically
+replacing ``manifest.json`` (write a temporary file, fsync, rename). Chunk files and ``zarr.json``
+files are replaced atomically too, so rewriting the partly filled last chunk never damages
+committed values. Arrays may hold uncommitted values past the committed length after a crash;
+readers trust only the manifest, and a resumed build overwrites them. Each batch's checksum
+(crc32 of its CSR arrays) lets ``Store.verify`` find damage done afterwards.
 """
 
 from __future__ import annotations
@@ -30,12 +36,19 @@ import os
 from pathlib import Path
 from typing import Any
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: blosc-lz4 chunks written by ``_arrays``, crc32 batch checksums
 MANIFEST = "manifest.json"
 #: values per zarr chunk of X/data and X/indices (~0.5 MiB): about one block of 256 cells per read.
 #: Unsharded: on a 2-core machine sharding cost the loader a third of its speed (measured).
 DATA_CHUNK = 1 << 17
 ROW_CHUNK = 1 << 16
+
+
+def numeric_codec():
+    """The compressor of every numeric array (blosc-lz4, byte shuffle)."""
+    from zarr.codecs import BloscCodec
+
+    return BloscCodec(cname="lz4", clevel=5, shuffle="shuffle")
 
 
 def read_manifest(path: str | Path) -> dict[str, Any]:
@@ -48,9 +61,15 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
     except json.JSONDecodeError as err:
         raise ValueError(f"The manifest of the store at {path} is corrupted: {err}") from err
     version = manifest.get("format_version")
+    if isinstance(version, int) and version > FORMAT_VERSION:
+        raise ValueError(
+            f"The store at {path} has format version {version}, written by cellmint "
+            f"{manifest.get('cellmint_version', '?')}; this cellmint reads version {FORMAT_VERSION}. Upgrade cellmint."
+        )
     if version != FORMAT_VERSION:
         raise ValueError(
-            f"The store at {path} has format version {version!r}; this cellmint reads version {FORMAT_VERSION}."
+            f"The store at {path} has format version {version!r}, which this cellmint no longer reads "
+            f"(it reads version {FORMAT_VERSION}); rebuild it with cm.pp.build_store(..., overwrite=True)."
         )
     return manifest
 

@@ -1,37 +1,103 @@
-"""Stream inputs into a store, batch by batch: the one loop behind ``build_store`` and ``Store.append``."""
+"""Stream inputs into a store, batch by batch: the one loop behind ``build_store`` and ``Store.append``.
+
+Three stages overlap: the next chunk is read in a background thread, the current one is checked and
+mapped onto the gene panel by one numba pass (``_prepare``), and the previous one is compressed,
+written and committed by a writer thread. At most one batch waits for its commit, so memory stays
+at a few chunks (``batch_cells`` cells each, about 256 MiB by default).
+"""
 
 from __future__ import annotations
 
+from concurrent.futures import Future, ThreadPoolExecutor
+
+import numba
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
 from .._utils._chunks import iter_row_chunks
-from .._utils._values import validate_chunk
+from .._utils._values import NEGATIVE, NONFINITE, NONINTEGER, OK, value_error
 from ._inputs import Input, column_map
 from ._writer import StoreWriter
 
 
-def _panel_rows(X: sp.csr_matrix, columns: np.ndarray, n_panel: int) -> sp.csr_matrix:
-    """Re-index a chunk's genes to the panel (genes outside it dropped), canonical CSR, without a COO detour."""
-    X.sum_duplicates()  # canonical input: sorted gene indices, duplicates added up
-    target = columns[X.indices]
-    keep = target >= 0
-    if keep.all():  # every gene of the input is in the panel: only the column numbers change
-        out = sp.csr_matrix((X.data, target, X.indptr), shape=(X.shape[0], n_panel))
-    else:
-        kept_before = np.zeros(len(keep) + 1, dtype=np.int64)
-        np.cumsum(keep, out=kept_before[1:])
-        out = sp.csr_matrix((X.data[keep], target[keep], kept_before[X.indptr]), shape=(X.shape[0], n_panel))
-    kept = columns[columns >= 0]
-    if len(kept) > 1 and np.any(np.diff(kept) < 0):  # the panel orders genes differently from the input
+@numba.njit(nogil=True, cache=True)
+def _prepare(indptr, indices, data, columns, out_indptr, out_indices, out_data, library_size, n_genes, copy):
+    """One pass over a canonical CSR chunk: check the counts, sum them, map genes onto the panel.
+
+    ``library_size``/``n_genes`` are over all genes of the input. With ``copy`` the values of panel
+    genes are written to ``out_*`` (genes outside the panel dropped); without, the caller keeps the
+    input arrays (every gene in the panel, same order). Returns (problem code, value position,
+    whether the output's gene indices are sorted within rows, stored values in the output).
+    """
+    k = 0
+    out_indptr[0] = 0
+    ordered = True
+    for row in range(len(indptr) - 1):
+        total = 0.0
+        detected = 0
+        previous = -1
+        for j in range(indptr[row], indptr[row + 1]):
+            v = float(data[j])
+            if not np.isfinite(v):
+                return NONFINITE, j, ordered, k
+            if v < 0:
+                return NEGATIVE, j, ordered, k
+            if v != np.floor(v):
+                return NONINTEGER, j, ordered, k
+            total += v
+            if v > 0:
+                detected += 1
+            if copy:
+                column = columns[indices[j]]
+                if column >= 0:
+                    if column <= previous:
+                        ordered = False
+                    previous = column
+                    out_indices[k] = column
+                    out_data[k] = v
+                    k += 1
+        out_indptr[row + 1] = k if copy else indptr[row + 1]
+        library_size[row] = total
+        n_genes[row] = detected
+    return OK, -1, ordered, k
+
+
+def prepare_chunk(X: sp.csr_matrix, columns: np.ndarray, n_panel: int, *, where: str, first_row: int):
+    """Check a chunk's counts and map it onto the panel: ``(indptr, indices, data, library_size, n_genes)``."""
+    if X.dtype.kind not in "fiu":
+        raise ValueError(f"{where} holds values of dtype {X.dtype}, not numbers.")
+    if not X.has_canonical_format:  # unsorted or duplicated gene indices: add duplicates up first
+        X = X.copy()
+        X.sum_duplicates()
+    data = X.data.astype(np.float32) if X.dtype == np.float16 else X.data  # numba has no float16
+    rows, nnz = X.shape[0], X.nnz
+    identity = len(columns) == X.shape[1] and bool(np.all(columns == np.arange(len(columns))))
+    copy = not (identity and data.dtype == np.float32 and X.indices.dtype == np.int32)
+    out_indptr = np.empty(rows + 1, dtype=np.int64)
+    out_indices = np.empty(nnz if copy else 0, dtype=np.int32)
+    out_data = np.empty(nnz if copy else 0, dtype=np.float32)
+    library_size, n_genes = np.empty(rows, dtype=np.float64), np.empty(rows, dtype=np.int32)
+    code, position, ordered, kept = _prepare(
+        X.indptr, X.indices, data, columns, out_indptr, out_indices, out_data, library_size, n_genes, copy
+    )
+    if code != OK:
+        row = first_row + int(np.searchsorted(X.indptr, position, side="right")) - 1
+        raise value_error(code, data[position], where=where, cells=f"cell {row}",
+                          expectation="A store holds raw counts", hint="Pass the counts with `layer=`.")  # fmt: skip
+    if not copy:
+        return out_indptr, X.indices, data, library_size, n_genes
+    out = sp.csr_matrix((out_data[:kept], out_indices[:kept], out_indptr), shape=(rows, n_panel))
+    if not ordered:  # the panel orders genes differently from the input
         out.sort_indices()
-    return out
+    return out.indptr, out.indices, out.data, library_size, n_genes
 
 
-def check_keys(inputs: list[Input], keys: list[str]) -> None:
-    """Every input carries the obs columns the store keeps."""
+def check_inputs(inputs: list[Input], keys: list[str]) -> None:
+    """Every input has cells and genes, and carries the obs columns the store keeps."""
     for inp in inputs:
+        if inp.adata.n_obs == 0 or inp.adata.n_vars == 0:
+            raise ValueError(f"{inp.name} is empty ({inp.adata.n_obs} cells × {inp.adata.n_vars} genes).")
         missing = [k for k in keys if k not in inp.adata.obs.columns]
         if missing:
             raise KeyError(f"{inp.name} has no obs column {missing}; its columns: {list(inp.adata.obs.columns)}.")
@@ -43,23 +109,28 @@ def ingest(writer: StoreWriter, inputs: list[Input], *, first_index: int, progre
     panel = pd.Index(writer.manifest["genes"])
     layer, strip = params["layer"], params["strip_ensembl_versions"]
     keys = params["label_keys"] + params["obs_keys"] + ([params["group_key"]] if params["group_key"] else [])
-    for offset, inp in enumerate(inputs):
-        index = first_index + offset
-        columns = column_map(inp, panel, strip)
-        if (columns < 0).all():
-            raise ValueError(f"{inp.name} shares no gene with the store's panel.")
-        where = f"{inp.name}: " + ("X" if layer is None else f"layers[{layer!r}]")
-        for chunk in iter_row_chunks(
-            inp.data, layer=layer, chunk_size=params["batch_cells"], fmt="csr", start=writer.resume_row(index),
-            prefetch=True, progress=progress, desc=inp.name,
-        ):  # fmt: skip
-            validate_chunk(chunk, where=where, require_counts=True, expectation="A store holds raw counts",
-                           hint="Pass the layer of counts with `layer=`.")  # fmt: skip
-            X = chunk.X
-            obs = inp.adata.obs.iloc[chunk.start : chunk.stop]
-            writer.write_batch(
-                _panel_rows(X, columns, len(panel)), input_index=index, input_start=chunk.start, obs=obs[keys],
-                names=np.asarray(obs.index, dtype=str),
-                library_size=np.asarray(X.sum(axis=1, dtype=np.float64)).ravel(),
-                n_genes=np.asarray((X > 0).sum(axis=1)).ravel(),
-            )  # fmt: skip
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="cellmint-commit") as committer:
+        pending: Future | None = None
+        for offset, inp in enumerate(inputs):
+            index = first_index + offset
+            columns = column_map(inp, panel, strip)
+            if (columns < 0).all():
+                raise ValueError(f"{inp.name} shares no gene with the store's panel.")
+            where = f"{inp.name}: " + ("X" if layer is None else f"layers[{layer!r}]")
+            for chunk in iter_row_chunks(
+                inp.data, layer=layer, chunk_size=params["batch_cells"], fmt="csr", start=writer.resume_row(index),
+                prefetch=True, progress=progress, desc=inp.name,
+            ):  # fmt: skip
+                indptr, indices, data, library_size, n_genes = prepare_chunk(
+                    chunk.X, columns, len(panel), where=where, first_row=chunk.start
+                )
+                batch = writer.encode(
+                    input_index=index, input_start=chunk.start, indptr=indptr, indices=indices, data=data,
+                    obs=inp.adata.obs.iloc[chunk.start : chunk.stop][keys], library_size=library_size,
+                    n_genes=n_genes,
+                )  # fmt: skip
+                if pending is not None:
+                    pending.result()  # at most one batch waits for its commit
+                pending = committer.submit(writer.commit, batch)
+        if pending is not None:
+            pending.result()

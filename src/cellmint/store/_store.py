@@ -11,7 +11,8 @@ import scipy.sparse as sp
 import zarr
 
 from . import _split
-from ._format import ROW_CHUNK, read_manifest, write_manifest
+from ._arrays import ChunkedArray
+from ._format import ROW_CHUNK, numeric_codec, read_manifest, write_manifest
 from ._writer import batch_checksum
 
 
@@ -33,7 +34,16 @@ class Store:
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self.manifest = read_manifest(self.path)
-        self._root = zarr.open_group(self.path, mode="r")
+        self._arrays: dict[str, ChunkedArray] = {}
+
+    def _array(self, name: str) -> ChunkedArray:
+        if name not in self._arrays:
+            self._arrays[name] = ChunkedArray(self.path / name)
+        return self._arrays[name]
+
+    def _column(self, name: str) -> np.ndarray:
+        """The committed values of a per-cell array."""
+        return self._array(name).read(0, self.n_obs)
 
     # -- shape and annotations ---------------------------------------------------------------
     @property
@@ -79,30 +89,27 @@ class Store:
         return self._categorical("groups", self.manifest["groups"])
 
     def _categorical(self, name: str, categories: list) -> pd.Categorical:
-        codes = np.asarray(self._root[name][: self.n_obs])
-        return pd.Categorical.from_codes(codes, categories=categories)
+        return pd.Categorical.from_codes(self._column(name), categories=categories)
 
     def obs(self) -> pd.DataFrame:
         """Per-cell table: library size and detected genes (all genes of the input), input, labels, group, obs keys."""
-        root, n = self._root, self.n_obs
+        inputs = self._column("obs/input")
         df = pd.DataFrame(
             {
-                "library_size": np.asarray(root["obs/library_size"][:n]),
-                "n_genes": np.asarray(root["obs/n_genes"][:n]),
-                "input": pd.Categorical.from_codes(
-                    np.asarray(root["obs/input"][:n]), categories=[i["name"] for i in self.manifest["inputs"]]
-                ),
+                "library_size": self._column("obs/library_size"),
+                "n_genes": self._column("obs/n_genes"),
+                "input": pd.Categorical.from_codes(inputs, categories=[i["name"] for i in self.manifest["inputs"]]),
             },
-            index=pd.Index(np.asarray(root["obs/names"][:n]).astype(object)),
+            index=pd.Index(self._column("obs/names").astype(object)),
         )
         if not df.index.is_unique:  # the same cell names in several inputs: suffix the input's index
-            df.index = df.index.astype(str) + "-" + np.asarray(root["obs/input"][:n]).astype(str).astype(object)
+            df.index = df.index.astype(str) + "-" + inputs.astype(str).astype(object)
         for key, values in self.labels.items():
             df[key] = values
         if (groups := self.groups) is not None:
             df[self.manifest["group_key"]] = groups
         for key in self.manifest["obs_keys"]:
-            values = np.asarray(root[f"obs_table/{key}"][:n])
+            values = self._column(f"obs_table/{key}")
             categories = self.manifest["obs_table"].get(key)
             df[key] = pd.Categorical.from_codes(values, categories=categories) if categories is not None else values
         return df
@@ -112,10 +119,10 @@ class Store:
         """Counts of cells ``start:stop`` (a contiguous read), as CSR over the gene panel."""
         if not 0 <= start <= stop <= self.n_obs:
             raise IndexError(f"Rows {start}:{stop} are outside the store's {self.n_obs} cells.")
-        indptr = np.asarray(self._root["X/indptr"][start : stop + 1], dtype=np.int64)
+        indptr = self._array("X/indptr").read(start, stop + 1)
         lo, hi = int(indptr[0]), int(indptr[-1])
-        data = np.asarray(self._root["X/data"][lo:hi])
-        indices = np.asarray(self._root["X/indices"][lo:hi])
+        data = self._array("X/data").read(lo, hi)
+        indices = self._array("X/indices").read(lo, hi)
         return sp.csr_matrix((data, indices, indptr - lo), shape=(stop - start, self.n_vars))
 
     def to_adata(self, split: str | None = None, subset: str = "train") -> ad.AnnData:
@@ -156,7 +163,7 @@ class Store:
         This store, extended. Existing splits keep their cells; appended cells belong to no part
         (code -1) until a split is made again. An interrupted append resumes when called again.
         """
-        from ._ingest import check_keys, ingest
+        from ._ingest import check_inputs, ingest
         from ._inputs import open_input
         from ._writer import StoreWriter
 
@@ -166,7 +173,7 @@ class Store:
         inputs = [open_input(item, len(m["inputs"]) + i) for i, item in enumerate(items)]
         params = m["params"]
         keys = params["label_keys"] + params["obs_keys"] + ([params["group_key"]] if params["group_key"] else [])
-        check_keys(inputs, keys)
+        check_inputs(inputs, keys)
         records = [{"name": inp.name, **inp.identity, "n_obs": int(inp.n_obs)} for inp in inputs]
         if m["state"] == "complete":
             m["inputs"] += records
@@ -179,7 +186,7 @@ class Store:
         ingest(writer, inputs, first_index=len(m["inputs"]) - len(inputs), progress=progress)
         writer.finish()
         self.manifest = read_manifest(self.path)
-        self._root = zarr.open_group(self.path, mode="r")
+        self._arrays = {}
         return self
 
     # -- splits ------------------------------------------------------------------------------
@@ -192,7 +199,7 @@ class Store:
         """Part of every cell in split ``name``: 0 train, 1 val, 2 test; -1 for cells appended afterwards."""
         if name not in self.splits:
             raise KeyError(f"No split {name!r} in this store; splits: {self.splits}. Make one with make_split().")
-        stored = np.asarray(self._root[f"splits/{name}"][:], dtype=np.int8)
+        stored = self._array(f"splits/{name}").read(0, self.manifest["splits"][name]["n_obs"])
         return np.concatenate([stored, np.full(self.n_obs - len(stored), -1, dtype=np.int8)])
 
     def split_rows(self, name: str, subset: str = "train") -> np.ndarray:
@@ -257,8 +264,10 @@ class Store:
         splits = root.require_group("splits")
         if name in splits:
             del splits[name]
-        splits.create_array(name, shape=(self.n_obs,), dtype="int8", chunks=(ROW_CHUNK,))
-        splits[name][:] = codes
+        splits.create_array(name, shape=(0,), dtype="int8", chunks=(ROW_CHUNK,), compressors=numeric_codec())
+        self._arrays.pop(f"splits/{name}", None)
+        self._array(f"splits/{name}").write(0, codes.astype(np.int8))
+        self._array(f"splits/{name}").set_length(self.n_obs)
         parts = pd.Categorical.from_codes(codes, categories=list(_split.SPLIT_NAMES))
         classes = obs[label_key] if label_key else pd.Series(["all"] * self.n_obs, index=obs.index)
         table = pd.crosstab(pd.Series(classes.to_numpy(), name=label_key or "cells"), pd.Series(parts, name="split"))
@@ -269,7 +278,6 @@ class Store:
             "cells": {part: int((codes == i).sum()) for i, part in enumerate(_split.SPLIT_NAMES)},
         }  # fmt: skip
         write_manifest(self.path, self.manifest)
-        self._root = zarr.open_group(self.path, mode="r")
         return table
 
     # -- streaming ---------------------------------------------------------------------------
@@ -351,7 +359,7 @@ class Store:
             label_key = label_key or (self.label_keys[0] if self.label_keys else None)
             if label_key is None:
                 raise ValueError("balance needs a label key, and this store has none.")
-            codes = np.asarray(self._root[f"labels/{label_key}"][: self.n_obs])[rows]
+            codes = self._column(f"labels/{label_key}")[rows]
         dataset = StoreBatches(
             self.path, rows, self.label_keys, batch_size=batch_size, shuffle=shuffle, balance_codes=codes,
             balance_exponent=BALANCE_EXPONENT[balance], random_state=random_state, drop_last=drop_last, dense=dense,
@@ -380,12 +388,12 @@ class Store:
             Listing every problem found (corrupted batch, truncated array, invalid gene index, …).
         """
         problems = []
-        root, n, nnz = self._root, self.n_obs, self.nnz
+        n, nnz = self.n_obs, self.nnz
         for name, need in (("X/indptr", n + 1), ("X/indices", nnz), ("X/data", nnz), ("obs/names", n)):
-            if root[name].shape[0] < need:
-                problems.append(f"{name} holds {root[name].shape[0]} values, the manifest commits {need}")
+            if self._array(name).length < need:
+                problems.append(f"{name} holds {self._array(name).length} values, the manifest commits {need}")
         if not problems:
-            indptr = np.asarray(root["X/indptr"][: n + 1], dtype=np.int64)
+            indptr = self._array("X/indptr").read(0, n + 1)
             if indptr[0] != 0 or indptr[-1] != nnz or np.any(np.diff(indptr) < 0):
                 problems.append("X/indptr does not run from 0 to nnz in increasing order")
             expected_rows = 0
@@ -398,12 +406,15 @@ class Store:
                 if [lo, hi] != batch["nnz"]:
                     problems.append(f"batch {i} (rows {r0}:{r1}) spans values {lo}:{hi}, manifest says {batch['nnz']}")
                     continue
-                indices = np.asarray(root["X/indices"][lo:hi])
-                data = np.asarray(root["X/data"][lo:hi])
+                try:
+                    indices, data = self._array("X/indices").read(lo, hi), self._array("X/data").read(lo, hi)
+                except ValueError as err:  # a chunk file that no longer decodes
+                    problems.append(f"batch {i} (rows {r0}:{r1}): {err}")
+                    continue
                 if indices.size and (indices.min() < 0 or indices.max() >= self.n_vars):
                     problems.append(f"batch {i} (rows {r0}:{r1}) has gene indices outside the panel")
-                if batch_checksum(indptr[r0 : r1 + 1], indices, data) != batch["sha256"]:
-                    problems.append(f"batch {i} (rows {r0}:{r1}, input {batch['input']}) fails its sha256 checksum")
+                if batch_checksum(indptr[r0 : r1 + 1], indices, data) != batch["crc32"]:
+                    problems.append(f"batch {i} (rows {r0}:{r1}, input {batch['input']}) fails its crc32 checksum")
             if expected_rows != n:
                 problems.append(f"committed batches cover {expected_rows} rows, the manifest says {n}")
             problems += self._split_problems()

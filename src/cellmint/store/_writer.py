@@ -1,41 +1,57 @@
-"""Write a store batch by batch; each batch is committed atomically to the manifest (see ``_format``)."""
+"""Write a store batch by batch; each batch is committed atomically to the manifest (see ``_format``).
+
+Two stages, so that ingest can overlap them: :meth:`StoreWriter.encode` (caller's thread) turns a
+chunk of cells into a :class:`Batch` (codes for labels, groups and obs columns; categories only grow),
+and :meth:`StoreWriter.commit` (a writer thread) writes its arrays, then commits it.
+"""
 
 from __future__ import annotations
 
-import hashlib
+import copy
+import zlib
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
-import scipy.sparse as sp
 import zarr
 
 from .. import __version__
-from ._format import DATA_CHUNK, FORMAT_VERSION, ROW_CHUNK, read_manifest, write_manifest
+from ._arrays import ChunkedArray
+from ._format import DATA_CHUNK, FORMAT_VERSION, ROW_CHUNK, numeric_codec, read_manifest, write_manifest
 
 
-def batch_checksum(indptr: np.ndarray, indices: np.ndarray, data: np.ndarray) -> str:
-    """sha256 of one batch of rows: relative indptr (int64), indices (int32) and data (float32) bytes."""
-    digest = hashlib.sha256()
+def batch_checksum(indptr: np.ndarray, indices: np.ndarray, data: np.ndarray) -> int:
+    """crc32 of one batch of rows: relative indptr (int64), indices (int32) and data (float32) bytes."""
+    crc = 0
     for array, dtype in ((indptr - indptr[0], np.int64), (indices, np.int32), (data, np.float32)):
-        digest.update(np.ascontiguousarray(array, dtype=dtype).tobytes())
-    return digest.hexdigest()
+        crc = zlib.crc32(memoryview(np.ascontiguousarray(array, dtype=dtype)).cast("B"), crc)
+    return crc
 
 
 def _row_array(group: zarr.Group, name: str, dtype: Any) -> None:
-    group.create_array(name, shape=(0,), dtype=dtype, chunks=(ROW_CHUNK,))
+    if dtype is str:
+        group.create_array(name, shape=(0,), dtype=str, chunks=(ROW_CHUNK,))
+    else:
+        group.create_array(name, shape=(0,), dtype=dtype, chunks=(ROW_CHUNK,), compressors=numeric_codec())
+
+
+def _is_number(column: pd.Series) -> bool:
+    return pd.api.types.is_numeric_dtype(column) and not isinstance(column.dtype, pd.CategoricalDtype)
 
 
 def create(path: Path, *, panel: pd.Index, label_keys, group_key, obs_keys, inputs, params: dict) -> StoreWriter:
-    """A new, empty store at ``path`` (which must not exist)."""
+    """A new, empty store at ``path`` (which must not exist).
+
+    ``obs_keys`` columns that are numbers in the first input are stored as float64, others as codes.
+    """
     root = zarr.open_group(path, mode="w-", zarr_format=3)
     root.attrs["cellmint_store"] = {"format_version": FORMAT_VERSION}
     X = root.create_group("X")
-    X.create_array("indptr", shape=(1,), dtype="int64", chunks=(ROW_CHUNK,))
-    X["indptr"][0] = 0
+    X.create_array("indptr", shape=(0,), dtype="int64", chunks=(ROW_CHUNK,), compressors=numeric_codec())
     for name, dtype in (("indices", "int32"), ("data", "float32")):
-        X.create_array(name, shape=(0,), dtype=dtype, chunks=(DATA_CHUNK,))
+        X.create_array(name, shape=(0,), dtype=dtype, chunks=(DATA_CHUNK,), compressors=numeric_codec())
     obs = root.create_group("obs")
     _row_array(obs, "names", str)
     _row_array(obs, "library_size", "float64")
@@ -47,8 +63,9 @@ def create(path: Path, *, panel: pd.Index, label_keys, group_key, obs_keys, inpu
     if group_key is not None:
         _row_array(root, "groups", "int32")
     table = root.create_group("obs_table")
+    numeric = {key: _is_number(inputs[0].adata.obs[key]) for key in obs_keys}
     for key in obs_keys:
-        _row_array(table, key, "float64")  # replaced by int32 codes when the column is categorical
+        _row_array(table, key, "float64" if numeric[key] else "int32")
     var = root.create_group("var")
     var.create_array("names", shape=(len(panel),), dtype=str, chunks=(max(1, len(panel)),))
     var["names"][:] = np.asarray(panel, dtype=str)
@@ -65,13 +82,31 @@ def create(path: Path, *, panel: pd.Index, label_keys, group_key, obs_keys, inpu
         "group_key": group_key,
         "groups": [],
         "obs_keys": list(obs_keys),
-        "obs_table": {},
+        "obs_table": {key: [] for key in obs_keys if not numeric[key]},
         "inputs": [{"name": inp.name, **inp.identity, "n_obs": int(inp.n_obs)} for inp in inputs],
         "batches": [],
         "params": params,
     }
     write_manifest(path, manifest)
+    ChunkedArray(Path(path) / "X" / "indptr").write(0, np.zeros(1, dtype=np.int64))
     return StoreWriter(path)
+
+
+@dataclass
+class Batch:
+    """Rows of one input, encoded and ready to commit: CSR over the panel plus one array per row array."""
+
+    input_index: int
+    input_start: int
+    indptr: np.ndarray  # int64, from 0, rows + 1 values
+    indices: np.ndarray  # int32
+    data: np.ndarray  # float32
+    rows: dict[str, np.ndarray]  # store array name → values of these rows
+    categories: dict  # the manifest's category lists once these rows are encoded
+
+    @property
+    def n_obs(self) -> int:
+        return len(self.indptr) - 1
 
 
 class StoreWriter:
@@ -80,89 +115,93 @@ class StoreWriter:
     def __init__(self, path: Path):
         self.path = Path(path)
         self.manifest = read_manifest(path)
-        self.root = zarr.open_group(path, mode="r+")
+        m = self.manifest
+        names = ["obs/names", "obs/library_size", "obs/n_genes", "obs/input"]
+        names += [f"labels/{k}" for k in m["label_keys"]] + [f"obs_table/{k}" for k in m["obs_keys"]]
+        names += ["groups"] if m["group_key"] is not None else []
+        self._row_arrays = {name: ChunkedArray(self.path / name) for name in names}
+        self._X = {name: ChunkedArray(self.path / "X" / name) for name in ("indptr", "indices", "data")}
+        self._categories = copy.deepcopy(self._category_lists(m))
         self._truncate_to_committed()
 
-    def _truncate_to_committed(self) -> None:
-        # after a crash, arrays may hold an uncommitted batch: drop it
-        n, nnz = self.manifest["n_obs"], self.manifest["nnz"]
-        self.root["X/indptr"].resize((n + 1,))
-        for name in ("X/indices", "X/data"):
-            self.root[name].resize((nnz,))
-        for array in self._row_arrays():
-            array.resize((n,))
+    @staticmethod
+    def _category_lists(m: dict) -> dict:
+        return {"labels": m["labels"], "groups": m["groups"], "obs_table": m["obs_table"]}
 
-    def _row_arrays(self) -> list:
-        arrays = [self.root[f"obs/{k}"] for k in ("names", "library_size", "n_genes", "input")]
-        arrays += [self.root[f"labels/{k}"] for k in self.manifest["label_keys"]]
-        arrays += [self.root[f"obs_table/{k}"] for k in self.manifest["obs_keys"]]
-        if self.manifest["group_key"] is not None:
-            arrays.append(self.root["groups"])
-        return arrays
+    def _truncate_to_committed(self) -> None:
+        # after a crash, arrays may declare an uncommitted batch: declare only the committed rows
+        n, nnz = self.manifest["n_obs"], self.manifest["nnz"]
+        self._X["indptr"].set_length(n + 1)
+        self._X["indices"].set_length(nnz)
+        self._X["data"].set_length(nnz)
+        for array in self._row_arrays.values():
+            array.set_length(n)
 
     def resume_row(self, input_index: int) -> int:
         """First row of input ``input_index`` not yet committed."""
         done = [b["input_stop"] for b in self.manifest["batches"] if b["input"] == input_index]
         return max(done, default=0)
 
-    def _codes(self, categories: list, values: pd.Series, what: str) -> np.ndarray:
+    @staticmethod
+    def _codes(categories: list, values: pd.Series, what: str) -> np.ndarray:
         values = values.astype(object)
         missing = pd.isna(values)
         if missing.any():
-            raise ValueError(f"{what} is empty for {int(missing.sum())} cells; fill or drop them before building.")
+            raise ValueError(f"{what} is empty (NaN) for {int(missing.sum())} cells; fill it (e.g. 'unknown') "
+                             "or drop those cells before building.")  # fmt: skip
         values = values.astype(str)
         for value in pd.unique(values):
             if value not in categories:
                 categories.append(value)  # categories only grow, so committed codes stay valid
         return pd.Index(categories).get_indexer(values).astype(np.int32)
 
-    def _append(self, name: str, values: np.ndarray, start: int) -> None:
-        array = self.root[name]
-        array.resize((start + len(values),))
-        array[start:] = values
-
-    def write_batch(self, X: sp.csr_matrix, *, input_index: int, input_start: int, obs: pd.DataFrame,
-                    names: np.ndarray, library_size: np.ndarray, n_genes: np.ndarray) -> None:  # fmt: skip
-        """Write rows ``input_start : input_start + X.shape[0]`` of an input, then commit them."""
-        m = self.manifest
-        n0, nnz0, rows = m["n_obs"], m["nnz"], X.shape[0]
-        codes = {key: self._codes(m["labels"][key], obs[key], f"Label {key!r}") for key in m["label_keys"]}
+    def encode(self, *, input_index: int, input_start: int, indptr: np.ndarray, indices: np.ndarray, data: np.ndarray,
+               obs: pd.DataFrame, library_size: np.ndarray, n_genes: np.ndarray) -> Batch:  # fmt: skip
+        """Encode rows ``input_start : input_start + len(obs)`` of an input (CSR already over the panel)."""
+        m, cats = self.manifest, self._categories
+        rows = {
+            "obs/names": np.asarray(obs.index, dtype=str).astype(object),
+            "obs/library_size": np.asarray(library_size, dtype=np.float64),
+            "obs/n_genes": np.asarray(n_genes, dtype=np.int32),
+            "obs/input": np.full(len(obs), input_index, dtype=np.int32),
+        }
+        for key in m["label_keys"]:
+            rows[f"labels/{key}"] = self._codes(cats["labels"][key], obs[key], f"Label {key!r}")
         if m["group_key"] is not None:
-            group_codes = self._codes(m["groups"], obs[m["group_key"]], f"Group {m['group_key']!r}")
-        table = {}
+            rows["groups"] = self._codes(cats["groups"], obs[m["group_key"]], f"Group {m['group_key']!r}")
         for key in m["obs_keys"]:
             column = obs[key]
-            if pd.api.types.is_numeric_dtype(column) and not isinstance(column.dtype, pd.CategoricalDtype):
-                table[key] = column.to_numpy(dtype=np.float64)
+            if key in cats["obs_table"]:
+                rows[f"obs_table/{key}"] = self._codes(cats["obs_table"][key], column, f"obs column {key!r}")
+            elif _is_number(column):
+                rows[f"obs_table/{key}"] = column.to_numpy(dtype=np.float64)
             else:
-                categories = m["obs_table"].setdefault(key, [])
-                if n0 == 0 and self.root[f"obs_table/{key}"].dtype != np.int32:
-                    del self.root[f"obs_table/{key}"]
-                    _row_array(self.root["obs_table"], key, "int32")
-                table[key] = self._codes(categories, column, f"obs column {key!r}")
-        # write beyond the committed rows ...
-        self._append("X/indices", X.indices.astype(np.int32), nnz0)
-        self._append("X/data", X.data.astype(np.float32), nnz0)
-        indptr = self.root["X/indptr"]
-        indptr.resize((n0 + rows + 1,))
-        indptr[n0 + 1 :] = nnz0 + X.indptr[1:].astype(np.int64)
-        self._append("obs/names", np.asarray(names, dtype=str), n0)
-        self._append("obs/library_size", library_size.astype(np.float64), n0)
-        self._append("obs/n_genes", n_genes.astype(np.int32), n0)
-        self._append("obs/input", np.full(rows, input_index, dtype=np.int32), n0)
-        for key, values in codes.items():
-            self._append(f"labels/{key}", values, n0)
-        if m["group_key"] is not None:
-            self._append("groups", group_codes, n0)
-        for key, values in table.items():
-            self._append(f"obs_table/{key}", values, n0)
-        # ... then commit them in one atomic manifest replacement
+                raise ValueError(f"obs column {key!r} holds numbers in the first input but {column.dtype} values "
+                                 "in a later one; give it one type in every input.")  # fmt: skip
+        return Batch(input_index, input_start, np.asarray(indptr, dtype=np.int64), indices, data, rows,
+                     copy.deepcopy(cats))  # fmt: skip
+
+    def commit(self, batch: Batch) -> None:
+        """Write a batch beyond the committed rows, then commit it in one atomic manifest replacement."""
+        m = self.manifest
+        n0, nnz0, rows, nnz = m["n_obs"], m["nnz"], batch.n_obs, int(batch.indptr[-1])
+        self._X["indices"].write(nnz0, np.asarray(batch.indices, dtype=np.int32))
+        self._X["data"].write(nnz0, np.asarray(batch.data, dtype=np.float32))
+        self._X["indptr"].write(n0 + 1, nnz0 + batch.indptr[1:])
+        for name, values in batch.rows.items():
+            self._row_arrays[name].write(n0, values)
+        self._X["indptr"].set_length(n0 + rows + 1)
+        self._X["indices"].set_length(nnz0 + nnz)
+        self._X["data"].set_length(nnz0 + nnz)
+        for array in self._row_arrays.values():
+            array.set_length(n0 + rows)
         m["batches"].append({
-            "input": input_index, "input_start": input_start, "input_stop": input_start + rows,
-            "rows": [n0, n0 + rows], "nnz": [nnz0, nnz0 + int(X.nnz)],
-            "sha256": batch_checksum(X.indptr, X.indices, X.data),
+            "input": batch.input_index, "input_start": batch.input_start, "input_stop": batch.input_start + rows,
+            "rows": [n0, n0 + rows], "nnz": [nnz0, nnz0 + nnz],
+            "crc32": batch_checksum(batch.indptr, batch.indices, batch.data),
         })  # fmt: skip
-        m["n_obs"], m["nnz"] = n0 + rows, nnz0 + int(X.nnz)
+        m.update(batch.categories)
+        m["n_obs"], m["nnz"] = n0 + rows, nnz0 + nnz
         write_manifest(self.path, m)
 
     def finish(self) -> None:
