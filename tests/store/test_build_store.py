@@ -288,3 +288,16 @@ def test_non_canonical_and_integer_inputs_are_stored_canonically(tmp_path):
     np.testing.assert_array_equal(got.toarray(), X.toarray())
     np.testing.assert_array_equal(store.obs()["library_size"], [6, 11])
     np.testing.assert_array_equal(store.obs()["n_genes"], [2, 2])
+
+
+def test_the_default_split_keeps_groups_whole_and_follows_the_seed(inputs, tmp_path):
+    _, data = inputs
+    store = build(data, tmp_path / "a.zarr", random_state=3)
+    info = store.manifest["splits"]["default"]
+    assert (info["test_fraction"], info["val_fraction"], info["group_key"]) == (0.1, 0.1, "donor")
+    parts = store.split_codes("default")
+    donors = store.obs()["donor"].to_numpy()
+    assert all(len(set(parts[donors == d])) == 1 for d in set(donors))  # no donor in two parts
+    again = build(data, tmp_path / "b.zarr", random_state=3)
+    np.testing.assert_array_equal(again.split_codes("default"), parts)
+    assert len(store.loader(32)) > 0  # the loader's default (train part of "default") works right away

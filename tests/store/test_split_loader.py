@@ -144,7 +144,7 @@ def test_append_extends_a_finished_store(tmp_path):
     more = cm.datasets.synthetic(250, 100, random_state=2, progress=False)
     more.obs_names = [f"m{i}" for i in range(250)]
     store = cm.pp.build_store(first, tmp_path / "s.zarr", label_keys=["cell_type"], batch_cells=128, progress=False)
-    store.make_split("default", test_fraction=0.2)
+    assert store.split_codes("default").tolist().count(2) == 40  # made by build_store: 10% test, stratified
     store.append(more)
     assert store.n_obs == 650
     assert store.complete

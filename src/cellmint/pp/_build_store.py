@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -12,6 +13,7 @@ from .._utils._docs import doc_params
 from ..store._format import MANIFEST, read_manifest
 from ..store._ingest import check_inputs, ingest
 from ..store._inputs import Input, gene_panel, open_input
+from ..store._split import DEFAULT_SPLIT
 from ..store._store import Store
 from ..store._writer import StoreWriter, create
 
@@ -54,6 +56,7 @@ def build_store(
     strip_ensembl_versions: bool = False,
     resume: bool = True,
     overwrite: bool = False,
+    random_state: int = 0,
     progress: bool | None = None,
 ) -> Store:
     """Build a crash-safe on-disk store of raw counts, labels and groups from one or many inputs.
@@ -91,6 +94,10 @@ def build_store(
         Continue an interrupted build at ``path`` (the default); ``False`` refuses an existing store.
     overwrite
         Delete whatever is at ``path`` first.
+    random_state
+        Seed of the store's ``"default"`` split, made when the build finishes: 80% train, 10% validation,
+        10% test, groups kept whole and label proportions matched (see :meth:`Store.make_split`). Make
+        other splits, or replace this one, with :meth:`Store.make_split`.
     {doc_progress}
 
     Returns
@@ -128,5 +135,11 @@ def build_store(
     ingest(writer, inputs, first_index=0, progress=progress)
     writer.finish()
     store = Store(path)
+    if DEFAULT_SPLIT not in store.splits:
+        with warnings.catch_warnings(record=True) as caught:  # a split nobody asked for: say it, don't warn
+            warnings.simplefilter("always")
+            store.make_split(DEFAULT_SPLIT, test_fraction=0.1, val_fraction=0.1, random_state=random_state)
+        for warning in caught:
+            logg.warning(f"default split: {warning.message}")
     logg.info(f"    finished: {store!r}", time=start)
     return store

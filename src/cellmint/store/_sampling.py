@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numba
 import numpy as np
+import scipy.sparse as sp
 import torch
 
 from .._utils._threads import background
@@ -205,6 +206,31 @@ class StoreBatches(torch.utils.data.IterableDataset):
         for (rows, batches), fetched in zip(fetches, reads, strict=True):
             for batch in batches:
                 yield self._batch(batch, rows, fetched)
+
+
+@dataclass
+class MemoryBatches(StoreBatches):
+    """The same batches from an in-memory CSR matrix (training from an AnnData): planning shared, reads are slices.
+
+    ``matrix`` (cells × panel genes, CSR), ``library`` (per cell) and ``codes`` (label codes per key)
+    cover every cell; ``rows`` selects the cells streamed.
+    """
+
+    matrix: sp.csr_matrix | None = None
+    library: np.ndarray | None = None
+    codes: dict[str, np.ndarray] | None = None
+
+    def _open(self) -> None:
+        self._arrays = {}
+        self._indptr = self.matrix.indptr.astype(np.int64, copy=False)
+        self._data = self.matrix.data.astype(np.float32, copy=False)
+        self._index = self.matrix.indices.astype(np.int32, copy=False)
+        self._library = np.asarray(self.library, dtype=np.float32)
+        self._labels = {key: np.asarray(self.codes[key], dtype=np.int64) for key in self.label_keys}
+        self._n_vars = int(self.matrix.shape[1])
+
+    def _read(self, rows: np.ndarray):
+        return self._indptr[rows], self._indptr[rows + 1] - self._indptr[rows], self._data, self._index
 
 
 class StoreLoader:

@@ -12,6 +12,8 @@ import numpy as np
 import pandas as pd
 
 SPLIT_NAMES = ("train", "val", "test")
+#: the split ``build_store`` makes and ``Store.loader``/training use unless told otherwise
+DEFAULT_SPLIT = "default"
 TRAIN, VAL, TEST = 0, 1, 2
 
 
@@ -27,6 +29,7 @@ def assign(
     labels: np.ndarray | None,
     groups: np.ndarray | None,
     *,
+    n_obs: int,
     test_fraction: float,
     val_fraction: float,
     random_state: int,
@@ -34,7 +37,7 @@ def assign(
     """Split code (0 train, 1 val, 2 test) of every cell; ``labels``/``groups`` are integer codes or None."""
     _check_fractions(test_fraction, val_fraction)
     rng = np.random.default_rng(random_state)
-    n = len(labels) if labels is not None else len(groups)
+    n = n_obs
     fractions = np.array([1 - test_fraction - val_fraction, val_fraction, test_fraction])
     codes = np.zeros(n, dtype=np.int8)
     if groups is None:

@@ -210,7 +210,7 @@ class Store:
 
     def make_split(
         self,
-        name: str = "default",
+        name: str = _split.DEFAULT_SPLIT,
         *,
         test_fraction: float = 0.1,
         val_fraction: float = 0.0,
@@ -256,7 +256,12 @@ class Store:
         labels = obs[label_key].cat.codes.to_numpy() if (stratify_labels and label_key) else None
         groups = obs[group_key].astype(str).to_numpy() if group_key is not None else None
         codes = _split.assign(
-            labels, groups, test_fraction=test_fraction, val_fraction=val_fraction, random_state=random_state
+            labels,
+            groups,
+            n_obs=self.n_obs,
+            test_fraction=test_fraction,
+            val_fraction=val_fraction,
+            random_state=random_state,
         )
         if groups is not None and (leaks := _split.leakage(groups, codes)):
             raise AssertionError(f"groups in several parts: {leaks[:5]}")  # pragma: no cover - by construction
@@ -298,6 +303,7 @@ class Store:
         start_batch: int = 0,
         block_size: int = 256,
         fetch_blocks: int = 16,
+        rows: np.ndarray | None = None,
     ):
         """Shuffled, optionally label-balanced mini-batches for torch (see :mod:`cellmint.store._sampling`).
 
@@ -335,6 +341,8 @@ class Store:
             Consecutive cells per shuffled block.
         fetch_blocks
             Blocks read and shuffled together.
+        rows
+            Stream these store rows instead of a split's part (``split`` is then ignored).
 
         Returns
         -------
@@ -347,11 +355,15 @@ class Store:
 
         if balance not in BALANCE_EXPONENT:
             raise ValueError(f"balance must be None, 'sqrt' or 'inverse', not {balance!r}.")
-        if split is None:
+        if rows is not None:
+            rows = np.unique(np.asarray(rows, dtype=np.int64))
+            if len(rows) and (rows[0] < 0 or rows[-1] >= self.n_obs):
+                raise IndexError(f"rows must lie in 0..{self.n_obs - 1}.")
+        elif split is None:
             rows = np.arange(self.n_obs)
         else:
             name, _, part = split.rpartition(":")
-            rows = self.split_rows(name or "default", part)
+            rows = self.split_rows(name or _split.DEFAULT_SPLIT, part)
         if len(rows) == 0:
             raise ValueError(f"The {split!r} part of the store has no cells.")
         codes = None
