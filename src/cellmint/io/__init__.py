@@ -1,5 +1,6 @@
 """Reading and writing: chunked access to matrices wherever they live; models and exports (``cm.io``)."""
 
 from .._utils._chunks import RowChunk, iter_row_chunks
+from ._models import read_model, write_model
 
-__all__ = ["RowChunk", "iter_row_chunks"]
+__all__ = ["RowChunk", "iter_row_chunks", "read_model", "write_model"]

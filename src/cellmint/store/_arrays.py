@@ -200,15 +200,16 @@ class ChunkedArray:
         replace_file(self.path / "zarr.json", json.dumps(self._meta, indent=2).encode())
 
 
-def read_spans(requests: list[tuple[ChunkedArray, list[tuple[int, int]], np.ndarray]]) -> None:
+def read_spans(requests: list[tuple[ChunkedArray, list[tuple[int, int]], np.ndarray]], *,
+               parallel: bool = True) -> None:  # fmt: skip
     """Read several arrays at once: for each ``(array, spans, out)``, the spans one after another into ``out``.
 
-    Every chunk needed is decoded once, all of them in parallel.
+    Every chunk needed is decoded once, in parallel threads unless ``parallel=False``.
     """
     tasks = [(array, index, pieces, out) for array, spans, out in requests
              for index, pieces in array._pieces(spans).items()]  # fmt: skip
-    if len(tasks) == 1:
-        array, index, pieces, out = tasks[0]
-        array._fill(index, pieces, out)
+    if len(tasks) == 1 or not parallel:
+        for array, index, pieces, out in tasks:
+            array._fill(index, pieces, out)
     elif tasks:
         list(_pool().map(lambda task: task[0]._fill(*task[1:]), tasks))

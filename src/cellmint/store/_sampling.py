@@ -80,6 +80,7 @@ class StoreBatches(torch.utils.data.IterableDataset):
     block_size: int = 256
     fetch_blocks: int = 16
     start_batch: int = 0
+    prefetch: bool = True
     epoch: int = 0
     _arrays: dict | None = field(default=None, repr=False)
 
@@ -149,7 +150,8 @@ class StoreBatches(torch.utils.data.IterableDataset):
         bounds = [(int(indptr[span[0]]), int(indptr[span[-1] + 1])) for span in spans]
         total = sum(hi - lo for lo, hi in bounds)
         data, indices = np.empty(total, dtype=np.float32), np.empty(total, dtype=np.int32)
-        read_spans([(self._arrays["X/data"], bounds, data), (self._arrays["X/indices"], bounds, indices)])
+        read_spans([(self._arrays["X/data"], bounds, data), (self._arrays["X/indices"], bounds, indices)],
+                   parallel=self.prefetch)  # fmt: skip
         span_offset = np.concatenate([[0], np.cumsum([hi - lo for lo, hi in bounds])[:-1]])
         span_lo = np.array([lo for lo, _ in bounds], dtype=np.int64)
         which = np.repeat(np.arange(len(spans)), [len(span) for span in spans])
@@ -202,7 +204,9 @@ class StoreBatches(torch.utils.data.IterableDataset):
             if skip < len(batches):
                 fetches.append((rows, batches[skip:]))
             skip = max(0, skip - len(batches))
-        reads = background(map(self._read, (rows for rows, _ in fetches)), depth=1, name="cellmint-read")
+        reads = map(self._read, (rows for rows, _ in fetches))
+        if self.prefetch:
+            reads = background(reads, depth=1, name="cellmint-read")
         for (rows, batches), fetched in zip(fetches, reads, strict=True):
             for batch in batches:
                 yield self._batch(batch, rows, fetched)

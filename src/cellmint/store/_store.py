@@ -304,6 +304,7 @@ class Store:
         block_size: int = 256,
         fetch_blocks: int = 16,
         rows: np.ndarray | None = None,
+        prefetch: bool = True,
     ):
         """Shuffled, optionally label-balanced mini-batches for torch (see :mod:`cellmint.store._sampling`).
 
@@ -343,6 +344,10 @@ class Store:
             Blocks read and shuffled together.
         rows
             Stream these store rows instead of a split's part (``split`` is then ignored).
+        prefetch
+            Read the next fetch in background threads while batches are cut from this one. Turn it off
+            when the consumer computes on the same CPU cores (CPU training): torch's own threads then
+            run without competing with the readers.
 
         Returns
         -------
@@ -375,7 +380,7 @@ class Store:
         dataset = StoreBatches(
             self.path, rows, self.label_keys, batch_size=batch_size, shuffle=shuffle, balance_codes=codes,
             balance_exponent=BALANCE_EXPONENT[balance], random_state=random_state, drop_last=drop_last, dense=dense,
-            block_size=block_size, fetch_blocks=fetch_blocks, start_batch=start_batch,
+            block_size=block_size, fetch_blocks=fetch_blocks, start_batch=start_batch, prefetch=prefetch,
         )  # fmt: skip
         cuda = device is not None and str(device).startswith("cuda")
         import torch

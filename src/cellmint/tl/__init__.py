@@ -1,3 +1,5 @@
 """Tools: train and apply annotators and perturbation models (``cm.tl``)."""
 
-__all__: list[str] = []
+from ._train_annotator import train_annotator
+
+__all__ = ["train_annotator"]

@@ -1,0 +1,52 @@
+"""``cm.io.read_model`` / ``cm.io.write_model``: model folders, whatever the kind of model."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from ..models._annotator import KIND as ANNOTATOR
+from ..models._annotator import Annotator
+from ..models._artifact import MANIFEST
+
+_KINDS = {ANNOTATOR: Annotator}
+
+
+def read_model(path: str | Path) -> Any:
+    """Load a model folder written by cellmint (an :class:`~cellmint.Annotator`, …), checking its checksums.
+
+    Parameters
+    ----------
+    path
+        The model folder (holding ``manifest.json``).
+
+    Returns
+    -------
+    The model, of the kind its manifest names.
+    """
+    file = Path(path) / MANIFEST
+    if not file.is_file():
+        raise FileNotFoundError(f"{path} is not a cellmint model folder: {MANIFEST} is missing.")
+    try:
+        kind = json.loads(file.read_text()).get("kind")
+    except json.JSONDecodeError as err:
+        raise ValueError(f"The manifest of the model at {path} is corrupted: {err}") from err
+    if kind not in _KINDS:
+        raise ValueError(f"The model at {path} is of kind {kind!r}, which this cellmint cannot read ({list(_KINDS)}).")
+    return _KINDS[kind].load(path)
+
+
+def write_model(model: Any, path: str | Path) -> Path:
+    """Save a model to a folder (``manifest.json`` with the sha256 of every file, weights); returns the folder.
+
+    Parameters
+    ----------
+    model
+        A trained model, e.g. from :func:`cellmint.tl.train_annotator`.
+    path
+        The folder to write (created if needed).
+    """
+    if not isinstance(model, tuple(_KINDS.values())):
+        raise TypeError(f"write_model saves cellmint models, not {type(model).__name__}.")
+    return model.save(path)

@@ -1,0 +1,192 @@
+"""``cm.Annotator``: a trained multi-level cell-type classifier and everything needed to apply it.
+
+An annotator is its network plus the facts that make its outputs meaningful: the ordered gene
+panel, the label levels and classes, the label tree learned from the training data, the input
+recipe (shared normalisation), per-level temperatures, metrics and the training parameters. It is
+saved as a model folder (``models/_artifact.py``) and summarised in ``adata.uns`` when trained from
+an AnnData.
+"""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+import torch
+
+from ._artifact import read_artifact, write_artifact
+from ._network import AnnotatorNet
+from ._normalize import InputRecipe, normalize
+
+KIND = "cellmint.Annotator"
+#: 1: manifest + weights.pt; encoder/heads/regressors as in ``_network``
+FORMAT_VERSION = 1
+
+
+def learn_hierarchy(codes: dict[str, np.ndarray], classes: dict[str, list[str]]) -> dict[str, dict]:
+    """For each level after the first, the parent (at the level before) of every class and how pure it is.
+
+    ``{fine_level: {"parent_level": coarse_level, "parents": {fine: coarse}, "purity": {fine: fraction}}}``:
+    the parent is the coarse class most of the fine class's cells carry; purity is that fraction
+    (1.0 for a clean tree).
+    """
+    levels = list(classes)
+    tree = {}
+    for coarse, fine in itertools.pairwise(levels):
+        table = pd.crosstab(codes[fine], codes[coarse])
+        parents, purity = {}, {}
+        for fine_code, row in table.iterrows():
+            parents[classes[fine][fine_code]] = classes[coarse][int(row.idxmax())]
+            purity[classes[fine][fine_code]] = float(row.max() / row.sum())
+        tree[fine] = {"parent_level": coarse, "parents": parents, "purity": purity}
+    return tree
+
+
+class Annotator:
+    """A trained annotator (see :func:`cellmint.tl.train_annotator`); apply it with ``cm.tl.annotate``.
+
+    Attributes
+    ----------
+    genes
+        The ordered gene panel of the network's input.
+    classes
+        Classes per label level, in head order.
+    hierarchy
+        Parent of each class at the level before (see :func:`learn_hierarchy`).
+    recipe
+        Input kind and normalisation (:class:`~cellmint.models._normalize.InputRecipe`).
+    temperature
+        Calibration temperature per level (1.0 = uncalibrated).
+    metrics
+        Holdout evaluation recorded at training time.
+    manifest
+        Everything else recorded at training time (parameters, data summary, resources).
+    """
+
+    def __init__(self, net: AnnotatorNet, *, genes: list[str], classes: dict[str, list[str]], hierarchy: dict,
+                 recipe: InputRecipe, temperature: dict[str, float], manifest: dict[str, Any]):  # fmt: skip
+        self.net = net.eval()
+        self.genes = pd.Index(genes)
+        self.classes = {level: list(c) for level, c in classes.items()}
+        self.hierarchy = hierarchy
+        self.recipe = recipe
+        self.temperature = dict(temperature)
+        self.manifest = manifest
+        self.path: Path | None = None
+
+    @property
+    def label_keys(self) -> list[str]:
+        """Label levels, coarse to fine as given at training."""
+        return list(self.classes)
+
+    @property
+    def metrics(self) -> dict:
+        """Holdout metrics per level (accuracy, macro-F1, recall per class, confusion, ECE)."""
+        return self.manifest.get("metrics", {})
+
+    # -- applying --------------------------------------------------------------------------------
+    @torch.no_grad()
+    def forward(self, X: np.ndarray | sp.spmatrix | torch.Tensor, library_size: np.ndarray | None = None, *,
+                device: Any = "cpu") -> tuple[np.ndarray, dict[str, np.ndarray]]:  # fmt: skip
+        """Latent and calibrated class probabilities per level for raw values over :attr:`genes`.
+
+        ``library_size`` is each cell's total over all of its genes (default: the row sums of ``X``,
+        right only when ``X`` holds every gene). Returns ``(latent, {level: probabilities})``.
+        """
+        if sp.issparse(X):
+            X = X.toarray()
+        X = torch.as_tensor(np.asarray(X, dtype=np.float32) if not isinstance(X, torch.Tensor) else X)
+        if X.shape[1] != len(self.genes):
+            raise ValueError(f"Expected values over the model's {len(self.genes)} genes, got {X.shape[1]} columns.")
+        library = X.sum(dim=1) if library_size is None else torch.as_tensor(np.asarray(library_size, np.float32))
+        net = self.net.to(device)
+        latent, logits, _ = net(normalize(X.to(device), library.to(device), self.recipe))
+        probabilities = {
+            level: torch.softmax(logits[level] / self.temperature.get(level, 1.0), dim=1).cpu().numpy()
+            for level in self.classes
+        }
+        return latent.cpu().numpy(), probabilities
+
+    def predict(self, X, library_size: np.ndarray | None = None) -> pd.DataFrame:
+        """Most probable class per level (columns) for raw values over :attr:`genes` (rows: cells)."""
+        _, probabilities = self.forward(X, library_size)
+        return pd.DataFrame({
+            level: pd.Categorical.from_codes(p.argmax(axis=1), categories=self.classes[level])
+            for level, p in probabilities.items()
+        })  # fmt: skip
+
+    # -- persistence -----------------------------------------------------------------------------
+    def _manifest(self) -> dict:
+        return {
+            **self.manifest,
+            "genes": list(map(str, self.genes)),
+            "classes": self.classes,
+            "hierarchy": self.hierarchy,
+            "recipe": self.recipe.to_dict(),
+            "temperature": self.temperature,
+        }
+
+    def save(self, path: str | Path) -> Path:
+        """Write the model folder (``manifest.json`` with checksums, ``weights.pt``); returns its path."""
+        self.manifest = write_artifact(path, self._manifest(), self.net.state_dict(), kind=KIND,
+                                       format_version=FORMAT_VERSION)  # fmt: skip
+        self.path = Path(path)
+        return self.path
+
+    @classmethod
+    def load(cls, path: str | Path) -> Annotator:
+        """Read a model folder, refusing damaged, modified or newer-format folders."""
+        manifest, state = read_artifact(path, kind=KIND, format_version=FORMAT_VERSION)
+        arch = manifest["architecture"]
+        net = AnnotatorNet(len(manifest["genes"]), {level: len(c) for level, c in manifest["classes"].items()},
+                           hidden=tuple(arch["hidden"]), dropout=arch["dropout"],
+                           embeddings=arch.get("embeddings") or None)  # fmt: skip
+        try:
+            net.load_state_dict(state)
+        except RuntimeError as err:
+            raise ValueError(f"The weights in {path} do not fit the architecture in its manifest: {err}") from err
+        model = cls(net, genes=manifest["genes"], classes=manifest["classes"], hierarchy=manifest["hierarchy"],
+                    recipe=InputRecipe(**manifest["recipe"]), temperature=manifest["temperature"],
+                    manifest=manifest)  # fmt: skip
+        model.path = Path(path)
+        return model
+
+    def uns_summary(self) -> dict:
+        """h5ad-writable metadata for ``adata.uns[key_added]`` (the weights stay in the model folder)."""
+        m = self._manifest()
+        return {
+            "model_dir": str(self.path) if self.path is not None else "",
+            "cellmint_version": m.get("cellmint_version", ""),
+            "label_keys": self.label_keys,
+            "classes": {level: np.asarray(c, dtype=object) for level, c in self.classes.items()},
+            "genes": np.asarray(self.genes, dtype=object),
+            "recipe": self.recipe.to_dict(),
+            "temperature": self.temperature,
+            "params": _h5ad_safe(m.get("params", {})),
+            "metrics": _h5ad_safe(
+                {level: {k: v for k, v in r.items() if k != "confusion"} for level, r in m.get("metrics", {}).items()}
+            ),
+            "files": m.get("files", {}),
+        }
+
+    def __repr__(self) -> str:
+        levels = ", ".join(f"{level} ({len(c)} classes)" for level, c in self.classes.items())
+        return f"Annotator({len(self.genes):,} genes → {levels}; input {self.recipe.kind}/{self.recipe.transform})"
+
+
+def _h5ad_safe(value: Any) -> Any:
+    """Nested dicts of numbers/strings/lists as h5ad can write them (None → "", lists → arrays)."""
+    if isinstance(value, dict):
+        return {str(k): _h5ad_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        items = [_h5ad_safe(v) for v in value]
+        if all(isinstance(v, str) for v in items):
+            return np.asarray(items, dtype=object)
+        if all(isinstance(v, int | float | bool | np.number) for v in items):
+            return np.asarray(items)
+        return {str(i): v for i, v in enumerate(items)}
+    return "" if value is None else value

@@ -1,0 +1,58 @@
+"""Classification metrics and calibration: accuracy, macro-F1, recall, confusion, ECE, temperature.
+
+Macro-F1 averages the F1 of the classes present in the truth or the predictions (scikit-learn's
+``f1_score(average="macro")`` over those labels). ECE uses equal-width confidence bins.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import torch
+
+
+def classification_report(truth: np.ndarray, predicted: np.ndarray, classes: list[str]) -> dict:
+    """Accuracy, macro-F1, per-class recall and the confusion matrix (h5ad/JSON-friendly values)."""
+    n = len(classes)
+    confusion = np.bincount(truth * n + predicted, minlength=n * n).reshape(n, n)
+    true_count, predicted_count, hits = confusion.sum(axis=1), confusion.sum(axis=0), np.diag(confusion)
+    present = (true_count + predicted_count) > 0
+    with np.errstate(divide="ignore", invalid="ignore"):
+        precision = np.where(predicted_count > 0, hits / predicted_count, 0.0)
+        recall = np.where(true_count > 0, hits / true_count, 0.0)
+        f1 = np.where(precision + recall > 0, 2 * precision * recall / (precision + recall), 0.0)
+    return {
+        "n_cells": len(truth),
+        "accuracy": float(hits.sum() / max(1, len(truth))),
+        "macro_f1": float(f1[present].mean()) if present.any() else 0.0,
+        "recall": {classes[c]: float(recall[c]) for c in range(n) if true_count[c] > 0},
+        "confusion": confusion.tolist(),
+    }
+
+
+def expected_calibration_error(confidence: np.ndarray, correct: np.ndarray, n_bins: int = 15) -> float:
+    """ECE: the cell-weighted mean gap between confidence and accuracy over equal-width bins."""
+    if len(confidence) == 0:
+        return 0.0
+    bins = np.minimum((confidence * n_bins).astype(int), n_bins - 1)
+    table = pd.DataFrame({"bin": bins, "confidence": confidence, "correct": correct.astype(float)})
+    per_bin = table.groupby("bin").agg(n=("correct", "size"), accuracy=("correct", "mean"), conf=("confidence", "mean"))
+    return float((per_bin["n"] * (per_bin["accuracy"] - per_bin["conf"]).abs()).sum() / len(confidence))
+
+
+def fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    """The temperature T > 0 minimising the NLL of ``softmax(logits / T)`` (optimised on log T with LBFGS)."""
+    if len(labels) == 0:
+        return 1.0
+    log_t = torch.zeros(1, requires_grad=True)
+    optimizer = torch.optim.LBFGS([log_t], lr=0.1, max_iter=200, line_search_fn="strong_wolfe")
+    logits = logits.detach().double()
+
+    def closure():
+        optimizer.zero_grad()
+        loss = torch.nn.functional.cross_entropy(logits / log_t.double().exp(), labels)
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    return float(np.clip(log_t.exp().item(), 0.05, 20.0))

@@ -1,0 +1,303 @@
+"""``cm.tl.train_annotator``: one torch model for several label levels, trained from a store or an AnnData."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .._utils import _logging as logg
+from .._utils._device import resolve_device
+from .._utils._docs import doc_params
+from .._utils._progress import progress_bar
+from .._utils._resources import ResourceMonitor
+from ..models._annotator import Annotator, learn_hierarchy
+from ..models._augment import Augmentation, augment_batch
+from ..models._metrics import classification_report, expected_calibration_error, fit_temperature
+from ..models._network import AnnotatorNet
+from ..models._normalize import InputRecipe, normalize
+from ..store._sampling import BALANCE_EXPONENT
+from ..store._store import Store
+from ._train_data import TrainingData, from_anndata, from_store
+
+
+def _validation_rows(data: TrainingData, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, str]:
+    """Train and validation rows; without validation cells, 10% of the training cells of each class."""
+    train, val = np.flatnonzero(data.parts == 0), np.flatnonzero(data.parts == 1)
+    if len(train) == 0:
+        raise ValueError("The split has no training cells.")
+    if len(val):
+        return train, val, "split"
+    finest = data.codes[list(data.codes)[-1]][train]
+    picked = [rng.permutation(train[finest == c])[: round(0.1 * (finest == c).sum())] for c in np.unique(finest)]
+    val = np.sort(np.concatenate(picked))
+    return np.setdiff1d(train, val), val, "10% of the training cells (the split has no validation part)"
+
+
+@torch.no_grad()
+def _logits(net, loader, recipe, device) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], np.ndarray]:
+    """Logits and labels per level over a loader, in its order (eval mode)."""
+    net.eval()
+    logits, labels, index = {}, {}, []
+    for batch in loader:
+        x = normalize(batch["X"].to(device), batch["library_size"].to(device), recipe)
+        _, out, _ = net(x)
+        for level, values in out.items():
+            logits.setdefault(level, []).append(values.float().cpu())
+            labels.setdefault(level, []).append(batch["labels"][level])
+        index.append(batch["index"].numpy())
+    return ({k: torch.cat(v) for k, v in logits.items()}, {k: torch.cat(v) for k, v in labels.items()},
+            np.concatenate(index) if index else np.zeros(0, dtype=np.int64))  # fmt: skip
+
+
+def _macro_f1(logits: dict, labels: dict, classes: dict) -> float:
+    scores = [classification_report(labels[k].numpy(), logits[k].argmax(1).numpy(), classes[k])["macro_f1"]
+              for k in classes]  # fmt: skip
+    return float(np.mean(scores))
+
+
+def _report(logits: dict, labels: dict, classes: dict, temperature: dict) -> dict:
+    out = {}
+    for level in classes:
+        truth = labels[level].numpy()
+        raw = torch.softmax(logits[level], 1).numpy()
+        calibrated = torch.softmax(logits[level] / temperature[level], 1).numpy()
+        report = classification_report(truth, calibrated.argmax(1), classes[level])
+        report["ece"] = expected_calibration_error(calibrated.max(1), calibrated.argmax(1) == truth)
+        report["ece_uncalibrated"] = expected_calibration_error(raw.max(1), raw.argmax(1) == truth)
+        out[level] = report
+    return out
+
+
+@doc_params()
+def train_annotator(
+    data: Store | Any,
+    label_keys: str | Sequence[str],
+    *,
+    split: str = "default",
+    model_dir: str | Path | None = None,
+    layer: str | None = None,
+    genes: Sequence[str] | str | None = None,
+    group_key: str | None = None,
+    input: str = "auto",
+    input_transform: str = "log1p",
+    hidden: Sequence[int] = (512, 256),
+    dropout: float = 0.2,
+    augment: bool | dict | Augmentation = True,
+    balance: str | None = "sqrt",
+    class_weight: bool = False,
+    max_epochs: int = 30,
+    early_stopping: int | None = 5,
+    lr: float = 1e-3,
+    weight_decay: float = 1e-4,
+    batch_size: int = 256,
+    device: str = "auto",
+    num_workers: int = 0,
+    random_state: int = 0,
+    key_added: str = "cellmint",
+    progress: bool | None = None,
+) -> Annotator:
+    """Train a multi-level cell-type annotator: a shared encoder and one classifier head per label level.
+
+    Parameters
+    ----------
+    data
+        A :class:`cellmint.Store` (streamed from disk) or an AnnData (in memory or backed; its gene
+        panel is held in memory as a sparse matrix, never densified whole).
+    label_keys
+        Label levels, coarse to fine (e.g. ``["cell_class", "cell_type"]``). One model predicts all;
+        which fine classes occur under which coarse class is learned from the data.
+    split
+        Store: name of a split of the store (``"default"`` is made by ``build_store``). AnnData: an
+        ``obs`` column with values train / val / test; when there is none, cells are split 80/10/10
+        (by ``group_key`` when given) and the split is written to ``obs[f"{{key_added}}_split"]``.
+        Without validation cells, 10% of the training cells of each class are set aside for early
+        stopping and calibration. The test part is only evaluated.
+    model_dir
+        Folder to save the model to (``manifest.json`` + ``weights.pt``); ``None`` keeps it in memory
+        (save it later with :meth:`Annotator.save`).
+    {doc_layer} AnnData only.
+    genes
+        AnnData only: the gene panel — ``None`` (all genes), a list, or a boolean ``var`` column
+        (e.g. ``"highly_variable"``). A store's panel is the store's.
+    group_key
+        AnnData only: ``obs`` column kept whole when cells are split (e.g. donor).
+    input
+        ``"counts"``, ``"lognorm"`` (log1p-normalised values) or ``"auto"`` (detected; values that fit
+        neither are an error). Stores hold counts.
+    input_transform
+        ``"log1p"``: counts become ``log1p(1e4 · x / library_size)``, the library size over all genes
+        of the cell; log-normalised input is used as it is. ``"binary"``: detected or not.
+    hidden
+        Sizes of the encoder's hidden layers; the last is the latent used by annotation.
+    dropout
+        Dropout after each hidden layer.
+    augment
+        Count-space augmentation (:mod:`cellmint.models._augment`): ``True`` for the defaults,
+        ``False`` for none, or a dict overriding ``thinning``, ``gene_dropout``, ``masking``, ``poisson``.
+    balance
+        Label balancing by sampling weights ``n_c^-0.5`` (``"sqrt"``) or ``n_c^-1`` (``"inverse"``) of
+        the finest level's classes; ``None`` samples cells uniformly. No cell is discarded.
+    class_weight
+        Also weight each class's loss by ``n_c^-0.5`` (normalised to mean 1).
+    max_epochs
+        Passes over the training cells.
+    early_stopping
+        Stop after this many epochs without a better validation macro-F1 (mean over levels) and keep
+        the best weights; ``None`` trains all epochs.
+    lr
+        AdamW learning rate.
+    weight_decay
+        AdamW weight decay.
+    batch_size
+        Cells per mini-batch.
+    {doc_device}
+    num_workers
+        torch DataLoader workers reading batches.
+    {doc_random_state}
+    key_added
+        AnnData: key of ``uns`` for the model's metadata.
+    {doc_progress}
+
+    Returns
+    -------
+    The :class:`~cellmint.Annotator`, with ``metrics`` (per level on the test cells, or on the
+    validation cells when there are no test cells: accuracy, macro-F1, per-class recall, confusion,
+    ECE before and after temperature scaling) and a resource report in ``manifest["resources"]``.
+    When ``data`` is an AnnData, also writes ``adata.uns[key_added]`` (model folder path, label keys,
+    classes, gene panel, input recipe, temperatures, parameters, metrics, file checksums; all
+    h5ad-writable) and, when the split was made here, ``adata.obs[f"{{key_added}}_split"]``.
+    """
+    label_keys = [label_keys] if isinstance(label_keys, str) else list(label_keys)
+    if not label_keys:
+        raise ValueError("label_keys is empty: give at least one obs/label column.")
+    if balance not in BALANCE_EXPONENT:
+        raise ValueError(f"balance must be None, 'sqrt' or 'inverse', not {balance!r}.")
+    if input not in ("auto", "counts", "lognorm"):
+        raise ValueError(f"input must be 'auto', 'counts' or 'lognorm', not {input!r}.")
+    torch_device = resolve_device(device)
+    settings = Augmentation.from_arg(augment)
+    start = logg.info(f"training an annotator for {label_keys} on {torch_device}")
+    if isinstance(data, Store):
+        if input == "lognorm":
+            raise ValueError("A store holds raw counts: input='lognorm' does not apply.")
+        source = from_store(data, label_keys, split)
+    else:
+        source = from_anndata(data, label_keys, split=split, layer=layer, genes=genes, group_key=group_key,
+                              input_kind=input, random_state=random_state)  # fmt: skip
+        if source.summary["split"].startswith("random"):
+            import pandas as pd
+
+            data.obs[f"{key_added}_split"] = pd.Categorical.from_codes(source.parts, ["train", "val", "test"])
+    recipe = InputRecipe(kind=source.kind, transform=input_transform)
+    rng = np.random.default_rng(random_state)
+    train_rows, val_rows, val_source = _validation_rows(source, rng)
+    test_rows = np.flatnonzero(source.parts == 2)
+    for level, classes in source.classes.items():
+        absent = sorted(set(range(len(classes))) - set(np.unique(source.codes[level][train_rows])))
+        if absent:
+            logg.warning(f"{level}: {len(absent)} classes have no training cells ({[classes[c] for c in absent[:5]]}).")
+
+    params = {
+        "label_keys": label_keys, "split": split, "input": recipe.kind, "input_transform": input_transform,
+        "hidden": list(hidden), "dropout": dropout, "augment": settings.to_dict(), "balance": balance,
+        "class_weight": class_weight, "max_epochs": max_epochs, "early_stopping": early_stopping, "lr": lr,
+        "weight_decay": weight_decay, "batch_size": batch_size, "random_state": random_state,
+        "device": str(torch_device), "validation": val_source,
+    }  # fmt: skip
+    with torch.random.fork_rng(devices=[]), ResourceMonitor(device=torch_device) as monitor:
+        torch.manual_seed(random_state)  # inside fork_rng: weights and dropout follow the seed, global state untouched
+        generator = torch.Generator().manual_seed(random_state)
+        n_classes = {level: len(c) for level, c in source.classes.items()}
+        net = AnnotatorNet(len(source.genes), n_classes, hidden=tuple(hidden), dropout=dropout).to(torch_device)
+        weights = {}
+        for level in label_keys:
+            counts = np.bincount(source.codes[level][train_rows], minlength=n_classes[level]).astype(np.float64)
+            w = np.where(counts > 0, np.maximum(counts, 1) ** -0.5, 0.0) if class_weight else np.ones(len(counts))
+            weights[level] = torch.tensor(w / w[counts > 0].mean(), dtype=torch.float32, device=torch_device)
+        optimizer = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=weight_decay, foreach=True)
+        # on the CPU, reading threads would compete with torch's for the same cores (measured: 5x slower)
+        prefetch = torch_device.type != "cpu"
+        train_loader = source.loader(train_rows, batch_size=batch_size, shuffle=True, balance=balance,
+                                     random_state=random_state, num_workers=num_workers, prefetch=prefetch)  # fmt: skip
+        val_loader = source.loader(val_rows, batch_size=1024, shuffle=False, balance=None, random_state=0,
+                                   prefetch=prefetch)  # fmt: skip
+        best, best_state, stale, history = -np.inf, None, 0, []
+        with progress_bar(total=max_epochs, desc="training", unit="epoch", progress=progress) as bar:
+            for epoch in range(max_epochs):
+                net.train()
+                train_loader.set_epoch(epoch)
+                total, n_batches = 0.0, 0
+                for batch in train_loader:
+                    X, library = augment_batch(batch["X"], batch["library_size"], settings,
+                                               counts=recipe.kind == "counts", generator=generator)  # fmt: skip
+                    x = normalize(X.to(torch_device), library.to(torch_device), recipe)
+                    _, logits, _ = net(x)
+                    loss = sum(torch.nn.functional.cross_entropy(logits[k], batch["labels"][k].to(torch_device),
+                                                                 weight=weights[k]) for k in label_keys)  # fmt: skip
+                    loss = loss / len(label_keys)
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    optimizer.step()
+                    total, n_batches = total + loss.item(), n_batches + 1
+                    monitor.add_cells(len(X))
+                val_logits, val_labels, _ = _logits(net, val_loader, recipe, torch_device)
+                score = _macro_f1(val_logits, val_labels, source.classes)
+                history.append({"epoch": epoch, "loss": total / max(1, n_batches), "val_macro_f1": score})
+                bar.set_postfix(loss=f"{total / max(1, n_batches):.3f}", val_f1=f"{score:.3f}")
+                bar.update(1)
+                logg.debug(f"    epoch {epoch}: loss {total / max(1, n_batches):.4f}, validation macro-F1 {score:.4f}")
+                if score > best:
+                    best, best_state, stale = score, copy.deepcopy(net.state_dict()), 0
+                else:
+                    stale += 1
+                    if early_stopping and stale >= early_stopping:
+                        break
+        net.load_state_dict(best_state)
+        val_logits, val_labels, _ = _logits(net, val_loader, recipe, torch_device)
+        temperature = {level: fit_temperature(val_logits[level], val_labels[level]) for level in label_keys}
+        metrics = {"validation": _report(val_logits, val_labels, source.classes, temperature)}
+        if len(test_rows):
+            test_loader = source.loader(test_rows, batch_size=1024, shuffle=False, balance=None, random_state=0,
+                                        prefetch=prefetch)  # fmt: skip
+            test_logits, test_labels, _ = _logits(net, test_loader, recipe, torch_device)
+            metrics["test"] = _report(test_logits, test_labels, source.classes, temperature)
+    report = monitor.report
+    evaluated = metrics.get("test", metrics["validation"])
+    manifest = {
+        "params": params,
+        "architecture": {"hidden": list(hidden), "dropout": dropout, "embeddings": {}},
+        "augmentation": settings.to_dict(),
+        "data": {
+            **source.summary,
+            "n_train": len(train_rows),
+            "n_val": len(val_rows),
+            "n_test": len(test_rows),
+            "train_classes": {
+                level: np.bincount(source.codes[level][train_rows], minlength=len(c)).tolist()
+                for level, c in source.classes.items()
+            },
+        },
+        "metrics": {
+            level: {**r, "evaluated_on": "test" if "test" in metrics else "validation"}
+            for level, r in evaluated.items()
+        },
+        "validation_metrics": metrics["validation"],
+        "history": history,
+        "best_epoch": int(np.argmax([h["val_macro_f1"] for h in history])),
+        "resources": {**report.to_dict(), "epochs": len(history)},
+    }
+    hierarchy = learn_hierarchy({k: v[train_rows] for k, v in source.codes.items()}, source.classes)
+    model = Annotator(net.cpu(), genes=list(source.genes), classes=source.classes, hierarchy=hierarchy,
+                      recipe=recipe, temperature=temperature, manifest=manifest)  # fmt: skip
+    if model_dir is not None:
+        model.save(model_dir)
+    if not isinstance(data, Store):
+        data.uns[key_added] = model.uns_summary()
+    summary = ", ".join(f"{k} macro-F1 {r['macro_f1']:.3f}" for k, r in model.metrics.items())
+    logg.info(f"    finished: {summary}; {report}", time=start)
+    return model

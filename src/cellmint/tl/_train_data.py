@@ -1,0 +1,142 @@
+"""What ``train_annotator`` trains on: a store (streamed) or an AnnData (sparse in memory), one interface.
+
+Both give the gene panel, the classes and codes of every label level, each cell's split part and
+the input kind, and make torch loaders over any set of rows with the same block shuffling and
+label balancing (``store._sampling``). An AnnData's panel is held as CSR — never densified whole;
+data larger than memory goes through a store.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+
+from .._utils._chunks import iter_row_chunks
+from ..models._normalize import detect_kind
+from ..store import _split
+from ..store._sampling import BALANCE_EXPONENT, MemoryBatches, StoreLoader
+from ..store._store import Store
+
+#: split values accepted in an AnnData's split column
+_PART_CODES = {"train": 0, "val": 1, "validation": 1, "test": 2}
+
+
+@dataclass
+class TrainingData:
+    """Cells to train on; ``loader(rows, ...)`` streams any of them."""
+
+    genes: pd.Index
+    classes: dict[str, list[str]]
+    codes: dict[str, np.ndarray]  # per level, every cell
+    parts: np.ndarray  # 0 train, 1 val, 2 test, -1 unused
+    kind: str
+    summary: dict
+    _make_loader: Any = field(repr=False)
+
+    def loader(self, rows: np.ndarray, *, batch_size: int, shuffle: bool, balance: str | None, random_state: int,
+               num_workers: int = 0, prefetch: bool = True) -> StoreLoader:  # fmt: skip
+        return self._make_loader(np.asarray(rows, dtype=np.int64), batch_size=batch_size, shuffle=shuffle,
+                                 balance=balance, random_state=random_state, num_workers=num_workers,
+                                 prefetch=prefetch)  # fmt: skip
+
+
+def from_store(store: Store, label_keys: list[str], split: str) -> TrainingData:
+    missing = [key for key in label_keys if key not in store.label_keys]
+    if missing:
+        raise KeyError(f"The store has no labels {missing}; its label keys: {store.label_keys}.")
+    labels = store.labels
+    classes = {key: list(map(str, labels[key].categories)) for key in label_keys}
+    codes = {key: np.asarray(labels[key].codes, dtype=np.int64) for key in label_keys}
+    finest = label_keys[-1]
+
+    def make_loader(rows, *, batch_size, shuffle, balance, random_state, num_workers, prefetch):
+        return store.loader(batch_size, rows=rows, shuffle=shuffle, balance=balance, label_key=finest,
+                            random_state=random_state, num_workers=num_workers, prefetch=prefetch)  # fmt: skip
+
+    summary = {"source": "store", "path": str(store.path), "split": split, "n_obs": store.n_obs}
+    return TrainingData(store.var_names, classes, codes, store.split_codes(split), "counts", summary, make_loader)
+
+
+def _panel(adata, genes: Any) -> pd.Index:
+    names = pd.Index(adata.var_names.astype(str))
+    if not names.is_unique:
+        raise ValueError("adata.var_names has duplicates; make them unique first (adata.var_names_make_unique()).")
+    if genes is None:
+        return names
+    if isinstance(genes, str):
+        if genes not in adata.var.columns or adata.var[genes].dtype != bool:
+            raise KeyError(f"genes={genes!r} is not a boolean column of adata.var.")
+        return names[adata.var[genes].to_numpy()]
+    panel = pd.Index([str(g) for g in genes])
+    if (absent := panel[~panel.isin(names)]).size:
+        raise KeyError(f"{absent.size} genes of the `genes` list are not in adata.var_names, e.g. {list(absent[:3])}.")
+    return panel
+
+
+def _label_codes(adata, key: str) -> tuple[np.ndarray, list[str]]:
+    if key not in adata.obs.columns:
+        raise KeyError(f"adata.obs has no label column {key!r}; columns: {list(adata.obs.columns)}.")
+    values = adata.obs[key]
+    if values.isna().any():
+        raise ValueError(f"Label {key!r} is empty (NaN) for {int(values.isna().sum())} cells; fill it or drop those "
+                         "cells before training.")  # fmt: skip
+    categorical = pd.Categorical(values.astype(str))
+    return np.asarray(categorical.codes, dtype=np.int64), list(categorical.categories)
+
+
+def _parts(adata, split: str, codes: np.ndarray, group_key: str | None, random_state: int) -> tuple[np.ndarray, str]:
+    if split in adata.obs.columns:
+        values = adata.obs[split].astype(str).str.lower()
+        unknown = sorted(set(values) - set(_PART_CODES))
+        if unknown:
+            raise ValueError(f"Split column {split!r} holds {unknown}; expected train / val / test.")
+        return values.map(_PART_CODES).to_numpy(dtype=np.int8), f"obs[{split!r}]"
+    groups = None
+    if group_key is not None:
+        if group_key not in adata.obs.columns:
+            raise KeyError(f"adata.obs has no group column {group_key!r}.")
+        groups = adata.obs[group_key].astype(str).to_numpy()
+    parts = _split.assign(codes, groups, n_obs=adata.n_obs, test_fraction=0.1, val_fraction=0.1,
+                          random_state=random_state)  # fmt: skip
+    return parts, f"random 80/10/10{'' if group_key is None else f' by {group_key}'} (seed {random_state})"
+
+
+def from_anndata(adata, label_keys: list[str], *, split: str, layer: str | None, genes: Any, group_key: str | None,
+                 input_kind: str, random_state: int) -> TrainingData:  # fmt: skip
+    panel = _panel(adata, genes)
+    columns = pd.Index(adata.var_names.astype(str)).get_indexer(panel)
+    labels = {key: _label_codes(adata, key) for key in label_keys}
+    blocks, library = [], []
+    for chunk in iter_row_chunks(adata, layer=layer, fmt="csr"):
+        X = chunk.X
+        library.append(np.asarray(X.sum(axis=1), dtype=np.float64).ravel())
+        blocks.append(X[:, columns].astype(np.float32))
+    matrix = sp.csr_matrix(sp.vstack(blocks, format="csr"))
+    matrix.sort_indices()
+    library = np.concatenate(library) if library else np.zeros(0)
+    where = "adata.X" if layer is None else f"adata.layers[{layer!r}]"
+    kind = detect_kind(matrix.data[:1_000_000], where=where) if input_kind == "auto" else input_kind
+    if kind == "counts" and matrix.nnz and (matrix.data < 0).any():
+        raise ValueError(f"{where} has negative values; raw counts cannot be negative.")
+    codes = {key: c for key, (c, _) in labels.items()}
+    parts, how = _parts(adata, split, codes[label_keys[-1]], group_key, random_state)
+    finest = label_keys[-1]
+
+    def make_loader(rows, *, batch_size, shuffle, balance, random_state, num_workers, prefetch):
+        import torch
+
+        dataset = MemoryBatches(
+            None, rows, list(label_keys), batch_size=batch_size, shuffle=shuffle, random_state=random_state,
+            balance_codes=codes[finest][rows] if balance else None, balance_exponent=BALANCE_EXPONENT[balance],
+            matrix=matrix, library=library, codes=codes, prefetch=prefetch,
+        )  # fmt: skip
+        loader = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=num_workers)
+        return StoreLoader(loader, None)
+
+    summary = {"source": "anndata", "split": how, "n_obs": int(adata.n_obs), "layer": layer or ""}
+    classes = {key: c for key, (_, c) in labels.items()}
+    return TrainingData(panel, classes, codes, parts, kind, summary, make_loader)

@@ -1,0 +1,135 @@
+"""cm.tl.train_annotator: learns real cell types, across technologies; safe, reproducible artifacts."""
+
+from __future__ import annotations
+
+import json
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+import cellmint as cm
+
+SMALL = {"hidden": (64,), "max_epochs": 8, "batch_size": 64, "progress": False}
+
+
+@pytest.fixture(scope="module")
+def cellbench_model(tmp_path_factory):
+    """Trained on CEL-seq2, tested on Drop-seq: the same cell lines measured by another technology."""
+    adata = cm.datasets.cellbench()
+    adata.obs["part"] = np.where(adata.obs["technology"] == "CEL-seq2", "train", "test")
+    folder = tmp_path_factory.mktemp("models") / "cellbench"
+    model = cm.tl.train_annotator(adata, "cell_line", split="part", model_dir=folder, **SMALL)
+    return adata, model, folder
+
+
+def test_learns_cell_lines_across_technologies(cellbench_model):
+    adata, model, _ = cellbench_model
+    report = model.metrics["cell_line"]
+    assert report["evaluated_on"] == "test"
+    assert report["n_cells"] == (adata.obs["technology"] == "Drop-seq").sum()
+    assert report["accuracy"] > 0.9
+    assert report["macro_f1"] > 0.9
+    assert model.manifest["params"]["validation"].startswith("10% of the training cells")
+    assert model.manifest["data"]["n_test"] == 210
+    dropseq = adata[adata.obs["technology"] == "Drop-seq"]
+    predicted = model.predict(dropseq[:, model.genes].X, library_size=np.asarray(dropseq.X.sum(1)).ravel())
+    agreement = predicted["cell_line"].astype(str).to_numpy() == dropseq.obs["cell_line"].astype(str).to_numpy()
+    assert agreement.mean() == pytest.approx(report["accuracy"])
+
+
+def test_save_load_gives_identical_predictions_and_refuses_tampering(cellbench_model, tmp_path):
+    adata, model, folder = cellbench_model
+    X = adata[:40, model.genes].X
+    library = np.asarray(adata[:40].X.sum(1)).ravel()
+    loaded = cm.io.read_model(folder)
+    assert isinstance(loaded, cm.Annotator)
+    for level, probabilities in model.forward(X, library)[1].items():
+        np.testing.assert_array_equal(loaded.forward(X, library)[1][level], probabilities)
+    copy = cm.io.write_model(loaded, tmp_path / "copy")
+    weights = (copy / "weights.pt").read_bytes()
+    (copy / "weights.pt").write_bytes(weights[:-20] + bytes([weights[-20] ^ 1]) + weights[-19:])  # one bit
+    with pytest.raises(ValueError, match="does not match the checksum"):
+        cm.io.read_model(copy)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest["format_version"] = 99
+    (tmp_path / "newer").mkdir()
+    (tmp_path / "newer" / "weights.pt").write_bytes((folder / "weights.pt").read_bytes())
+    (tmp_path / "newer" / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match="format version 99.*Upgrade cellmint"):
+        cm.Annotator.load(tmp_path / "newer")
+    with pytest.raises(FileNotFoundError, match="not a cellmint model folder"):
+        cm.io.read_model(tmp_path)
+
+
+def test_uns_metadata_round_trips_through_h5ad(cellbench_model, tmp_path):
+    adata, model, folder = cellbench_model
+    meta = adata.uns["cellmint"]
+    assert meta["model_dir"] == str(folder)
+    adata.write_h5ad(tmp_path / "a.h5ad")
+    back = ad.read_h5ad(tmp_path / "a.h5ad").uns["cellmint"]
+    assert back["model_dir"] == str(folder)
+    assert list(back["classes"]["cell_line"]) == model.classes["cell_line"]
+    assert list(back["genes"]) == list(model.genes)
+    assert back["metrics"]["cell_line"]["macro_f1"] == pytest.approx(model.metrics["cell_line"]["macro_f1"])
+    assert back["files"]["weights.pt"] == json.loads((folder / "manifest.json").read_text())["files"]["weights.pt"]
+
+
+def test_same_seed_same_weights_and_global_rng_untouched():
+    adata = cm.datasets.cellbench()[::3].copy()
+    state = torch.random.get_rng_state()
+    first = cm.tl.train_annotator(adata, "cell_line", random_state=7, **{**SMALL, "max_epochs": 2})
+    assert torch.equal(torch.random.get_rng_state(), state)
+    second = cm.tl.train_annotator(adata, "cell_line", random_state=7, **{**SMALL, "max_epochs": 2})
+    third = cm.tl.train_annotator(adata, "cell_line", random_state=8, **{**SMALL, "max_epochs": 2})
+    for name, tensor in first.net.state_dict().items():
+        assert torch.equal(tensor, second.net.state_dict()[name]), name
+    assert any(not torch.equal(t, third.net.state_dict()[n]) for n, t in first.net.state_dict().items())
+    assert (adata.obs["cellmint_split"].astype(str) != "").all()  # the split made here is recorded
+
+
+def test_hierarchy_of_two_label_levels(shared_data):
+    adata = cm.datasets.zeisel_brain(data_dir=shared_data)
+    model = cm.tl.train_annotator(adata, ["level1_class", "level2_class"], **{**SMALL, "max_epochs": 3})
+    assert model.recipe.kind == "lognorm"  # Zeisel's values are log-normalised: detected
+    tree = model.hierarchy["level2_class"]
+    truth = pd.crosstab(adata.obs["level2_class"], adata.obs["level1_class"])
+    expected = {str(fine): str(row.idxmax()) for fine, row in truth.iterrows()}
+    assert tree["parent_level"] == "level1_class"
+    # parents are learned from the training cells: every fine class seen in training maps as in the data
+    assert {fine: tree["parents"][fine] for fine in tree["parents"]} == {f: expected[f] for f in tree["parents"]}
+    assert len(tree["parents"]) >= 0.9 * len(expected)
+    assert set(model.metrics) == {"level1_class", "level2_class"}
+
+
+def test_trains_from_a_store(tmp_path):
+    adata = cm.datasets.synthetic(3000, 200, n_cell_types=4, n_subtypes=2, n_donors=10, random_state=2, progress=False)
+    store = cm.pp.build_store(adata, tmp_path / "s.zarr", label_keys=["cell_type", "cell_subtype"],
+                              group_key="donor", progress=False)  # fmt: skip
+    model = cm.tl.train_annotator(store, ["cell_type", "cell_subtype"], **{**SMALL, "max_epochs": 4})
+    assert model.manifest["data"]["source"] == "store"
+    assert model.metrics["cell_type"]["evaluated_on"] == "test"
+    assert model.metrics["cell_type"]["accuracy"] > 0.8
+    assert model.hierarchy["cell_subtype"]["purity"] == {k: 1.0 for k in model.hierarchy["cell_subtype"]["purity"]}
+
+
+def test_bad_requests_are_refused_clearly():
+    adata = cm.datasets.cellbench()[:60].copy()
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="no CUDA GPU"):
+            cm.tl.train_annotator(adata, "cell_line", device="cuda", **SMALL)
+    with pytest.raises(KeyError, match="no label column 'tissue'"):
+        cm.tl.train_annotator(adata, "tissue", **SMALL)
+    nan = adata.copy()
+    nan.obs["cell_line"] = nan.obs["cell_line"].astype(object)
+    nan.obs.iloc[0, nan.obs.columns.get_loc("cell_line")] = np.nan
+    with pytest.raises(ValueError, match="empty \\(NaN\\) for 1 cells"):
+        cm.tl.train_annotator(nan, "cell_line", **SMALL)
+    negative = adata.copy()
+    negative.X = negative.X.astype(np.float32) * -1.5
+    with pytest.raises(ValueError, match="negative values"):
+        cm.tl.train_annotator(negative, "cell_line", **SMALL)
+    with pytest.raises(ValueError, match="balance must be"):
+        cm.tl.train_annotator(adata, "cell_line", balance="equal", **SMALL)
