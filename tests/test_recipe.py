@@ -83,8 +83,9 @@ def test_host_has_build_backend(pyproject, recipe):
         assert host.get(req.name) == frozenset(str(s) for s in req.specifier), f"host lacks {line}"
 
 
-def test_dask_extra_is_a_run_constraint(pyproject, recipe):
-    expected = _conda_specs(pyproject["project"]["optional-dependencies"]["dask"])
+def test_extras_are_run_constraints(pyproject, recipe):
+    extras = pyproject["project"]["optional-dependencies"].values()
+    expected = _conda_specs([spec for extra in extras for spec in extra])
     assert _recipe_specs(recipe["requirements"]["run_constraints"]) == expected
 
 

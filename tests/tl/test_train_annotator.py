@@ -133,3 +133,28 @@ def test_bad_requests_are_refused_clearly():
         cm.tl.train_annotator(negative, "cell_line", **SMALL)
     with pytest.raises(ValueError, match="balance must be"):
         cm.tl.train_annotator(adata, "cell_line", balance="equal", **SMALL)
+
+
+def test_regression_heads_project_into_the_reference_embedding():
+    adata = cm.datasets.cellbench()
+    adata.obsm["X_pca"] = np.asarray(
+        sc_pca(adata), dtype=np.float32
+    )  # a reference embedding the heads learn to reproduce from expression
+    model = cm.tl.train_annotator(adata, "cell_line", embedding_keys=["X_pca"], **{**SMALL, "max_epochs": 15})
+    assert model.net.regressors["X_pca"].out_features == 5
+    assert model.manifest["embedding_r2"]["X_pca"] > 0.5
+    _, _, projected = model.forward(adata[:20, model.genes].X, np.asarray(adata[:20].X.sum(1)).ravel())
+    assert projected["X_pca"].shape == (20, 5)
+    assert np.corrcoef(projected["X_pca"][:, 0], adata.obsm["X_pca"][:20, 0])[0, 1] > 0.8
+    with pytest.raises(KeyError, match="obsm has no 'X_umap'"):
+        cm.tl.train_annotator(adata, "cell_line", embedding_keys=["X_umap"], **SMALL)
+
+
+def sc_pca(adata) -> np.ndarray:
+    import scanpy as sc
+
+    work = adata.copy()
+    sc.pp.normalize_total(work, target_sum=1e4)
+    sc.pp.log1p(work)
+    sc.pp.pca(work, n_comps=5, random_state=0)
+    return work.obsm["X_pca"]

@@ -91,11 +91,12 @@ class Annotator:
     # -- applying --------------------------------------------------------------------------------
     @torch.no_grad()
     def forward(self, X: np.ndarray | sp.spmatrix | torch.Tensor, library_size: np.ndarray | None = None, *,
-                device: Any = "cpu") -> tuple[np.ndarray, dict[str, np.ndarray]]:  # fmt: skip
-        """Latent and calibrated class probabilities per level for raw values over :attr:`genes`.
+                device: Any = "cpu") -> tuple[np.ndarray, dict[str, np.ndarray], dict[str, np.ndarray]]:  # fmt: skip
+        """Latent, calibrated class probabilities per level and projected embeddings, for raw values over :attr:`genes`.
 
         ``library_size`` is each cell's total over all of its genes (default: the row sums of ``X``,
-        right only when ``X`` holds every gene). Returns ``(latent, {level: probabilities})``.
+        right only when ``X`` holds every gene). Returns ``(latent, {level: probabilities},
+        {embedding key: coordinates})``, the last empty unless the model learned ``embedding_keys``.
         """
         if sp.issparse(X):
             X = X.toarray()
@@ -104,16 +105,19 @@ class Annotator:
             raise ValueError(f"Expected values over the model's {len(self.genes)} genes, got {X.shape[1]} columns.")
         library = X.sum(dim=1) if library_size is None else torch.as_tensor(np.asarray(library_size, np.float32))
         net = self.net.to(device)
-        latent, logits, _ = net(normalize(X.to(device), library.to(device), self.recipe))
+        latent, logits, embedded = net(normalize(X.to(device), library.to(device), self.recipe))
         probabilities = {
             level: torch.softmax(logits[level] / self.temperature.get(level, 1.0), dim=1).cpu().numpy()
             for level in self.classes
         }
-        return latent.cpu().numpy(), probabilities
+        scale = self.manifest.get("embedding_scale", {})
+        projected = {key: values.cpu().numpy() * np.asarray(scale[key]["std"], np.float32)
+                     + np.asarray(scale[key]["mean"], np.float32) for key, values in embedded.items()}  # fmt: skip
+        return latent.cpu().numpy(), probabilities, projected
 
     def predict(self, X, library_size: np.ndarray | None = None) -> pd.DataFrame:
         """Most probable class per level (columns) for raw values over :attr:`genes` (rows: cells)."""
-        _, probabilities = self.forward(X, library_size)
+        _, probabilities, _ = self.forward(X, library_size)
         return pd.DataFrame({
             level: pd.Categorical.from_codes(p.argmax(axis=1), categories=self.classes[level])
             for level, p in probabilities.items()

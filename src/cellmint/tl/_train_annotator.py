@@ -39,19 +39,35 @@ def _validation_rows(data: TrainingData, rng: np.random.Generator) -> tuple[np.n
 
 
 @torch.no_grad()
-def _logits(net, loader, recipe, device) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], np.ndarray]:
-    """Logits and labels per level over a loader, in its order (eval mode)."""
+def _logits(net, loader, recipe, device) -> tuple[dict, dict, np.ndarray, dict]:
+    """Logits and labels per level, cell indices and (standardised) embeddings over a loader, in its order."""
     net.eval()
-    logits, labels, index = {}, {}, []
+    logits, labels, index, embedded = {}, {}, [], {}
     for batch in loader:
         x = normalize(batch["X"].to(device), batch["library_size"].to(device), recipe)
-        _, out, _ = net(x)
+        _, out, projected = net(x)
         for level, values in out.items():
             logits.setdefault(level, []).append(values.float().cpu())
             labels.setdefault(level, []).append(batch["labels"][level])
+        for key, values in projected.items():
+            embedded.setdefault(key, []).append(values.float().cpu())
         index.append(batch["index"].numpy())
     return ({k: torch.cat(v) for k, v in logits.items()}, {k: torch.cat(v) for k, v in labels.items()},
-            np.concatenate(index) if index else np.zeros(0, dtype=np.int64))  # fmt: skip
+            np.concatenate(index) if index else np.zeros(0, dtype=np.int64),
+            {k: torch.cat(v).numpy() for k, v in embedded.items()})  # fmt: skip
+
+
+def _validation_loss(logits: dict, labels: dict, embedded: dict, targets: dict, index: np.ndarray) -> float:
+    """Mean cross-entropy over levels plus mean squared error of the embedding heads."""
+    loss = np.mean([float(torch.nn.functional.cross_entropy(logits[k], labels[k])) for k in logits])
+    for key, values in embedded.items():
+        loss += float(((values - targets[key][index].numpy()) ** 2).mean()) / len(embedded)
+    return float(loss)
+
+
+def _r2(predicted: np.ndarray, truth: np.ndarray) -> float:
+    """Coefficient of determination over all coordinates (standardised, so dimensions weigh alike)."""
+    return float(1 - ((predicted - truth) ** 2).sum() / max(1e-12, ((truth - truth.mean(0)) ** 2).sum()))
 
 
 def _macro_f1(logits: dict, labels: dict, classes: dict) -> float:
@@ -90,6 +106,7 @@ def train_annotator(
     augment: bool | dict | Augmentation = True,
     balance: str | None = "sqrt",
     class_weight: bool = False,
+    embedding_keys: Sequence[str] = (),
     max_epochs: int = 30,
     early_stopping: int | None = 5,
     lr: float = 1e-3,
@@ -144,6 +161,10 @@ def train_annotator(
         the finest level's classes; ``None`` samples cells uniformly. No cell is discarded.
     class_weight
         Also weight each class's loss by ``n_c^-0.5`` (normalised to mean 1).
+    embedding_keys
+        AnnData only: ``obsm`` embeddings of the reference (e.g. ``"X_umap"``, ``"X_pca"``) that extra
+        regression heads learn to predict from the latent (mean squared error on standardised
+        coordinates), so that queries can be projected into the reference's embedding.
     max_epochs
         Passes over the training cells.
     early_stopping
@@ -182,13 +203,16 @@ def train_annotator(
     torch_device = resolve_device(device)
     settings = Augmentation.from_arg(augment)
     start = logg.info(f"training an annotator for {label_keys} on {torch_device}")
+    embedding_keys = list(embedding_keys)
     if isinstance(data, Store):
         if input == "lognorm":
             raise ValueError("A store holds raw counts: input='lognorm' does not apply.")
+        if embedding_keys:
+            raise ValueError("embedding_keys needs an AnnData with those obsm entries; a store holds none.")
         source = from_store(data, label_keys, split)
     else:
         source = from_anndata(data, label_keys, split=split, layer=layer, genes=genes, group_key=group_key,
-                              input_kind=input, random_state=random_state)  # fmt: skip
+                              input_kind=input, random_state=random_state, embedding_keys=embedding_keys)  # fmt: skip
         if source.summary["split"].startswith("random"):
             import pandas as pd
 
@@ -213,7 +237,11 @@ def train_annotator(
         torch.manual_seed(random_state)  # inside fork_rng: weights and dropout follow the seed, global state untouched
         generator = torch.Generator().manual_seed(random_state)
         n_classes = {level: len(c) for level, c in source.classes.items()}
-        net = AnnotatorNet(len(source.genes), n_classes, hidden=tuple(hidden), dropout=dropout).to(torch_device)
+        scale = {key: (v[train_rows].mean(0), v[train_rows].std(0) + 1e-6) for key, v in source.embeddings.items()}
+        targets = {key: torch.as_tensor((v - scale[key][0]) / scale[key][1]) for key, v in source.embeddings.items()}
+        dims = {key: int(v.shape[1]) for key, v in source.embeddings.items()}
+        net = AnnotatorNet(len(source.genes), n_classes, hidden=tuple(hidden), dropout=dropout,
+                           embeddings=dims).to(torch_device)  # fmt: skip
         weights = {}
         for level in label_keys:
             counts = np.bincount(source.codes[level][train_rows], minlength=n_classes[level]).astype(np.float64)
@@ -226,7 +254,7 @@ def train_annotator(
                                      random_state=random_state, num_workers=num_workers, prefetch=prefetch)  # fmt: skip
         val_loader = source.loader(val_rows, batch_size=1024, shuffle=False, balance=None, random_state=0,
                                    prefetch=prefetch)  # fmt: skip
-        best, best_state, stale, history = -np.inf, None, 0, []
+        best, best_state, stale, history = (-np.inf, np.inf), None, 0, []
         with progress_bar(total=max_epochs, desc="training", unit="epoch", progress=progress) as bar:
             for epoch in range(max_epochs):
                 net.train()
@@ -236,41 +264,51 @@ def train_annotator(
                     X, library = augment_batch(batch["X"], batch["library_size"], settings,
                                                counts=recipe.kind == "counts", generator=generator)  # fmt: skip
                     x = normalize(X.to(torch_device), library.to(torch_device), recipe)
-                    _, logits, _ = net(x)
+                    _, logits, embedded = net(x)
                     loss = sum(torch.nn.functional.cross_entropy(logits[k], batch["labels"][k].to(torch_device),
                                                                  weight=weights[k]) for k in label_keys)  # fmt: skip
                     loss = loss / len(label_keys)
+                    for key, predicted in embedded.items():
+                        truth = targets[key][batch["index"]].to(torch_device)
+                        loss = loss + torch.nn.functional.mse_loss(predicted, truth) / len(embedded)
                     optimizer.zero_grad(set_to_none=True)
                     loss.backward()
                     optimizer.step()
                     total, n_batches = total + loss.item(), n_batches + 1
                     monitor.add_cells(len(X))
-                val_logits, val_labels, _ = _logits(net, val_loader, recipe, torch_device)
+                val_logits, val_labels, val_index, val_embedded = _logits(net, val_loader, recipe, torch_device)
                 score = _macro_f1(val_logits, val_labels, source.classes)
-                history.append({"epoch": epoch, "loss": total / max(1, n_batches), "val_macro_f1": score})
+                val_loss = _validation_loss(val_logits, val_labels, val_embedded, targets, val_index)
+                history.append({"epoch": epoch, "loss": total / max(1, n_batches), "val_macro_f1": score,
+                                "val_loss": val_loss})  # fmt: skip
                 bar.set_postfix(loss=f"{total / max(1, n_batches):.3f}", val_f1=f"{score:.3f}")
                 bar.update(1)
                 logg.debug(f"    epoch {epoch}: loss {total / max(1, n_batches):.4f}, validation macro-F1 {score:.4f}")
-                if score > best:
-                    best, best_state, stale = score, copy.deepcopy(net.state_dict()), 0
+                # the best epoch: highest validation macro-F1; among equal ones (often all 1.0 on easy
+                # data), the lowest validation loss, which also covers the embedding heads
+                if score > best[0] + 1e-9 or (abs(score - best[0]) <= 1e-9 and val_loss < best[1]):
+                    best, best_state, stale = (score, val_loss), copy.deepcopy(net.state_dict()), 0
                 else:
                     stale += 1
                     if early_stopping and stale >= early_stopping:
                         break
         net.load_state_dict(best_state)
-        val_logits, val_labels, _ = _logits(net, val_loader, recipe, torch_device)
+        val_logits, val_labels, _, _ = _logits(net, val_loader, recipe, torch_device)
         temperature = {level: fit_temperature(val_logits[level], val_labels[level]) for level in label_keys}
         metrics = {"validation": _report(val_logits, val_labels, source.classes, temperature)}
         if len(test_rows):
             test_loader = source.loader(test_rows, batch_size=1024, shuffle=False, balance=None, random_state=0,
                                         prefetch=prefetch)  # fmt: skip
-            test_logits, test_labels, _ = _logits(net, test_loader, recipe, torch_device)
+            test_logits, test_labels, test_index, test_embedded = _logits(net, test_loader, recipe, torch_device)
             metrics["test"] = _report(test_logits, test_labels, source.classes, temperature)
+            metrics["embedding_r2"] = {key: _r2(values, targets[key][test_index].numpy())
+                                       for key, values in test_embedded.items()}  # fmt: skip
     report = monitor.report
     evaluated = metrics.get("test", metrics["validation"])
     manifest = {
         "params": params,
-        "architecture": {"hidden": list(hidden), "dropout": dropout, "embeddings": {}},
+        "architecture": {"hidden": list(hidden), "dropout": dropout, "embeddings": dims},
+        "embedding_scale": {key: {"mean": m.tolist(), "std": s.tolist()} for key, (m, s) in scale.items()},
         "augmentation": settings.to_dict(),
         "data": {
             **source.summary,
@@ -287,8 +325,9 @@ def train_annotator(
             for level, r in evaluated.items()
         },
         "validation_metrics": metrics["validation"],
+        "embedding_r2": metrics.get("embedding_r2", {}),
         "history": history,
-        "best_epoch": int(np.argmax([h["val_macro_f1"] for h in history])),
+        "best_epoch": next(h["epoch"] for h in history if (h["val_macro_f1"], h["val_loss"]) == best),
         "resources": {**report.to_dict(), "epochs": len(history)},
     }
     hierarchy = learn_hierarchy({k: v[train_rows] for k, v in source.codes.items()}, source.classes)

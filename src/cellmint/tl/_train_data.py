@@ -36,6 +36,7 @@ class TrainingData:
     kind: str
     summary: dict
     _make_loader: Any = field(repr=False)
+    embeddings: dict[str, np.ndarray] = field(default_factory=dict)  # obsm targets, every cell
 
     def loader(self, rows: np.ndarray, *, batch_size: int, shuffle: bool, balance: str | None, random_state: int,
                num_workers: int = 0, prefetch: bool = True) -> StoreLoader:  # fmt: skip
@@ -105,9 +106,22 @@ def _parts(adata, split: str, codes: np.ndarray, group_key: str | None, random_s
     return parts, f"random 80/10/10{'' if group_key is None else f' by {group_key}'} (seed {random_state})"
 
 
+def _embeddings(adata, keys: list[str]) -> dict[str, np.ndarray]:
+    out = {}
+    for key in keys:
+        if key not in adata.obsm:
+            raise KeyError(f"adata.obsm has no {key!r}; it has {list(adata.obsm.keys())}.")
+        values = np.asarray(adata.obsm[key], dtype=np.float32)
+        if values.ndim != 2 or not np.isfinite(values).all():
+            raise ValueError(f"adata.obsm[{key!r}] must be a finite cells × dimensions array.")
+        out[key] = values
+    return out
+
+
 def from_anndata(adata, label_keys: list[str], *, split: str, layer: str | None, genes: Any, group_key: str | None,
-                 input_kind: str, random_state: int) -> TrainingData:  # fmt: skip
+                 input_kind: str, random_state: int, embedding_keys: list[str]) -> TrainingData:  # fmt: skip
     panel = _panel(adata, genes)
+    embeddings = _embeddings(adata, embedding_keys)
     columns = pd.Index(adata.var_names.astype(str)).get_indexer(panel)
     labels = {key: _label_codes(adata, key) for key in label_keys}
     blocks, library = [], []
@@ -139,4 +153,4 @@ def from_anndata(adata, label_keys: list[str], *, split: str, layer: str | None,
 
     summary = {"source": "anndata", "split": how, "n_obs": int(adata.n_obs), "layer": layer or ""}
     classes = {key: c for key, (_, c) in labels.items()}
-    return TrainingData(panel, classes, codes, parts, kind, summary, make_loader)
+    return TrainingData(panel, classes, codes, parts, kind, summary, make_loader, embeddings)
