@@ -61,8 +61,6 @@ class Annotator:
         Input kind and normalisation (:class:`~cellmint.models._normalize.InputRecipe`).
     temperature
         Calibration temperature per level (1.0 = uncalibrated).
-    metrics
-        Holdout evaluation recorded at training time.
     manifest
         Everything else recorded at training time (parameters, data summary, resources).
     """
