@@ -112,3 +112,9 @@ def test_ece_and_temperature():
     true_logits = torch.randn(4000, 6, generator=generator) * 2
     labels = torch.multinomial(torch.softmax(true_logits, 1), 1, generator=generator).ravel()
     assert fit_temperature(true_logits * 3, labels) == pytest.approx(3.0, rel=0.1)  # overconfident by 3x
+
+
+def test_temperature_is_not_sharpened_without_errors():
+    logits = torch.tensor([[3.0, 0.0], [0.0, 2.0], [4.0, 1.0]])
+    assert fit_temperature(logits, torch.tensor([0, 1, 0])) == 1.0
+    assert fit_temperature(logits, torch.tensor([0, 1, 1])) > 1.0  # an error: confidence is softened

@@ -146,7 +146,7 @@ class Annotator:
         arch = manifest["architecture"]
         net = AnnotatorNet(len(manifest["genes"]), {level: len(c) for level, c in manifest["classes"].items()},
                            hidden=tuple(arch["hidden"]), dropout=arch["dropout"],
-                           embeddings=arch.get("embeddings") or None)  # fmt: skip
+                           embeddings=arch.get("embeddings") or None, linear=arch.get("linear", False))  # fmt: skip
         try:
             net.load_state_dict(state)
         except RuntimeError as err:

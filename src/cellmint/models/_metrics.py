@@ -41,8 +41,12 @@ def expected_calibration_error(confidence: np.ndarray, correct: np.ndarray, n_bi
 
 
 def fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float:
-    """The temperature T > 0 minimising the NLL of ``softmax(logits / T)`` (optimised on log T with LBFGS)."""
-    if len(labels) == 0:
+    """The temperature T > 0 minimising the NLL of ``softmax(logits / T)`` (optimised on log T with LBFGS).
+
+    When every cell is classified correctly, the NLL keeps falling as T → 0 and says nothing about
+    errors to come: T stays 1 (no sharpening without evidence).
+    """
+    if len(labels) == 0 or bool((logits.argmax(1) == labels).all()):
         return 1.0
     log_t = torch.zeros(1, requires_grad=True)
     optimizer = torch.optim.LBFGS([log_t], lr=0.1, max_iter=200, line_search_fn="strong_wolfe")

@@ -16,7 +16,7 @@ class AnnotatorNet(nn.Module):
     """Shared encoder + per-level heads (+ optional embedding regressors)."""
 
     def __init__(self, n_genes: int, n_classes: dict[str, int], *, hidden: tuple[int, ...] = (512, 256),
-                 dropout: float = 0.2, embeddings: dict[str, int] | None = None):  # fmt: skip
+                 dropout: float = 0.2, embeddings: dict[str, int] | None = None, linear: bool = False):  # fmt: skip
         super().__init__()
         if not hidden:
             raise ValueError("hidden must list at least one layer size.")
@@ -27,11 +27,16 @@ class AnnotatorNet(nn.Module):
             width = size
         self.encoder = nn.Sequential(*layers)
         self.heads = nn.ModuleDict({level: nn.Linear(width, n) for level, n in n_classes.items()})
+        # optional "wide" path: a linear model of the inputs added to each level's logits
+        self.linear = nn.ModuleDict({level: nn.Linear(n_genes, n, bias=False) for level, n in n_classes.items()}
+                                    if linear else {})  # fmt: skip
         self.regressors = nn.ModuleDict({name: nn.Linear(width, dim) for name, dim in (embeddings or {}).items()})
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         """``(latent, logits per level, embedding per regressor)``."""
         latent = self.encoder(x)
         logits = {level: head(latent) for level, head in self.heads.items()}
+        for level, wide in self.linear.items():
+            logits[level] = logits[level] + wide(x)
         embedded = {name: reg(latent) for name, reg in self.regressors.items()}
         return latent, logits, embedded

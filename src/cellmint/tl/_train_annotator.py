@@ -103,6 +103,7 @@ def train_annotator(
     input_transform: str = "log1p",
     hidden: Sequence[int] = (512, 256),
     dropout: float = 0.2,
+    linear: bool = False,
     augment: bool | dict | Augmentation = True,
     balance: str | None = "sqrt",
     class_weight: bool = False,
@@ -153,6 +154,8 @@ def train_annotator(
         Sizes of the encoder's hidden layers; the last is the latent used by annotation.
     dropout
         Dropout after each hidden layer.
+    linear
+        Add a linear model of the inputs to each level's logits (a "wide" path next to the deep one).
     augment
         Count-space augmentation (:mod:`cellmint.models._augment`): ``True`` for the defaults,
         ``False`` for none, or a dict overriding ``thinning``, ``gene_dropout``, ``masking``, ``poisson``.
@@ -228,7 +231,7 @@ def train_annotator(
 
     params = {
         "label_keys": label_keys, "split": split, "input": recipe.kind, "input_transform": input_transform,
-        "hidden": list(hidden), "dropout": dropout, "augment": settings.to_dict(), "balance": balance,
+        "hidden": list(hidden), "dropout": dropout, "linear": linear, "augment": settings.to_dict(), "balance": balance,
         "class_weight": class_weight, "max_epochs": max_epochs, "early_stopping": early_stopping, "lr": lr,
         "weight_decay": weight_decay, "batch_size": batch_size, "random_state": random_state,
         "device": str(torch_device), "validation": val_source,
@@ -241,7 +244,7 @@ def train_annotator(
         targets = {key: torch.as_tensor((v - scale[key][0]) / scale[key][1]) for key, v in source.embeddings.items()}
         dims = {key: int(v.shape[1]) for key, v in source.embeddings.items()}
         net = AnnotatorNet(len(source.genes), n_classes, hidden=tuple(hidden), dropout=dropout,
-                           embeddings=dims).to(torch_device)  # fmt: skip
+                           embeddings=dims, linear=linear).to(torch_device)  # fmt: skip
         weights = {}
         for level in label_keys:
             counts = np.bincount(source.codes[level][train_rows], minlength=n_classes[level]).astype(np.float64)
@@ -307,7 +310,7 @@ def train_annotator(
     evaluated = metrics.get("test", metrics["validation"])
     manifest = {
         "params": params,
-        "architecture": {"hidden": list(hidden), "dropout": dropout, "embeddings": dims},
+        "architecture": {"hidden": list(hidden), "dropout": dropout, "embeddings": dims, "linear": linear},
         "embedding_scale": {key: {"mean": m.tolist(), "std": s.tolist()} for key, (m, s) in scale.items()},
         "augmentation": settings.to_dict(),
         "data": {
