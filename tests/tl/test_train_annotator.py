@@ -135,6 +135,17 @@ def test_bad_requests_are_refused_clearly():
         cm.tl.train_annotator(adata, "cell_line", balance="equal", **SMALL)
 
 
+def test_linear_path_round_trips(tmp_path):
+    adata = cm.datasets.cellbench()[::2].copy()
+    model = cm.tl.train_annotator(
+        adata, "cell_line", linear=True, model_dir=tmp_path / "m", **{**SMALL, "max_epochs": 2}
+    )
+    assert model.net.linear["cell_line"].in_features == adata.n_vars
+    loaded = cm.io.read_model(tmp_path / "m")
+    X, library = adata[:10].X, np.asarray(adata[:10].X.sum(1)).ravel()
+    np.testing.assert_array_equal(loaded.forward(X, library)[1]["cell_line"], model.forward(X, library)[1]["cell_line"])
+
+
 def test_regression_heads_project_into_the_reference_embedding():
     adata = cm.datasets.cellbench()
     adata.obsm["X_pca"] = np.asarray(
