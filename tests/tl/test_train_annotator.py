@@ -12,7 +12,7 @@ import torch
 
 import cellmint as cm
 
-SMALL = {"hidden": (64,), "max_epochs": 8, "batch_size": 64, "progress": False}
+SMALL = {"hidden": (64,), "max_epochs": 8, "lr": 1e-3, "batch_size": 64, "progress": False}  # quick to train
 
 
 @pytest.fixture(scope="module")
