@@ -169,3 +169,25 @@ def sc_pca(adata) -> np.ndarray:
     sc.pp.log1p(work)
     sc.pp.pca(work, n_comps=5, random_state=0)
     return work.obsm["X_pca"]
+
+
+def test_backed_and_in_memory_anndata_train_the_same_model(tmp_path):
+    adata = cm.datasets.cellbench()[::2].copy()
+    adata.obs["part"] = np.where(adata.obs["technology"] == "CEL-seq2", "train", "test")
+    adata.write_h5ad(tmp_path / "a.h5ad")
+    backed = ad.read_h5ad(tmp_path / "a.h5ad", backed="r")
+    settings = {**SMALL, "max_epochs": 2, "split": "part"}
+    from_disk = cm.tl.train_annotator(backed, "cell_line", **settings)
+    in_memory = cm.tl.train_annotator(adata, "cell_line", **settings)
+    for name, tensor in in_memory.net.state_dict().items():
+        assert torch.equal(tensor, from_disk.net.state_dict()[name]), name
+    backed.file.close()
+
+
+def test_progress_bar_counts_batches(capsys):
+    adata = cm.datasets.cellbench()[::3].copy()
+    cm.tl.train_annotator(adata, "cell_line", **{**SMALL, "max_epochs": 2, "progress": True})
+    err = capsys.readouterr().err
+    assert "training" in err
+    assert "batch" in err
+    assert "epoch=2" in err

@@ -258,7 +258,9 @@ def train_annotator(
         val_loader = source.loader(val_rows, batch_size=1024, shuffle=False, balance=None, random_state=0,
                                    prefetch=prefetch)  # fmt: skip
         best, best_state, stale, history = (-np.inf, np.inf), None, 0, []
-        with progress_bar(total=max_epochs, desc="training", unit="epoch", progress=progress) as bar:
+        per_epoch = len(train_loader)
+        # one bar over every batch of every epoch (ETA for the whole run), the epoch and scores beside it
+        with progress_bar(total=max_epochs * per_epoch, desc="training", unit="batch", progress=progress) as bar:
             for epoch in range(max_epochs):
                 net.train()
                 train_loader.set_epoch(epoch)
@@ -279,13 +281,13 @@ def train_annotator(
                     optimizer.step()
                     total, n_batches = total + loss.item(), n_batches + 1
                     monitor.add_cells(len(X))
+                    bar.update(1)
                 val_logits, val_labels, val_index, val_embedded = _logits(net, val_loader, recipe, torch_device)
                 score = _macro_f1(val_logits, val_labels, source.classes)
                 val_loss = _validation_loss(val_logits, val_labels, val_embedded, targets, val_index)
                 history.append({"epoch": epoch, "loss": total / max(1, n_batches), "val_macro_f1": score,
                                 "val_loss": val_loss})  # fmt: skip
-                bar.set_postfix(loss=f"{total / max(1, n_batches):.3f}", val_f1=f"{score:.3f}")
-                bar.update(1)
+                bar.set_postfix(epoch=epoch + 1, loss=f"{total / max(1, n_batches):.3f}", val_f1=f"{score:.3f}")
                 logg.debug(f"    epoch {epoch}: loss {total / max(1, n_batches):.4f}, validation macro-F1 {score:.4f}")
                 # the best epoch: highest validation macro-F1; among equal ones (often all 1.0 on easy
                 # data), the lowest validation loss, which also covers the embedding heads
