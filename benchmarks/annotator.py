@@ -199,7 +199,7 @@ def ablation(tasks: list[str], data_dir: Path, seeds: int) -> list[dict]:
             f1 = [scores(truth, run_cellmint(adata, key, augment=setting, random_state=s)[0])["macro_f1"]
                   for s in range(seeds)]  # fmt: skip
             rows.append({"task": task, "augment": name, "macro_f1": float(np.mean(f1)), "sd": float(np.std(f1))})
-            print(f"{task:<15}{name:<30}macro-F1 {np.mean(f1):.3f} ± {np.std(f1):.3f}", flush=True)
+            print(f"{task:<15}{name:<58}macro-F1 {np.mean(f1):.3f} ± {np.std(f1):.3f}", flush=True)
     return rows
 
 
