@@ -46,6 +46,11 @@ def test_save_load_gives_identical_predictions_and_refuses_tampering(cellbench_m
     library = np.asarray(adata[:40].X.sum(1)).ravel()
     loaded = cm.io.read_model(folder)
     assert isinstance(loaded, cm.Annotator)
+    # the reference kept for nearest-neighbour refinement and open-set distances survives the round trip
+    n_train = model.manifest["data"]["n_train"]
+    assert loaded.reference["latent"].shape == (n_train, 64)
+    np.testing.assert_array_equal(loaded.reference["codes"]["cell_line"], model.reference["codes"]["cell_line"])
+    assert 0 < model.manifest["open_set"]["threshold"] < np.inf
     for level, probabilities in model.forward(X, library)[1].items():
         np.testing.assert_array_equal(loaded.forward(X, library)[1][level], probabilities)
     copy = cm.io.write_model(loaded, tmp_path / "copy")

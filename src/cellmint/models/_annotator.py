@@ -9,6 +9,7 @@ an AnnData.
 
 from __future__ import annotations
 
+import io
 import itertools
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,7 @@ from ._network import AnnotatorNet
 from ._normalize import InputRecipe, normalize
 
 KIND = "cellmint.Annotator"
+REFERENCE = "reference.npz"  # latent + labels of reference cells (nearest-neighbour refinement, open set)
 #: 1: manifest + weights.pt; encoder/heads/regressors as in ``_network``
 FORMAT_VERSION = 1
 
@@ -66,7 +68,8 @@ class Annotator:
     """
 
     def __init__(self, net: AnnotatorNet, *, genes: list[str], classes: dict[str, list[str]], hierarchy: dict,
-                 recipe: InputRecipe, temperature: dict[str, float], manifest: dict[str, Any]):  # fmt: skip
+                 recipe: InputRecipe, temperature: dict[str, float], manifest: dict[str, Any],
+                 reference: dict | None = None):  # fmt: skip
         self.net = net.eval()
         self.genes = pd.Index(genes)
         self.classes = {level: list(c) for level, c in classes.items()}
@@ -74,6 +77,7 @@ class Annotator:
         self.recipe = recipe
         self.temperature = dict(temperature)
         self.manifest = manifest
+        self.reference = reference  # {"latent": cells × latent (float16), "codes": {level: int32}}
         self.path: Path | None = None
 
     @property
@@ -134,7 +138,13 @@ class Annotator:
 
     def save(self, path: str | Path) -> Path:
         """Write the model folder (``manifest.json`` with checksums, ``weights.pt``); returns its path."""
-        self.manifest = write_artifact(path, self._manifest(), self.net.state_dict(), kind=KIND,
+        extra = {}
+        if self.reference is not None:
+            buffer = io.BytesIO()
+            np.savez(buffer, latent=self.reference["latent"],
+                     **{f"codes/{level}": codes for level, codes in self.reference["codes"].items()})  # fmt: skip
+            extra[REFERENCE] = buffer.getvalue()
+        self.manifest = write_artifact(path, self._manifest(), self.net.state_dict(), extra, kind=KIND,
                                        format_version=FORMAT_VERSION)  # fmt: skip
         self.path = Path(path)
         return self.path
@@ -151,9 +161,14 @@ class Annotator:
             net.load_state_dict(state)
         except RuntimeError as err:
             raise ValueError(f"The weights in {path} do not fit the architecture in its manifest: {err}") from err
+        reference = None
+        if REFERENCE in manifest["files"]:  # checksum verified by read_artifact; plain arrays only
+            with np.load(Path(path) / REFERENCE, allow_pickle=False) as stored:
+                reference = {"latent": stored["latent"],
+                             "codes": {level: stored[f"codes/{level}"] for level in manifest["classes"]}}  # fmt: skip
         model = cls(net, genes=manifest["genes"], classes=manifest["classes"], hierarchy=manifest["hierarchy"],
                     recipe=InputRecipe(**manifest["recipe"]), temperature=manifest["temperature"],
-                    manifest=manifest)  # fmt: skip
+                    manifest=manifest, reference=reference)  # fmt: skip
         model.path = Path(path)
         return model
 

@@ -38,14 +38,25 @@ def _validation_rows(data: TrainingData, rng: np.random.Generator) -> tuple[np.n
     return np.setdiff1d(train, val), val, "10% of the training cells (the split has no validation part)"
 
 
+#: reference cells kept with the model (latent + labels) for nearest-neighbour refinement and open-set distances
+REFERENCE_CELLS = 50_000
+#: share of validation cells (known types) within the open-set distance threshold
+OPEN_SET_QUANTILE = 0.99
+
+
 @torch.no_grad()
-def _logits(net, loader, recipe, device) -> tuple[dict, dict, np.ndarray, dict]:
-    """Logits and labels per level, cell indices and (standardised) embeddings over a loader, in its order."""
+def _logits(net, loader, recipe, device, latents: list | None = None) -> tuple[dict, dict, np.ndarray, dict]:
+    """Logits and labels per level, cell indices and (standardised) embeddings over a loader, in its order.
+
+    With ``latents`` (a list), each batch's latent is appended to it too.
+    """
     net.eval()
     logits, labels, index, embedded = {}, {}, [], {}
     for batch in loader:
         x = normalize(batch["X"].to(device), batch["library_size"].to(device), recipe)
-        _, out, projected = net(x)
+        latent, out, projected = net(x)
+        if latents is not None:
+            latents.append(latent.float().cpu())
         for level, values in out.items():
             logits.setdefault(level, []).append(values.float().cpu())
             labels.setdefault(level, []).append(batch["labels"][level])
@@ -55,6 +66,29 @@ def _logits(net, loader, recipe, device) -> tuple[dict, dict, np.ndarray, dict]:
     return ({k: torch.cat(v) for k, v in logits.items()}, {k: torch.cat(v) for k, v in labels.items()},
             np.concatenate(index) if index else np.zeros(0, dtype=np.int64),
             {k: torch.cat(v).numpy() for k, v in embedded.items()})  # fmt: skip
+
+
+def _reference(net, source: TrainingData, train_rows, val_loader, recipe, device, rng, prefetch: bool):
+    """Latent and labels of up to REFERENCE_CELLS training cells, and the open-set distance threshold.
+
+    The threshold is the OPEN_SET_QUANTILE quantile of the validation cells' distances to their
+    nearest reference cell: cells of known types farther than that are rare (about 1%).
+    """
+    rows = train_rows if len(train_rows) <= REFERENCE_CELLS else np.sort(rng.choice(train_rows, REFERENCE_CELLS,
+                                                                                      replace=False))  # fmt: skip
+    latents: list = []
+    loader = source.loader(rows, batch_size=1024, shuffle=False, balance=None, random_state=0, prefetch=prefetch)
+    _, _, index, _ = _logits(net, loader, recipe, device, latents)
+    reference = torch.cat(latents)
+    val_latents: list = []
+    _logits(net, val_loader, recipe, device, val_latents)
+    blocks = torch.cat(val_latents).split(2048)
+    nearest = torch.cat([torch.cdist(block, reference).min(dim=1).values for block in blocks])
+    threshold = float(torch.quantile(nearest, OPEN_SET_QUANTILE)) if len(nearest) else float("inf")
+    codes = {level: values[index].astype(np.int32) for level, values in source.codes.items()}
+    return {"latent": reference.numpy().astype(np.float16), "codes": codes}, {
+        "metric": "euclidean", "quantile": OPEN_SET_QUANTILE, "threshold": threshold, "n_reference": len(rows),
+    }  # fmt: skip
 
 
 def _validation_loss(logits: dict, labels: dict, embedded: dict, targets: dict, index: np.ndarray) -> float:
@@ -308,6 +342,7 @@ def train_annotator(
             metrics["test"] = _report(test_logits, test_labels, source.classes, temperature)
             metrics["embedding_r2"] = {key: _r2(values, targets[key][test_index].numpy())
                                        for key, values in test_embedded.items()}  # fmt: skip
+        reference, open_set = _reference(net, source, train_rows, val_loader, recipe, torch_device, rng, prefetch)
     report = monitor.report
     evaluated = metrics.get("test", metrics["validation"])
     manifest = {
@@ -331,13 +366,14 @@ def train_annotator(
         },
         "validation_metrics": metrics["validation"],
         "embedding_r2": metrics.get("embedding_r2", {}),
+        "open_set": open_set,
         "history": history,
         "best_epoch": next(h["epoch"] for h in history if (h["val_macro_f1"], h["val_loss"]) == best),
         "resources": {**report.to_dict(), "epochs": len(history)},
     }
     hierarchy = learn_hierarchy({k: v[train_rows] for k, v in source.codes.items()}, source.classes)
     model = Annotator(net.cpu(), genes=list(source.genes), classes=source.classes, hierarchy=hierarchy,
-                      recipe=recipe, temperature=temperature, manifest=manifest)  # fmt: skip
+                      recipe=recipe, temperature=temperature, manifest=manifest, reference=reference)  # fmt: skip
     if model_dir is not None:
         model.save(model_dir)
     if not isinstance(data, Store):
