@@ -1,0 +1,299 @@
+"""``cm.tl.annotate``: map query cells onto a trained annotator — aligned genes, calibrated labels, Unknown.
+
+The query is read a chunk of cells at a time (in memory, backed or a path), its genes matched to the
+model's panel by name (genes the query lacks are zero, as gene-dropout augmentation trained the
+model to expect), and its library size taken over all of its own genes. Per level the calibrated
+probabilities give a label, a confidence and a margin; the latent gives the distance to the nearest
+reference cell kept with the model, and optionally a nearest-neighbour vote among reference cells.
+"""
+
+from __future__ import annotations
+
+import re
+import warnings
+from pathlib import Path
+from typing import Any
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+
+from .._utils import _logging as logg
+from .._utils._chunks import iter_row_chunks
+from .._utils._device import resolve_device
+from .._utils._docs import doc_params
+from ..models._annotator import Annotator
+
+UNKNOWN = "Unknown"
+#: below this share of the model's genes found in the query, annotation refuses to run
+MIN_OVERLAP = 0.3
+#: below this share, a warning says labels may suffer
+WARN_OVERLAP = 0.8
+_ENSEMBL_VERSION = re.compile(r"^(ENS[A-Z]*\d{6,})\.\d+$")
+
+
+def _resolve_model(adata: Any, model: Any, key_added: str) -> Annotator:
+    if isinstance(model, Annotator):
+        return model
+    if model is None:
+        uns = getattr(adata, "uns", {})
+        if key_added not in uns or not uns[key_added].get("model_dir"):
+            raise ValueError(f"No model given and adata.uns[{key_added!r}] names no model folder; pass model=.")
+        model = uns[key_added]["model_dir"]
+    from ..io._models import read_model
+
+    return read_model(model)
+
+
+def align_genes(query: pd.Index, model_genes: pd.Index, *, strip_versions: bool) -> tuple[np.ndarray, dict]:
+    """For each model gene, its column in the query (-1: missing), and a summary of the overlap."""
+    if strip_versions:
+        query = pd.Index([_ENSEMBL_VERSION.sub(r"\1", str(g)) for g in query])
+        model_genes = pd.Index([_ENSEMBL_VERSION.sub(r"\1", str(g)) for g in model_genes])
+    if not query.is_unique:
+        dup = query[query.duplicated()].unique()
+        raise ValueError(f"The query's gene names are not unique ({len(dup)}, e.g. {list(dup[:3])}); "
+                         "make them unique (adata.var_names_make_unique()) or pass gene_key=.")  # fmt: skip
+    columns = query.get_indexer(model_genes).astype(np.int64)
+    present = columns >= 0
+    overlap = {
+        "n_model_genes": len(model_genes),
+        "n_found": int(present.sum()),
+        "fraction": float(present.mean()) if len(present) else 0.0,
+        "missing": np.asarray(model_genes[~present][:100].astype(str), dtype=object),
+    }
+    return columns, overlap
+
+
+#: references up to this many cells are searched exactly (torch); larger ones through pynndescent
+EXACT_SEARCH = 10_000
+
+
+class _NearestReference:
+    """k nearest reference cells in the model's latent space: exact for small references, pynndescent above."""
+
+    def __init__(self, latent: np.ndarray, n_neighbors: int):
+        self.latent = np.asarray(latent, dtype=np.float32)
+        self.k = min(n_neighbors, len(self.latent))
+        self.index = None
+        if len(self.latent) > EXACT_SEARCH:
+            import pynndescent
+
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # numba notices from pynndescent's compilation
+                self.index = pynndescent.NNDescent(self.latent, n_neighbors=max(self.k, 15), random_state=0,
+                                                   n_jobs=1)  # fmt: skip
+                self.index.prepare()
+
+    def query(self, latent: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        if self.index is not None:
+            return self.index.query(latent.astype(np.float32), k=self.k)
+        import torch
+
+        reference = torch.from_numpy(self.latent)
+        found, dist = [], []
+        for block in torch.from_numpy(latent.astype(np.float32)).split(4096):
+            values, indices = torch.cdist(block, reference).topk(self.k, dim=1, largest=False)
+            found.append(indices.numpy())
+            dist.append(values.numpy())
+        return np.concatenate(found), np.concatenate(dist)
+
+
+def _vote(neighbours: np.ndarray, distances: np.ndarray, codes: np.ndarray, n_classes: int) -> np.ndarray:
+    """Per cell, the share of its neighbours' (inverse-distance) weight per class."""
+    weights = 1.0 / (distances + 1e-6)
+    votes = np.zeros((len(neighbours), n_classes), dtype=np.float64)
+    np.add.at(votes, (np.repeat(np.arange(len(neighbours)), neighbours.shape[1]), codes[neighbours].ravel()),
+              weights.ravel())  # fmt: skip
+    return votes / votes.sum(axis=1, keepdims=True)
+
+
+@doc_params()
+def annotate(
+    adata: ad.AnnData | str | Path,
+    model: Annotator | str | Path | None = None,
+    *,
+    layer: str | None = None,
+    key_added: str = "cellmint",
+    gene_key: str | None = None,
+    strip_ensembl_versions: bool = False,
+    chunk_size: int | None = None,
+    knn: str = "low_confidence",
+    n_neighbors: int = 15,
+    unknown: bool = True,
+    min_confidence: float = 0.5,
+    min_margin: float = 0.1,
+    max_distance: float | str = "auto",
+    project: bool = True,
+    device: str = "auto",
+    copy: bool = False,
+    return_table: bool = False,
+    progress: bool | None = None,
+) -> ad.AnnData | pd.DataFrame | None:
+    """Annotate query cells with a trained annotator: labels, calibrated confidence, margins and Unknown.
+
+    Parameters
+    ----------
+    {doc_adata} A path gives the results as a table (``return_table`` implied).
+    model
+        An :class:`~cellmint.Annotator`, a model folder, or ``None`` for the folder named in
+        ``adata.uns[key_added]["model_dir"]``.
+    {doc_layer} Raw counts or log-normalised values, whichever the model was trained on.
+    {doc_key_added}
+    gene_key
+        ``var`` column holding the gene names to match (default: ``var_names``).
+    strip_ensembl_versions
+        Match ``ENSG….16`` with ``ENSG…``.
+    {doc_chunk_size}
+    knn
+        Nearest-neighbour refinement among the reference cells kept with the model (pynndescent, in
+        the model's latent space): ``"low_confidence"`` (cells below ``min_confidence`` or
+        ``min_margin``; default), ``"all"`` or ``"off"``. A refined cell takes the label of the
+        distance-weighted majority of its ``n_neighbors`` reference neighbours; its confidence is
+        that majority's share.
+    n_neighbors
+        Reference neighbours per cell.
+    unknown
+        Call cells ``"Unknown"`` at a level when their confidence is below ``min_confidence``, their
+        margin below ``min_margin``, or their latent distance to the nearest reference cell above
+        ``max_distance``. ``False`` keeps every label (the ``_unknown`` flags are still written).
+    min_confidence
+        Calibrated probability below which a label is not trusted.
+    min_margin
+        Gap between the two most probable classes below which a label is not trusted.
+    max_distance
+        Open-set distance threshold; ``"auto"`` takes the model's (the distance within which 99% of
+        its validation cells lie).
+    project
+        Write the model's embedding projections (models trained with ``embedding_keys``).
+    {doc_device}
+    {doc_copy}
+    return_table
+        Return the per-cell results as a DataFrame instead of writing them to ``adata``.
+    {doc_progress}
+
+    Returns
+    -------
+    ``None`` (``adata`` is annotated), the annotated copy (``copy=True``), or a DataFrame of the
+    ``obs`` columns below (``return_table=True`` or a path). Per label level ``level``:
+
+    - ``obs[f"{{key_added}}_{{level}}"]``: label (categorical; the model's classes and ``"Unknown"``);
+    - ``obs[f"{{key_added}}_{{level}}_confidence"]``, ``..._margin`` (float), ``..._unknown`` (bool);
+    - ``obsm[f"{{key_added}}_{{level}}_proba"]``: calibrated probabilities (DataFrame, classes as columns).
+
+    Also ``obs[f"{{key_added}}_distance"]`` (latent distance to the nearest reference cell),
+    ``obsm[f"X_{{key_added}}_{{name}}"]`` for each projected embedding, and
+    ``uns[key_added]["annotation"]`` (model folder, gene overlap, thresholds, counts of Unknown and
+    refined cells).
+    """
+    if knn not in ("low_confidence", "all", "off"):
+        raise ValueError(f"knn must be 'low_confidence', 'all' or 'off', not {knn!r}.")
+    is_path = isinstance(adata, str | Path)
+    annotator = _resolve_model(adata if not is_path else None, model, key_added)
+    target = adata.copy() if copy and not is_path else adata
+    if is_path:
+        from .._utils._chunks import open_root
+
+        with open_root(adata) as root:
+            obs = ad.io.read_elem(root["obs"])
+            var = ad.io.read_elem(root["var"])
+    else:
+        obs, var = target.obs, target.var
+    names = pd.Index(var[gene_key].astype(str)) if gene_key is not None else pd.Index(var.index.astype(str))
+    if gene_key is not None and gene_key not in var.columns:
+        raise KeyError(f"var has no column {gene_key!r}.")
+    columns, overlap = align_genes(names, annotator.genes, strip_versions=strip_ensembl_versions)
+    if overlap["fraction"] < MIN_OVERLAP:
+        raise ValueError(f"Only {overlap['n_found']} of the model's {overlap['n_model_genes']} genes "
+                         f"({overlap['fraction']:.0%}) are in the query, below the {MIN_OVERLAP:.0%} floor: check "
+                         "gene identifiers (symbols or Ensembl ids; strip_ensembl_versions=True).")  # fmt: skip
+    if overlap["fraction"] < WARN_OVERLAP:
+        warnings.warn(f"Only {overlap['fraction']:.0%} of the model's genes are in the query; labels may be less "
+                      "accurate (missing genes are treated as not detected).", UserWarning, stacklevel=2)  # fmt: skip
+    torch_device = resolve_device(device)
+    start = logg.info(f"annotating {len(obs):,} cells with {annotator!r}")
+    present = np.flatnonzero(columns >= 0)
+    index = None if annotator.reference is None else _NearestReference(annotator.reference["latent"], n_neighbors)
+    probabilities = {level: [] for level in annotator.classes}
+    projections, distances, votes = {}, [], {level: [] for level in annotator.classes}
+    for chunk in iter_row_chunks(adata, layer=layer, chunk_size=chunk_size, fmt="csr", progress=progress,
+                                 desc="annotating"):  # fmt: skip
+        X = chunk.X
+        library = np.asarray(X.sum(axis=1), dtype=np.float64).ravel()
+        dense = np.zeros((X.shape[0], len(annotator.genes)), dtype=np.float32)
+        dense[:, present] = X[:, columns[present]].toarray()
+        latent, proba, projected = annotator.forward(dense, library, device=torch_device)
+        for level, values in proba.items():
+            probabilities[level].append(values.astype(np.float32))
+        for key, values in projected.items():
+            projections.setdefault(key, []).append(values)
+        if index is not None:
+            neighbours, dist = index.query(latent)
+            distances.append(dist[:, 0])
+            for level in annotator.classes:
+                codes = np.asarray(annotator.reference["codes"][level])
+                votes[level].append(_vote(neighbours, dist, codes, len(annotator.classes[level])))
+    n = len(obs)
+    distance = np.concatenate(distances) if distances else np.zeros(n)
+    threshold = annotator.manifest.get("open_set", {}).get("threshold", np.inf)
+    threshold = threshold if max_distance == "auto" else float(max_distance)
+    far = distance > threshold if index is not None else np.zeros(n, dtype=bool)
+    table = pd.DataFrame(index=obs.index)
+    info = {"overlap": overlap, "min_confidence": min_confidence, "min_margin": min_margin, "knn": knn,
+            "max_distance": float(threshold), "n_neighbors": n_neighbors, "unknown": {}, "refined": {}}  # fmt: skip
+    parent_label = None
+    for level, classes in annotator.classes.items():
+        proba = np.concatenate(probabilities[level]) if probabilities[level] else np.zeros((0, len(classes)))
+        tree = annotator.hierarchy.get(level)
+        if tree is not None and parent_label is not None:  # keep the levels consistent: children of the coarse label
+            parents = np.array([tree["parents"].get(c, "") for c in classes], dtype=object)
+            # under an Unknown coarse label the fine probabilities stay as they are (the fine label is Unknown too)
+            allowed = (parents[None, :] == parent_label[:, None]) | (parent_label == UNKNOWN)[:, None]
+            proba = np.where(allowed, proba, 0.0)
+            total = proba.sum(axis=1, keepdims=True)
+            proba = np.divide(proba, total, out=np.zeros_like(proba), where=total > 0)
+        ordered = np.sort(proba, axis=1)
+        confidence = ordered[:, -1] if len(classes) else np.zeros(n)
+        margin = confidence - (ordered[:, -2] if len(classes) > 1 else 0.0)
+        label = proba.argmax(axis=1)
+        low = (confidence < min_confidence) | (margin < min_margin)
+        refine = np.zeros(n, dtype=bool)
+        if knn != "off" and index is not None:
+            refine = low.copy() if knn == "low_confidence" else np.ones(n, dtype=bool)
+        if refine.any():
+            vote = np.concatenate(votes[level])
+            if tree is not None and parent_label is not None:
+                vote = np.where(allowed, vote, 0.0)
+            label[refine] = vote[refine].argmax(axis=1)
+            confidence[refine] = vote[refine].max(axis=1)
+            low[refine] = confidence[refine] < min_confidence
+        is_unknown = low | far
+        if parent_label is not None:
+            is_unknown |= parent_label == UNKNOWN  # no fine label under an unknown coarse one
+        names_ = np.asarray(classes, dtype=object)[label] if len(classes) else np.full(n, UNKNOWN, dtype=object)
+        if unknown:
+            names_ = np.where(is_unknown, UNKNOWN, names_)
+        key = f"{key_added}_{level}"
+        table[key] = pd.Categorical(names_, categories=[*classes, UNKNOWN])
+        table[f"{key}_confidence"] = confidence.astype(np.float32)
+        table[f"{key}_margin"] = margin.astype(np.float32)
+        table[f"{key}_unknown"] = is_unknown
+        info["unknown"][level] = int(is_unknown.sum())
+        info["refined"][level] = int(refine.sum())
+        probabilities[level] = pd.DataFrame(proba, index=obs.index, columns=classes)
+        parent_label = np.asarray(names_, dtype=object)
+    table[f"{key_added}_distance"] = distance.astype(np.float32)
+    logg.info(f"    finished: {', '.join(f'{k}: {v:,} Unknown' for k, v in info['unknown'].items())}", time=start)
+    if return_table or is_path:
+        return table
+    for column in table.columns:
+        target.obs[column] = table[column].to_numpy() if table[column].dtype != "category" else table[column]
+    for level, frame in probabilities.items():
+        target.obsm[f"{key_added}_{level}_proba"] = frame
+    if project:
+        for key, parts in projections.items():
+            target.obsm[f"X_{key_added}_{key.removeprefix('X_')}"] = np.concatenate(parts)
+    meta = dict(target.uns.get(key_added, {}))
+    meta["annotation"] = {**info, "model_dir": str(annotator.path) if annotator.path else ""}
+    target.uns[key_added] = meta
+    return target if copy else None

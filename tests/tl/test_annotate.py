@@ -1,0 +1,104 @@
+"""cm.tl.annotate: gene alignment by name, chunked and backed queries, outputs, scanpy's copy habits."""
+
+from __future__ import annotations
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+
+import cellmint as cm
+
+QUICK = {"hidden": (64,), "max_epochs": 6, "lr": 1e-3, "batch_size": 64, "progress": False}
+
+
+@pytest.fixture(scope="module")
+def trained():
+    adata = cm.datasets.synthetic(1200, 150, n_cell_types=4, n_subtypes=2, random_state=3, progress=False)
+    model = cm.tl.train_annotator(adata, ["cell_type", "cell_subtype"], **QUICK)
+    query = cm.datasets.synthetic(300, 150, n_cell_types=4, n_subtypes=2, random_state=3, progress=False)
+    return model, query
+
+
+def test_writes_labels_confidence_margin_unknown_and_probabilities(trained):
+    model, query = trained
+    query = query.copy()
+    assert cm.tl.annotate(query, model, progress=False) is None
+    for level in ("cell_type", "cell_subtype"):
+        labels = query.obs[f"cellmint_{level}"]
+        assert list(labels.cat.categories) == [*model.classes[level], "Unknown"]
+        proba = query.obsm[f"cellmint_{level}_proba"]
+        assert list(proba.columns) == model.classes[level]
+        np.testing.assert_allclose(proba.sum(axis=1), 1, atol=1e-5)
+        assert query.obs[f"cellmint_{level}_confidence"].between(0, 1).all()
+        assert (query.obs[f"cellmint_{level}_margin"] >= 0).all()
+        assert query.obs[f"cellmint_{level}_unknown"].dtype == bool
+    # cells called Unknown are where the errors are: the model's own label is right less often there
+    unknown = query.obs["cellmint_cell_type_unknown"].to_numpy()
+    raw = np.asarray(model.classes["cell_type"])[query.obsm["cellmint_cell_type_proba"].to_numpy().argmax(1)]
+    correct = raw == query.obs["cell_type"].astype(str).to_numpy()
+    assert 0 < unknown.sum() < len(unknown)
+    assert correct[~unknown].mean() > max(0.7, correct[unknown].mean())
+    # hierarchy: every fine label lies under the coarse label given to the same cell
+    parents = model.hierarchy["cell_subtype"]["parents"]
+    fine, coarse = query.obs["cellmint_cell_subtype"].astype(str), query.obs["cellmint_cell_type"].astype(str)
+    assigned = fine != "Unknown"
+    assert all(parents[f] == c for f, c in zip(fine[assigned], coarse[assigned], strict=True))
+    assert query.uns["cellmint"]["annotation"]["overlap"]["fraction"] == 1.0
+
+
+def test_gene_order_and_extra_genes_do_not_change_anything(trained):
+    model, query = trained
+    reference = cm.tl.annotate(query, model, return_table=True, progress=False)
+    rng = np.random.default_rng(0)
+    shuffled = query[:, rng.permutation(query.n_vars)].copy()
+    extra = ad.AnnData(np.ones((query.n_obs, 5), dtype=np.float32), obs=query.obs[[]])
+    extra.var_names = [f"unrelated{i}" for i in range(5)]
+    wider = ad.concat([shuffled, extra], axis=1, merge="first")
+    wider.obs = query.obs.copy()
+    table = cm.tl.annotate(wider, model, return_table=True, progress=False)
+    for level in ("cell_type", "cell_subtype"):
+        assert (table[f"cellmint_{level}"] == reference[f"cellmint_{level}"]).all()
+    # extra genes raise each cell's library size, so confidences move a little; labels do not
+    assert np.abs(table["cellmint_cell_type_confidence"] - reference["cellmint_cell_type_confidence"]).max() < 0.2
+
+
+def test_overlap_floor_and_warning(trained):
+    model, query = trained
+    none = query.copy()
+    none.var_names = [f"other{i}" for i in range(none.n_vars)]
+    with pytest.raises(ValueError, match="Only 0 of the model's 150 genes"):
+        cm.tl.annotate(none, model, progress=False)
+    partial = query[:, :90].copy()  # 60% of the genes
+    with pytest.warns(UserWarning, match="Only 60% of the model's genes"):
+        cm.tl.annotate(partial, model, progress=False)
+    assert partial.uns["cellmint"]["annotation"]["overlap"]["n_found"] == 90
+
+
+def test_backed_path_and_in_memory_agree(trained, tmp_path):
+    model, query = trained
+    path = tmp_path / "q.h5ad"
+    query.write_h5ad(path)
+    in_memory = cm.tl.annotate(query, model, return_table=True, progress=False)
+    backed = ad.read_h5ad(path, backed="r")
+    from_backed = cm.tl.annotate(backed, model, return_table=True, chunk_size=70, progress=False)
+    from_path = cm.tl.annotate(path, model, progress=False)
+    backed.file.close()
+    pd.testing.assert_frame_equal(from_backed, in_memory)
+    pd.testing.assert_frame_equal(from_path, in_memory)
+
+
+def test_copy_and_return_table_follow_scanpy(trained, tmp_path):
+    model, query = trained
+    original = query.copy()
+    annotated = cm.tl.annotate(original, model, copy=True, progress=False)
+    assert "cellmint_cell_type" in annotated.obs
+    assert "cellmint_cell_type" not in original.obs  # copy=True leaves the input alone
+    table = cm.tl.annotate(original, model, return_table=True, progress=False)
+    assert "cellmint_cell_type" not in original.obs
+    pd.testing.assert_series_equal(table["cellmint_cell_type"], annotated.obs["cellmint_cell_type"])
+    model.save(tmp_path / "m")
+    from_folder = cm.tl.annotate(original, tmp_path / "m", return_table=True, progress=False)
+    pd.testing.assert_frame_equal(from_folder, table)
+    with pytest.raises(ValueError, match="knn must be"):
+        cm.tl.annotate(original, model, knn="sometimes")
