@@ -102,3 +102,16 @@ def test_copy_and_return_table_follow_scanpy(trained, tmp_path):
     pd.testing.assert_frame_equal(from_folder, table)
     with pytest.raises(ValueError, match="knn must be"):
         cm.tl.annotate(original, model, knn="sometimes")
+
+
+def test_a_reference_class_called_unknown_needs_another_unknown_label(trained):
+    model, query = trained
+    classes = dict(model.classes)
+    model.classes = {**classes, "cell_type": ["Unknown", *classes["cell_type"][1:]]}  # e.g. CBMC's unassigned cells
+    try:
+        with pytest.raises(ValueError, match="has a class named 'Unknown'"):
+            cm.tl.annotate(query, model, progress=False)
+        table = cm.tl.annotate(query, model, unknown_label="unassigned", return_table=True, progress=False)
+        assert "unassigned" in table["cellmint_cell_type"].cat.categories
+    finally:
+        model.classes = classes

@@ -125,6 +125,7 @@ def annotate(
     min_margin: float = 0.1,
     max_distance: float | str = "auto",
     project: bool = True,
+    unknown_label: str = UNKNOWN,
     device: str = "auto",
     copy: bool = False,
     return_table: bool = False,
@@ -166,6 +167,9 @@ def annotate(
         its validation cells lie).
     project
         Write the model's embedding projections (models trained with ``embedding_keys``).
+    unknown_label
+        The label of cells not trusted at a level; it must differ from every class of the model (some
+        references have a class of unassigned cells called "Unknown": pass another name then).
     {doc_device}
     {doc_copy}
     return_table
@@ -190,6 +194,10 @@ def annotate(
         raise ValueError(f"knn must be 'low_confidence', 'all' or 'off', not {knn!r}.")
     is_path = isinstance(adata, str | Path)
     annotator = _resolve_model(adata if not is_path else None, model, key_added)
+    clashes = [level for level, classes in annotator.classes.items() if unknown_label in classes]
+    if clashes:
+        raise ValueError(f"The model has a class named {unknown_label!r} (level {clashes[0]!r}); pass another "
+                         "unknown_label= so that untrusted cells stay distinguishable.")  # fmt: skip
     target = adata.copy() if copy and not is_path else adata
     if is_path:
         from .._utils._chunks import open_root
@@ -248,7 +256,7 @@ def annotate(
         if tree is not None and parent_label is not None:  # keep the levels consistent: children of the coarse label
             parents = np.array([tree["parents"].get(c, "") for c in classes], dtype=object)
             # under an Unknown coarse label the fine probabilities stay as they are (the fine label is Unknown too)
-            allowed = (parents[None, :] == parent_label[:, None]) | (parent_label == UNKNOWN)[:, None]
+            allowed = (parents[None, :] == parent_label[:, None]) | (parent_label == unknown_label)[:, None]
             proba = np.where(allowed, proba, 0.0)
             total = proba.sum(axis=1, keepdims=True)
             proba = np.divide(proba, total, out=np.zeros_like(proba), where=total > 0)
@@ -269,12 +277,12 @@ def annotate(
             low[refine] = confidence[refine] < min_confidence
         is_unknown = low | far
         if parent_label is not None:
-            is_unknown |= parent_label == UNKNOWN  # no fine label under an unknown coarse one
-        names_ = np.asarray(classes, dtype=object)[label] if len(classes) else np.full(n, UNKNOWN, dtype=object)
+            is_unknown |= parent_label == unknown_label  # no fine label under an unknown coarse one
+        names_ = np.asarray(classes, dtype=object)[label] if len(classes) else np.full(n, unknown_label, dtype=object)
         if unknown:
-            names_ = np.where(is_unknown, UNKNOWN, names_)
+            names_ = np.where(is_unknown, unknown_label, names_)
         key = f"{key_added}_{level}"
-        table[key] = pd.Categorical(names_, categories=[*classes, UNKNOWN])
+        table[key] = pd.Categorical(names_, categories=[*classes, unknown_label])
         table[f"{key}_confidence"] = confidence.astype(np.float32)
         table[f"{key}_margin"] = margin.astype(np.float32)
         table[f"{key}_unknown"] = is_unknown
