@@ -1,3 +1,5 @@
 """Plotting: the figures a biologist checks before trusting results (``cm.pl``)."""
 
-__all__: list[str] = []
+from ._confidence import confidence
+
+__all__ = ["confidence"]

@@ -1,0 +1,163 @@
+"""``cm.pl.confidence``: the plots to check before trusting labels from ``cm.tl.annotate``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from .._utils._docs import doc_params
+from ..models._metrics import expected_calibration_error
+
+KINDS = ("violin", "hist", "reliability", "confusion", "embedding")
+
+
+def _level(obs: pd.DataFrame, key: str, level: str | None) -> str:
+    levels = [c[len(key) + 1 : -len("_confidence")] for c in obs.columns
+              if c.startswith(f"{key}_") and c.endswith("_confidence")]  # fmt: skip
+    if not levels:
+        raise KeyError(f"adata.obs has no {key}_<level>_confidence column: run cm.tl.annotate(adata, ..., "
+                       f"key_added={key!r}) first.")  # fmt: skip
+    if level is None:
+        return levels[0]
+    if level not in levels:
+        raise KeyError(f"No annotation level {level!r} under key {key!r}; levels: {levels}.")
+    return level
+
+
+def _palette(adata, column: str, categories: list) -> dict:
+    import scanpy as sc
+
+    colors = adata.uns.get(f"{column}_colors")
+    if colors is None or len(colors) < len(categories):
+        colors = sc.pl.palettes.default_20 if len(categories) <= 20 else sc.pl.palettes.default_102
+    return {c: colors[i % len(colors)] for i, c in enumerate(categories)}
+
+
+@doc_params()
+def confidence(
+    adata: Any,
+    key: str = "cellmint",
+    level: str | None = None,
+    *,
+    kind: str = "violin",
+    groupby: str | None = None,
+    truth_key: str | None = None,
+    basis: str = "umap",
+    threshold: float | None = None,
+    ax: Any = None,
+    show: bool | None = None,
+    return_fig: bool = False,
+):
+    """Plot the confidence of labels from :func:`cellmint.tl.annotate`.
+
+    Parameters
+    ----------
+    adata
+        An AnnData annotated by :func:`cellmint.tl.annotate`.
+    key
+        The ``key_added`` of the annotation.
+    level
+        Label level (default: the first annotated).
+    kind
+        ``"violin"``: confidence per predicted label (or ``groupby``); ``"hist"``: distribution of
+        confidence, split by correct/wrong when ``truth_key`` is given, else by Unknown; ``"reliability"``:
+        accuracy of the model's most probable class against its calibrated probability
+        (``obsm[f"{{key}}_{{level}}_proba"]``, before nearest-neighbour refinement and Unknown calls) in
+        10 bins, with the ECE (needs ``truth_key``); ``"confusion"``: true
+        against predicted labels, each row normalised (needs ``truth_key``); ``"embedding"``: cells in
+        ``obsm[f"X_{{basis}}"]`` coloured by confidence.
+    groupby
+        ``obs`` column to group the violins by (default: the predicted label).
+    truth_key
+        ``obs`` column of the true labels, for the reliability and confusion plots and a correct/wrong
+        histogram.
+    basis
+        Embedding of the ``"embedding"`` plot.
+    threshold
+        Confidence threshold drawn as a line (default: the ``min_confidence`` annotate used).
+    ax
+        Matplotlib axes to draw into (a new figure otherwise).
+    show
+        Show the figure (``None``: as matplotlib's interactive mode says).
+    return_fig
+        Return the figure.
+
+    Returns
+    -------
+    The figure with ``return_fig=True``; the axes with ``show=False``; otherwise ``None``.
+    """
+    import matplotlib.pyplot as plt
+    import seaborn as sns
+
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, not {kind!r}.")
+    obs = adata.obs
+    level = _level(obs, key, level)
+    column = f"{key}_{level}"
+    conf = obs[f"{column}_confidence"].to_numpy(dtype=float)
+    predicted = obs[column].astype(str).to_numpy()
+    if truth_key is not None and truth_key not in obs.columns:
+        raise KeyError(f"adata.obs has no truth column {truth_key!r}.")
+    if kind in ("reliability", "confusion") and truth_key is None:
+        raise ValueError(f"kind={kind!r} needs truth_key=, the obs column of the true labels.")
+    if threshold is None:
+        threshold = adata.uns.get(key, {}).get("annotation", {}).get("min_confidence")
+    fig, ax = (ax.figure, ax) if ax is not None else plt.subplots(figsize=(6, 4))
+    if kind == "violin":
+        group = obs[groupby].astype(str) if groupby is not None else pd.Series(predicted, index=obs.index)
+        order = sorted(group.unique())
+        frame = pd.DataFrame({"group": group.to_numpy(), "confidence": conf})
+        sns.violinplot(data=frame, x="group", y="confidence", hue="group", order=order, palette=_palette(
+            adata, groupby or column, order), cut=0, inner="quartile", legend=False, ax=ax)  # fmt: skip
+        ax.set_xlabel(groupby or f"predicted {level}")
+        ax.tick_params(axis="x", labelrotation=90)
+    elif kind == "hist":
+        if truth_key is not None:
+            split = np.where(predicted == obs[truth_key].astype(str).to_numpy(), "correct", "wrong")
+        else:
+            split = np.where(obs[f"{column}_unknown"].to_numpy(), "Unknown", "labelled")
+        frame = pd.DataFrame({"confidence": conf, "cells": split})
+        sns.histplot(data=frame, x="confidence", hue="cells", bins=20, binrange=(0, 1), multiple="stack", ax=ax)
+    elif kind == "reliability":
+        proba = adata.obsm[f"{column}_proba"]
+        truth = obs[truth_key].astype(str).to_numpy()
+        top = np.asarray(proba.columns.astype(str))[proba.to_numpy().argmax(axis=1)]
+        top_conf = proba.to_numpy().max(axis=1)
+        correct = top == truth
+        bins = np.minimum((top_conf * 10).astype(int), 9)
+        table = pd.DataFrame({"bin": bins, "confidence": top_conf, "correct": correct}).groupby("bin").mean()
+        ax.plot([0, 1], [0, 1], ls="--", color="grey", lw=1)
+        ax.bar((table.index + 0.5) / 10, table["correct"], width=0.1, edgecolor="black", alpha=0.7, label="accuracy")
+        ax.plot(table["confidence"], table["correct"], "o", color="black", label="mean confidence")
+        ece = expected_calibration_error(top_conf, correct, n_bins=10)
+        ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="confidence", ylabel="accuracy", title=f"{level}: ECE {ece:.3f}")
+        ax.legend(loc="upper left", frameon=False)
+    elif kind == "confusion":
+        truth = obs[truth_key].astype(str)
+        table = pd.crosstab(truth, pd.Series(predicted, index=obs.index, name="predicted"), normalize="index")
+        sns.heatmap(table, vmin=0, vmax=1, cmap="Blues", annot=len(table) <= 15, fmt=".2f", ax=ax,
+                    cbar_kws={"label": "share of true cells"})  # fmt: skip
+        ax.set(xlabel=f"predicted {level}", ylabel=truth_key)
+    else:
+        name = f"X_{basis}"
+        if name not in adata.obsm:
+            raise KeyError(f"adata.obsm has no {name!r}; compute it (e.g. sc.tl.umap) or pick another basis.")
+        xy = np.asarray(adata.obsm[name])[:, :2]
+        order = np.argsort(conf)[::-1]  # least confident on top
+        points = ax.scatter(xy[order, 0], xy[order, 1], c=conf[order], s=8, cmap="viridis", vmin=0, vmax=1)
+        fig.colorbar(points, ax=ax, label=f"{level} confidence")
+        ax.set(xlabel=f"{basis}1", ylabel=f"{basis}2", xticks=[], yticks=[])
+    if threshold is not None and kind in ("violin", "hist"):
+        (ax.axhline if kind == "violin" else ax.axvline)(threshold, ls="--", color="red", lw=1)
+    if kind != "reliability":
+        ax.set_title(f"{level}: {kind}" if kind != "violin" else f"{level}: confidence")
+    fig.tight_layout()
+    if return_fig:
+        return fig
+    if show is False:
+        return ax
+    if show or plt.isinteractive():
+        plt.show()
+    return None

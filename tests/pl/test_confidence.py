@@ -1,0 +1,64 @@
+"""cm.pl.confidence: every kind draws what it says; image comparison against saved baselines (dpi 40)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+import numpy as np
+import pytest
+
+import cellmint as cm
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+from matplotlib.testing.compare import compare_images
+
+BASELINES = Path(__file__).parent / "_images"
+
+
+@pytest.fixture(scope="module")
+def annotated():
+    adata = cm.datasets.synthetic(600, 120, n_cell_types=4, random_state=5, progress=False)
+    model = cm.tl.train_annotator(adata, "cell_type", hidden=(32,), max_epochs=4, lr=1e-3, progress=False)
+    cm.tl.annotate(adata, model, progress=False)
+    adata.obsm["X_umap"] = np.random.default_rng(0).normal(size=(adata.n_obs, 2))
+    return adata
+
+
+@pytest.mark.parametrize("kind", ["violin", "hist", "reliability", "confusion", "embedding"])
+def test_every_kind_draws(annotated, kind):
+    fig = cm.pl.confidence(annotated, kind=kind, truth_key="cell_type", return_fig=True)
+    ax = fig.axes[0]
+    assert ax.has_data()
+    if kind == "reliability":
+        assert ax.get_title().startswith("cell_type: ECE ")
+    if kind == "confusion":
+        assert [t.get_text() for t in ax.get_yticklabels()] == sorted(annotated.obs["cell_type"].astype(str).unique())
+    plt.close(fig)
+
+
+@pytest.mark.parametrize("kind", ["reliability", "confusion"])
+def test_images_match_the_baselines(annotated, kind, tmp_path):
+    fig = cm.pl.confidence(annotated, kind=kind, truth_key="cell_type", return_fig=True)
+    actual = tmp_path / f"{kind}.png"
+    fig.savefig(actual, dpi=40)
+    plt.close(fig)
+    expected = BASELINES / f"confidence_{kind}.png"
+    if not expected.exists():  # pragma: no cover - writing a new baseline is a deliberate, reviewed step
+        pytest.fail(f"no baseline {expected}; inspect {actual} and copy it there")
+    assert compare_images(str(expected), str(actual), tol=15) is None
+
+
+def test_axes_show_and_errors(annotated):
+    _, ax = plt.subplots()
+    assert cm.pl.confidence(annotated, ax=ax, show=False) is ax
+    plt.close("all")
+    with pytest.raises(ValueError, match="needs truth_key"):
+        cm.pl.confidence(annotated, kind="reliability")
+    with pytest.raises(ValueError, match="kind must be one of"):
+        cm.pl.confidence(annotated, kind="pie")
+    with pytest.raises(KeyError, match="run cm.tl.annotate"):
+        cm.pl.confidence(annotated, key="other")
+    with pytest.raises(KeyError, match="obsm has no 'X_tsne'"):
+        cm.pl.confidence(annotated, kind="embedding", basis="tsne")
