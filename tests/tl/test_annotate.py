@@ -115,3 +115,17 @@ def test_a_reference_class_called_unknown_needs_another_unknown_label(trained):
         assert "unassigned" in table["cellmint_cell_type"].cat.categories
     finally:
         model.classes = classes
+
+
+def test_soft_majority_vote_over_clusters(trained):
+    model, query = trained
+    query = query.copy()
+    query.obs["cluster"] = query.obs["cell_type"].astype(str)  # a clustering that found the types
+    cm.tl.annotate(query, model, cluster_key="cluster", progress=False)
+    majority = query.obs["cellmint_cell_type_majority"]
+    assert (majority.groupby(query.obs["cluster"], observed=True).nunique() == 1).all()  # one label per cluster
+    proba = query.obsm["cellmint_cell_type_proba"]
+    for cells in query.obs.groupby("cluster", observed=True).groups.values():
+        assert majority[cells[0]] == proba.loc[cells].sum().idxmax()
+    with pytest.raises(KeyError, match="no cluster column 'leiden'"):
+        cm.tl.annotate(query, model, cluster_key="leiden")

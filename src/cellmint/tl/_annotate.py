@@ -125,6 +125,7 @@ def annotate(
     min_margin: float = 0.1,
     max_distance: float | str = "auto",
     project: bool = True,
+    cluster_key: str | None = None,
     unknown_label: str = UNKNOWN,
     device: str = "auto",
     copy: bool = False,
@@ -167,6 +168,10 @@ def annotate(
         its validation cells lie).
     project
         Write the model's embedding projections (models trained with ``embedding_keys``).
+    cluster_key
+        ``obs`` column of an existing clustering (e.g. ``"leiden"``): also label each cluster by a soft
+        majority vote — the class with the largest summed probability over the cluster's cells — in
+        ``obs[f"{{key_added}}_{{level}}_majority"]``.
     unknown_label
         The label of cells not trusted at a level; it must differ from every class of the model (some
         references have a class of unassigned cells called "Unknown": pass another name then).
@@ -185,11 +190,14 @@ def annotate(
     - ``obs[f"{{key_added}}_{{level}}_confidence"]``, ``..._margin`` (float), ``..._unknown`` (bool);
     - ``obsm[f"{{key_added}}_{{level}}_proba"]``: calibrated probabilities (DataFrame, classes as columns).
 
-    Also ``obs[f"{{key_added}}_distance"]`` (latent distance to the nearest reference cell),
+    With ``cluster_key``, also ``obs[f"{{key_added}}_{{level}}_majority"]`` per level. Also
+    ``obs[f"{{key_added}}_distance"]`` (latent distance to the nearest reference cell),
     ``obsm[f"X_{{key_added}}_{{name}}"]`` for each projected embedding, and
     ``uns[key_added]["annotation"]`` (model folder, gene overlap, thresholds, counts of Unknown and
     refined cells).
     """
+    if cluster_key is not None and (isinstance(adata, str | Path) or cluster_key not in adata.obs.columns):
+        raise KeyError(f"adata.obs has no cluster column {cluster_key!r}.")
     if knn not in ("low_confidence", "all", "off"):
         raise ValueError(f"knn must be 'low_confidence', 'all' or 'off', not {knn!r}.")
     is_path = isinstance(adata, str | Path)
@@ -289,6 +297,11 @@ def annotate(
         info["unknown"][level] = int(is_unknown.sum())
         info["refined"][level] = int(refine.sum())
         probabilities[level] = pd.DataFrame(proba, index=obs.index, columns=classes)
+        if cluster_key is not None:  # soft majority vote: summed probabilities per cluster
+            clusters = obs[cluster_key].astype(str)
+            votes_per_cluster = probabilities[level].groupby(clusters.to_numpy()).sum()
+            winner = votes_per_cluster.idxmax(axis=1)
+            table[f"{key}_majority"] = pd.Categorical(clusters.map(winner).to_numpy(), categories=classes)
         parent_label = np.asarray(names_, dtype=object)
     table[f"{key_added}_distance"] = distance.astype(np.float32)
     logg.info(f"    finished: {', '.join(f'{k}: {v:,} Unknown' for k, v in info['unknown'].items())}", time=start)
