@@ -62,3 +62,39 @@ def test_datasets_command_with_shared_data_dir(shared_data, capsys, tmp_path, mo
     monkeypatch.setenv("CELLMINT_CACHE_DIR", str(tmp_path))
     assert main(["datasets", "pbmc3k", "cbmc_citeseq", "--data-dir", str(shared_data)]) == 0
     assert "2 dataset(s) verified" in capsys.readouterr().out
+
+
+def test_build_store_train_annotate_pipeline(tmp_path, capsys):
+    import anndata as ad
+    import numpy as np
+    import pandas as pd
+
+    import cellmint as cm
+
+    reference = cm.datasets.synthetic(800, 100, n_cell_types=3, n_donors=8, random_state=1, progress=False)
+    reference.write_h5ad(tmp_path / "ref.h5ad")
+    store, model = tmp_path / "ref.zarr", tmp_path / "model"
+    assert main(["build-store", str(store), str(tmp_path / "ref.h5ad"), "--label-keys", "cell_type",
+                 "--group-key", "donor", "--no-progress"]) == 0  # fmt: skip
+    assert "800 cells × 100 genes" in capsys.readouterr().out
+    assert main(["train", str(store), str(model), "--label-keys", "cell_type", "--max-epochs", "3",
+                 "--no-progress"]) == 0  # fmt: skip
+    out = capsys.readouterr().out
+    assert "cell_type: accuracy" in out
+    assert (model / "manifest.json").is_file()
+    query = cm.datasets.synthetic(200, 100, n_cell_types=3, random_state=2, progress=False)
+    query.write_h5ad(tmp_path / "query.h5ad")
+    assert main(["annotate", str(tmp_path / "query.h5ad"), str(model), str(tmp_path / "labels.csv")]) == 0
+    table = pd.read_csv(tmp_path / "labels.csv", index_col=0)
+    assert list(table.index) == list(ad.read_h5ad(tmp_path / "query.h5ad").obs_names)
+    assert {"cellmint_cell_type", "cellmint_cell_type_confidence", "cellmint_cell_type_unknown"} <= set(table)
+    assert np.isfinite(table["cellmint_cell_type_confidence"]).all()
+    assert main(["annotate", str(tmp_path / "query.h5ad"), str(tmp_path / "nothing"), str(tmp_path / "x.csv")]) == 2
+    assert "not a cellmint model folder" in capsys.readouterr().err
+
+
+def test_pipeline_commands_have_help():
+    for command in ("build-store", "train", "annotate"):
+        with pytest.raises(SystemExit) as exit_info:
+            main([command, "--help"])
+        assert exit_info.value.code == 0

@@ -1,7 +1,8 @@
 """The ``cellmint`` command line: pipeline steps for scripts and schedulers.
 
 ``cellmint datasets`` checks and summarises the real datasets cellmint ships or can find;
-``cellmint synthetic`` writes a synthetic counts matrix to h5ad, streamed with bounded memory.
+``cellmint synthetic`` writes a synthetic counts matrix to h5ad, streamed with bounded memory;
+``cellmint build-store``, ``train`` and ``annotate`` run the main steps on files, for pipelines.
 """
 
 from __future__ import annotations
@@ -92,6 +93,49 @@ def _cmd_synthetic(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_build_store(args: argparse.Namespace) -> int:
+    from .pp import build_store
+
+    store = build_store(args.inputs, args.store, genes=args.genes, label_keys=args.label_keys,
+                        group_key=args.group_key, layer=args.layer, overwrite=args.overwrite,
+                        random_state=args.seed, progress=args.progress)  # fmt: skip
+    print(store)
+    print(f"verified: {store.verify()}")
+    return 0
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    import anndata as ad
+
+    from .store import Store
+    from .tl import train_annotator
+
+    source = Path(args.data)
+    data = Store(source) if (source / "manifest.json").is_file() else ad.read_h5ad(source, backed="r")
+    model = train_annotator(data, args.label_keys, split=args.split, model_dir=args.model, layer=args.layer,
+                            max_epochs=args.max_epochs, device=args.device, random_state=args.seed,
+                            progress=args.progress)  # fmt: skip
+    print(model)
+    for level, report in model.metrics.items():
+        print(f"{level}: accuracy {report['accuracy']:.3f}, macro-F1 {report['macro_f1']:.3f}, "
+              f"ECE {report['ece']:.3f} ({report['evaluated_on']}, {report['n_cells']:,} cells)")  # fmt: skip
+    print(f"saved to {args.model}")
+    return 0
+
+
+def _cmd_annotate(args: argparse.Namespace) -> int:
+    from .tl import annotate
+
+    table = annotate(args.query, args.model, layer=args.layer, key_added=args.key, device=args.device,
+                     progress=args.progress)  # fmt: skip
+    table.to_csv(args.out)
+    for column in table.columns:
+        if column.endswith("_unknown"):
+            print(f"{column[: -len('_unknown')]}: {int(table[column].sum()):,} of {len(table):,} cells Unknown")
+    print(f"wrote {args.out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``cellmint`` command (exposed for the docs and tests)."""
     from . import __version__
@@ -118,6 +162,41 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing file")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None, help="force the progress bar")
     p.set_defaults(func=_cmd_synthetic)
+
+    progress = {"action": argparse.BooleanOptionalAction, "default": None, "help": "force the progress bar"}
+    p = sub.add_parser("build-store", help="build (or resume) a training store from .h5ad/.zarr/10x inputs")
+    p.add_argument("store", type=Path, help="store folder to write (.zarr)")
+    p.add_argument("inputs", nargs="+", help="input files: .h5ad, .zarr, 10x .h5 or mtx folders")
+    p.add_argument("--label-keys", nargs="*", default=[], help="obs columns of labels, coarse to fine")
+    p.add_argument("--group-key", help="obs column kept whole by splits (e.g. donor)")
+    p.add_argument("--genes", help="'intersection', 'union' or a boolean var column (default: same genes)")
+    p.add_argument("--layer", help="layer holding the raw counts (default: X)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the default split (default: 0)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing store")
+    p.add_argument("--progress", **progress)
+    p.set_defaults(func=_cmd_build_store)
+
+    p = sub.add_parser("train", help="train an annotator from a store or an .h5ad file")
+    p.add_argument("data", help="store folder or .h5ad file")
+    p.add_argument("model", type=Path, help="model folder to write")
+    p.add_argument("--label-keys", nargs="+", required=True, help="label levels, coarse to fine")
+    p.add_argument("--split", default="default", help="store split, or obs column of train/val/test")
+    p.add_argument("--layer", help=".h5ad layer to train on (default: X)")
+    p.add_argument("--max-epochs", type=int, default=60, help="passes over the training cells (default: 60)")
+    p.add_argument("--device", default="auto", help="torch device (default: auto)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    p.add_argument("--progress", **progress)
+    p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("annotate", help="annotate an .h5ad query with a model folder; results to CSV")
+    p.add_argument("query", type=Path, help="query .h5ad (read chunk by chunk)")
+    p.add_argument("model", type=Path, help="model folder written by `cellmint train`")
+    p.add_argument("out", type=Path, help="CSV file of per-cell labels, confidence, margin, Unknown")
+    p.add_argument("--layer", help="layer to annotate (default: X)")
+    p.add_argument("--key", default="cellmint", help="column prefix (default: cellmint)")
+    p.add_argument("--device", default="auto", help="torch device (default: auto)")
+    p.add_argument("--progress", **progress)
+    p.set_defaults(func=_cmd_annotate)
     return parser
 
 
@@ -126,7 +205,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (FileNotFoundError, FileExistsError, KeyError, ValueError) as err:
+    except (FileNotFoundError, FileExistsError, KeyError, ValueError, RuntimeError) as err:
         print(f"cellmint {args.command}: error: {err}", file=sys.stderr)
         return 2
 
