@@ -98,3 +98,16 @@ def test_pipeline_commands_have_help():
         with pytest.raises(SystemExit) as exit_info:
             main([command, "--help"])
         assert exit_info.value.code == 0
+
+
+def test_demo_runs_the_main_job_end_to_end(tmp_path, capsys):
+    import pandas as pd
+
+    assert main(["demo", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "reference: 300 CEL-seq2 cells of 5 cell lines; query: 210 Drop-seq cells" in out
+    metrics = pd.read_csv(tmp_path / "metrics.csv", index_col=0)
+    assert metrics.loc["Drop-seq query", "macro-F1 (model's labels)"] > 0.9
+    assert metrics.loc["Drop-seq query", "accuracy of labelled cells"] > 0.9
+    assert (tmp_path / "confidence.png").stat().st_size > 10_000
+    assert (tmp_path / "model" / "manifest.json").is_file()

@@ -2,7 +2,8 @@
 
 ``cellmint datasets`` checks and summarises the real datasets cellmint ships or can find;
 ``cellmint synthetic`` writes a synthetic counts matrix to h5ad, streamed with bounded memory;
-``cellmint build-store``, ``train`` and ``annotate`` run the main steps on files, for pipelines.
+``cellmint build-store``, ``train`` and ``annotate`` run the main steps on files, for pipelines;
+``cellmint demo`` runs them end to end on bundled real data.
 """
 
 from __future__ import annotations
@@ -136,6 +137,57 @@ def _cmd_annotate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_demo(args: argparse.Namespace) -> int:
+    """Reference → store → annotator → annotate another technology → metrics and confidence plots."""
+    import time
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from sklearn.metrics import f1_score
+
+    from . import datasets, pl, pp, tl
+
+    t0, out = time.perf_counter(), Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    cells = datasets.cellbench()
+    reference = cells[cells.obs["technology"] == "CEL-seq2"].copy()
+    query = cells[cells.obs["technology"] == "Drop-seq"].copy()
+    print(f"reference: {reference.n_obs} CEL-seq2 cells of {reference.obs['cell_line'].nunique()} cell lines; "
+          f"query: {query.n_obs} Drop-seq cells (another technology)")  # fmt: skip
+    store = pp.build_store(reference, out / "reference.zarr", label_keys=["cell_line"], overwrite=True,
+                           progress=False)  # fmt: skip
+    print(f"store: {store}")
+    model = tl.train_annotator(store, "cell_line", model_dir=out / "model", random_state=args.seed, progress=False)
+    holdout = model.metrics["cell_line"]
+    print(f"model: {model}; holdout ({holdout['evaluated_on']}): accuracy {holdout['accuracy']:.3f}, "
+          f"ECE {holdout['ece_uncalibrated']:.3f} → {holdout['ece']:.3f} after temperature scaling")  # fmt: skip
+    tl.annotate(query, model, progress=False)
+    truth, labels = query.obs["cell_line"].astype(str), query.obs["cellmint_cell_line"].astype(str)
+    unknown = query.obs["cellmint_cell_line_unknown"].to_numpy()
+    raw = np.asarray(model.classes["cell_line"])[query.obsm["cellmint_cell_line_proba"].to_numpy().argmax(1)]
+    table = pd.DataFrame({
+        "cells": [len(truth)],
+        "accuracy (Unknown counted wrong)": [(labels == truth).mean()],
+        "accuracy of labelled cells": [(labels[~unknown] == truth[~unknown]).mean() if (~unknown).any() else np.nan],
+        "macro-F1 (model's labels)": [f1_score(truth, raw, average="macro")],
+        "Unknown": [unknown.mean()],
+        "median confidence": [query.obs["cellmint_cell_line_confidence"].median()],
+    }, index=["Drop-seq query"]).round(3)  # fmt: skip
+    print(table.T.to_string())
+    table.to_csv(out / "metrics.csv")
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    pl.confidence(query, kind="reliability", truth_key="cell_line", ax=axes[0], show=False)
+    pl.confidence(query, kind="confusion", truth_key="cell_line", ax=axes[1], show=False)
+    fig.tight_layout()
+    fig.savefig(out / "confidence.png", dpi=100)
+    plt.close(fig)
+    print(f"wrote {out / 'metrics.csv'}, {out / 'confidence.png'} and the model folder {out / 'model'} "
+          f"in {time.perf_counter() - t0:.0f} s")  # fmt: skip
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``cellmint`` command (exposed for the docs and tests)."""
     from . import __version__
@@ -162,6 +214,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing file")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None, help="force the progress bar")
     p.set_defaults(func=_cmd_synthetic)
+
+    p = sub.add_parser("demo", help="the main job end to end on bundled real data (about a minute)")
+    p.add_argument("--out", default="cellmint-demo", help="folder for the store, model, metrics and plot")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    p.set_defaults(func=_cmd_demo)
 
     progress = {"action": argparse.BooleanOptionalAction, "default": None, "help": "force the progress bar"}
     p = sub.add_parser("build-store", help="build (or resume) a training store from .h5ad/.zarr/10x inputs")
