@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
+from .._utils._files import read_manifest_file
 from ..models._annotator import KIND as ANNOTATOR
 from ..models._annotator import Annotator
 from ..models._artifact import MANIFEST
@@ -25,13 +25,7 @@ def read_model(path: str | Path) -> Any:
     -------
     The model, of the kind its manifest names.
     """
-    file = Path(path) / MANIFEST
-    if not file.is_file():
-        raise FileNotFoundError(f"{path} is not a cellmint model folder: {MANIFEST} is missing.")
-    try:
-        kind = json.loads(file.read_text()).get("kind")
-    except json.JSONDecodeError as err:
-        raise ValueError(f"The manifest of the model at {path} is corrupted: {err}") from err
+    kind = read_manifest_file(path, MANIFEST, what="model folder", noun="model").get("kind")
     if kind not in _KINDS:
         raise ValueError(f"The model at {path} is of kind {kind!r}, which this cellmint cannot read ({list(_KINDS)}).")
     return _KINDS[kind].load(path)

@@ -12,13 +12,13 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from .. import __version__
+from .._utils._files import read_manifest_file, replace_atomically
 
 MANIFEST = "manifest.json"
 WEIGHTS = "weights.pt"
@@ -30,15 +30,6 @@ def sha256_file(path: Path) -> str:
         for block in iter(lambda: fh.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
-
-
-def _atomic_write(path: Path, payload: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as fh:
-        fh.write(payload)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
 
 
 def write_artifact(folder: str | Path, manifest: dict[str, Any], state_dict: dict[str, torch.Tensor],
@@ -53,7 +44,7 @@ def write_artifact(folder: str | Path, manifest: dict[str, Any], state_dict: dic
     torch.save(state_dict, buffer)
     files = {WEIGHTS: buffer.getvalue(), **(extra or {})}
     for name, payload in files.items():
-        _atomic_write(folder / name, payload)
+        replace_atomically(folder / name, payload)
     manifest = {
         "kind": kind,
         "format_version": format_version,
@@ -62,20 +53,14 @@ def write_artifact(folder: str | Path, manifest: dict[str, Any], state_dict: dic
         **manifest,
         "files": {name: hashlib.sha256(payload).hexdigest() for name, payload in files.items()},
     }
-    _atomic_write(folder / MANIFEST, json.dumps(manifest, indent=1).encode())
+    replace_atomically(folder / MANIFEST, json.dumps(manifest, indent=1).encode())
     return manifest
 
 
 def read_artifact(folder: str | Path, *, kind: str, format_version: int) -> tuple[dict, dict[str, torch.Tensor]]:
     """The manifest and weights of a model folder, after checking its kind, format version and checksums."""
     folder = Path(folder)
-    file = folder / MANIFEST
-    if not file.is_file():
-        raise FileNotFoundError(f"{folder} is not a cellmint model folder: {MANIFEST} is missing.")
-    try:
-        manifest = json.loads(file.read_text())
-    except json.JSONDecodeError as err:
-        raise ValueError(f"The manifest of the model at {folder} is corrupted: {err}") from err
+    manifest = read_manifest_file(folder, MANIFEST, what="model folder", noun="model")
     if manifest.get("kind") != kind:
         raise ValueError(f"The model at {folder} is a {manifest.get('kind')!r}, not a {kind!r}.")
     version = manifest.get("format_version")

@@ -23,6 +23,8 @@ from pathlib import Path
 import numcodecs
 import numpy as np
 
+from .._utils._files import replace_atomically
+
 _pools: dict[int, ThreadPoolExecutor] = {}
 _local = threading.local()
 
@@ -49,11 +51,8 @@ def _pool() -> ThreadPoolExecutor:
 
 
 def replace_file(path: Path, payload: bytes) -> None:
-    """Write ``payload`` to ``path`` atomically: readers and crashes see the old file or the new one."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as fh:
-        fh.write(payload)
-    os.replace(tmp, path)
+    """Replace a chunk or ``zarr.json`` atomically (not fsynced: the manifest commit is the durable step)."""
+    replace_atomically(path, payload, durable=False)
 
 
 class ChunkedArray:

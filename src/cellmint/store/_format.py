@@ -32,9 +32,10 @@ readers trust only the manifest, and a resumed build overwrites them. Each batch
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
+
+from .._utils._files import read_manifest_file, replace_atomically
 
 FORMAT_VERSION = 2  # 2: blosc-lz4 chunks written by ``_arrays``, crc32 batch checksums
 MANIFEST = "manifest.json"
@@ -53,13 +54,7 @@ def numeric_codec():
 
 def read_manifest(path: str | Path) -> dict[str, Any]:
     """The manifest of the store at ``path`` (a clear error when it is missing or damaged)."""
-    file = Path(path) / MANIFEST
-    if not file.is_file():
-        raise FileNotFoundError(f"{path} is not a cellmint store: {MANIFEST} is missing.")
-    try:
-        manifest = json.loads(file.read_text())
-    except json.JSONDecodeError as err:
-        raise ValueError(f"The manifest of the store at {path} is corrupted: {err}") from err
+    manifest = read_manifest_file(path, MANIFEST, what="store", noun="store")
     version = manifest.get("format_version")
     if isinstance(version, int) and version > FORMAT_VERSION:
         raise ValueError(
@@ -75,16 +70,5 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
 
 
 def write_manifest(path: str | Path, manifest: dict[str, Any]) -> None:
-    """Atomically replace the manifest: a reader sees the old one or the new one, never half of one."""
-    file = Path(path) / MANIFEST
-    tmp = file.with_name(MANIFEST + ".tmp")
-    with open(tmp, "w") as fh:
-        json.dump(manifest, fh, indent=1)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, file)
-    directory = os.open(Path(path), os.O_RDONLY)
-    try:
-        os.fsync(directory)  # the rename itself is durable
-    finally:
-        os.close(directory)
+    """Atomically and durably replace the manifest: a reader sees the old one or the new one, never half of one."""
+    replace_atomically(Path(path) / MANIFEST, json.dumps(manifest, indent=1).encode())
