@@ -93,11 +93,16 @@ def _zarr_annotations(path: Path) -> ad.AnnData:
     return ad.AnnData(obs=obs, var=var)
 
 
+def without_ensembl_versions(names: pd.Index) -> pd.Index:
+    """Gene names without Ensembl version suffixes (ENSG….12 → ENSG…); other names unchanged."""
+    return pd.Index([_ENSEMBL_VERSION.sub(r"\1", str(n)) for n in names])
+
+
 def gene_names(inp: Input, strip_versions: bool) -> pd.Index:
     """Gene names of an input, with Ensembl version suffixes removed on request (ENSG….12 → ENSG…)."""
     names = pd.Index(inp.adata.var_names.astype(str))
     if strip_versions:
-        names = pd.Index([_ENSEMBL_VERSION.sub(r"\1", n) for n in names])
+        names = without_ensembl_versions(names)
     if not names.is_unique:
         dup = names[names.duplicated()].unique()
         raise ValueError(

@@ -9,7 +9,6 @@ reference cell kept with the model, and optionally a nearest-neighbour vote amon
 
 from __future__ import annotations
 
-import re
 import warnings
 from pathlib import Path
 from typing import Any
@@ -23,13 +22,13 @@ from .._utils._chunks import iter_row_chunks
 from .._utils._device import resolve_device
 from .._utils._docs import doc_params
 from ..models._annotator import Annotator
+from ..store._inputs import without_ensembl_versions
 
 UNKNOWN = "Unknown"
 #: below this share of the model's genes found in the query, annotation refuses to run
 MIN_OVERLAP = 0.3
 #: below this share, a warning says labels may suffer
 WARN_OVERLAP = 0.8
-_ENSEMBL_VERSION = re.compile(r"^(ENS[A-Z]*\d{6,})\.\d+$")
 
 
 def _resolve_model(adata: Any, model: Any, key_added: str) -> Annotator:
@@ -48,8 +47,7 @@ def _resolve_model(adata: Any, model: Any, key_added: str) -> Annotator:
 def align_genes(query: pd.Index, model_genes: pd.Index, *, strip_versions: bool) -> tuple[np.ndarray, dict]:
     """For each model gene, its column in the query (-1: missing), and a summary of the overlap."""
     if strip_versions:
-        query = pd.Index([_ENSEMBL_VERSION.sub(r"\1", str(g)) for g in query])
-        model_genes = pd.Index([_ENSEMBL_VERSION.sub(r"\1", str(g)) for g in model_genes])
+        query, model_genes = without_ensembl_versions(query), without_ensembl_versions(model_genes)
     if not query.is_unique:
         dup = query[query.duplicated()].unique()
         raise ValueError(f"The query's gene names are not unique ({len(dup)}, e.g. {list(dup[:3])}); "
