@@ -68,7 +68,7 @@ def _logits(net, loader, recipe, device, latents: list | None = None) -> tuple[d
             {k: torch.cat(v).numpy() for k, v in embedded.items()})  # fmt: skip
 
 
-def _reference(net, source: TrainingData, train_rows, val_loader, recipe, device, rng, prefetch: bool):
+def _reference(net, source: TrainingData, train_rows, val_latent: torch.Tensor, recipe, device, rng, prefetch: bool):
     """Latent and labels of up to REFERENCE_CELLS training cells, and the open-set distance threshold.
 
     The threshold is the OPEN_SET_QUANTILE quantile of the validation cells' distances to their
@@ -80,9 +80,7 @@ def _reference(net, source: TrainingData, train_rows, val_loader, recipe, device
     loader = source.loader(rows, batch_size=1024, shuffle=False, balance=None, random_state=0, prefetch=prefetch)
     _, _, index, _ = _logits(net, loader, recipe, device, latents)
     reference = torch.cat(latents)
-    val_latents: list = []
-    _logits(net, val_loader, recipe, device, val_latents)
-    blocks = torch.cat(val_latents).split(2048)
+    blocks = val_latent.split(2048)
     nearest = torch.cat([torch.cdist(block, reference).min(dim=1).values for block in blocks])
     threshold = float(torch.quantile(nearest, OPEN_SET_QUANTILE)) if len(nearest) else float("inf")
     codes = {level: values[index].astype(np.int32) for level, values in source.codes.items()}
@@ -332,7 +330,8 @@ def train_annotator(
                     if early_stopping and stale >= early_stopping:
                         break
         net.load_state_dict(best_state)
-        val_logits, val_labels, _, _ = _logits(net, val_loader, recipe, torch_device)
+        val_latents: list = []  # the best weights' validation pass also gives the latents for the open-set threshold
+        val_logits, val_labels, _, _ = _logits(net, val_loader, recipe, torch_device, val_latents)
         temperature = {level: fit_temperature(val_logits[level], val_labels[level]) for level in label_keys}
         metrics = {"validation": _report(val_logits, val_labels, source.classes, temperature)}
         if len(test_rows):
@@ -342,7 +341,8 @@ def train_annotator(
             metrics["test"] = _report(test_logits, test_labels, source.classes, temperature)
             metrics["embedding_r2"] = {key: _r2(values, targets[key][test_index].numpy())
                                        for key, values in test_embedded.items()}  # fmt: skip
-        reference, open_set = _reference(net, source, train_rows, val_loader, recipe, torch_device, rng, prefetch)
+        reference, open_set = _reference(net, source, train_rows, torch.cat(val_latents), recipe, torch_device, rng,
+                                         prefetch)  # fmt: skip
     report = monitor.report
     evaluated = metrics.get("test", metrics["validation"])
     manifest = {
