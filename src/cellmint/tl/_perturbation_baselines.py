@@ -1,0 +1,276 @@
+"""``cm.tl.perturbation_baselines``: simple predictions of perturbed cells that a model has to beat.
+
+Every baseline shifts the control cells of the target context by a delta in log1p-normalised
+expression (``predicted cell = max(control cell + delta, 0)``); the baselines differ in the delta:
+
+- ``control``: none (the perturbation does nothing);
+- ``perturbation_mean``: the perturbation's average effect over the training contexts;
+- ``context_mean``: the average effect of all perturbations in the target context (or, for a context
+  unseen in training, of all training perturbations: cell-eval's "mean" baseline);
+- ``linear``: per perturbation, a ridge regression from a context's control pseudobulk to its
+  perturbed pseudobulk, fitted on the training contexts.
+
+The small readers here (log1p values of chosen rows and genes, cell groups) are shared with
+:func:`~cellmint.tl.evaluate_perturbation`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import torch
+
+from .._utils._docs import doc_params
+from ..models._normalize import InputRecipe, detect_kind, normalize
+
+BASELINES = ("control", "perturbation_mean", "context_mean", "linear")
+#: baselines that need the perturbation among the training cells
+NEED_PERTURBATION = ("perturbation_mean", "linear")
+#: the context of every cell when no context_key is given
+ALL_CELLS = "all"
+
+
+class LogExpression:
+    """Rows of an AnnData's matrix as log1p-normalised values (float64) over a given list of genes.
+
+    Raw counts are normalised with cellmint's one recipe (``log1p(10,000 · x / library size)``, the
+    library size over all of the object's genes); log-normalised values are used as they are. The
+    caller's AnnData is never modified.
+    """
+
+    def __init__(self, adata: ad.AnnData, genes: pd.Index, *, layer: str | None, what: str, kind: str | None = None):
+        if layer is not None and layer not in adata.layers:
+            raise KeyError(f"{what}.layers has no {layer!r}; layers: {list(adata.layers)}.")
+        self.X = adata.X if layer is None else adata.layers[layer]
+        where = f"{what}.X" if layer is None else f"{what}.layers[{layer!r}]"
+        names = pd.Index(adata.var_names.astype(str))
+        if not names.is_unique:
+            dup = names[names.duplicated()].unique()
+            raise ValueError(f"{what}'s gene names are not unique (e.g. {list(dup[:3])}); "
+                             "make them unique (var_names_make_unique()).")  # fmt: skip
+        self.columns = names.get_indexer(genes)
+        if (self.columns < 0).all():
+            raise ValueError(f"{what} shares no gene (var_names) with the reference genes, e.g. {list(genes[:3])}.")
+        if (self.columns < 0).any():
+            missing = list(genes[self.columns < 0])
+            raise ValueError(f"{len(missing)} genes are missing from {what}: {missing[:10]}"
+                             f"{' …' if len(missing) > 10 else ''}.")  # fmt: skip
+        if kind is None:
+            sample = self.X.data if hasattr(self.X, "indptr") else np.asarray(self.X[:2000]).ravel()
+            kind = detect_kind(sample[sample != 0][:1_000_000], where=where)
+        self.recipe = InputRecipe(kind=kind)
+        if kind == "counts":
+            self.library = np.asarray(self.X.sum(axis=1), dtype=np.float64).ravel()
+
+    def rows(self, rows: np.ndarray) -> np.ndarray:
+        block = self.X[rows][:, self.columns]
+        block = np.asarray(block.toarray() if hasattr(block, "toarray") else block, dtype=np.float64)
+        if self.recipe.kind == "lognorm":
+            return block
+        return normalize(torch.from_numpy(block), torch.from_numpy(self.library[rows]), self.recipe).numpy()
+
+    def mean(self, rows: np.ndarray) -> np.ndarray:
+        """Pseudobulk: the mean log1p value of each gene over ``rows``."""
+        return self.rows(rows).mean(axis=0)
+
+
+def cell_groups(obs: pd.DataFrame, perturbation_key: str, context_key: str | None, *, what: str) -> dict:
+    """``{(context, perturbation): row indices}``; labels as strings, context ``"all"`` without ``context_key``."""
+    for key in (perturbation_key, context_key):
+        if key is not None and key not in obs.columns:
+            raise KeyError(f"{what}.obs has no column {key!r}.")
+    perturbation = obs[perturbation_key].astype(str).to_numpy()
+    context = np.full(len(obs), ALL_CELLS) if context_key is None else obs[context_key].astype(str).to_numpy()
+    table = pd.DataFrame({"context": context, "perturbation": perturbation})
+    return {
+        key: np.asarray(rows) for key, rows in table.groupby(["context", "perturbation"], sort=True).indices.items()
+    }
+
+
+def _targets(perturbations, contexts: list[str], context_key: str | None) -> list[tuple[str, str]]:
+    items = [perturbations] if isinstance(perturbations, str) else list(perturbations)
+    if items and all(isinstance(item, tuple) for item in items):
+        if any(len(item) != 2 for item in items):
+            raise ValueError("perturbations must be labels or (context, perturbation) pairs.")
+        pairs = [(ALL_CELLS if context_key is None else str(c), str(p)) for c, p in items]
+        unknown = sorted({c for c, _ in pairs} - set(contexts))
+        if unknown:
+            raise ValueError(f"No control cells in `controls` for the contexts {unknown[:10]}; found {contexts[:10]}.")
+        return list(dict.fromkeys(pairs))
+    return [(c, str(p)) for c in contexts for p in dict.fromkeys(items)]
+
+
+@doc_params()
+def perturbation_baselines(
+    train: ad.AnnData | None,
+    controls: ad.AnnData,
+    perturbations: Sequence[str] | Sequence[tuple[str, str]],
+    *,
+    perturbation_key: str,
+    control: str,
+    context_key: str | None = None,
+    baselines: Sequence[str] = BASELINES,
+    layer: str | None = None,
+    alpha: float = 1.0,
+) -> dict[str, ad.AnnData]:
+    """Predict perturbed cells with simple baselines: the control cells of a context shifted by a delta.
+
+    Every baseline predicts one perturbed cell per control cell of the target context,
+    ``max(control cell + delta, 0)`` in log1p-normalised expression, with the delta of the
+    baseline (pseudobulk = mean log1p value over cells; effect = perturbed − control pseudobulk of
+    the same training context):
+
+    - ``"control"``: delta 0;
+    - ``"perturbation_mean"``: the effect of the perturbation averaged over the training contexts
+      where it was measured;
+    - ``"context_mean"``: the average effect of the perturbations measured in the target context in
+      ``train``; for a context without perturbed training cells, the average effect of all training
+      perturbations and contexts (cell-eval's ``mean`` baseline);
+    - ``"linear"``: per perturbation, a ridge regression (:class:`sklearn.linear_model.Ridge`) from
+      the control pseudobulk of each training context to its perturbed pseudobulk, applied to the
+      target context's control pseudobulk (delta = prediction − that pseudobulk).
+
+    A training context's control pseudobulk comes from its control cells in ``train``, or, when
+    ``train`` has none, from its cells in ``controls``; contexts with neither are not used.
+
+    Parameters
+    ----------
+    train
+        Training cells (control and perturbed cells of the training contexts), raw counts or
+        log1p-normalised values. Only the ``control`` baseline may do without (``None``).
+    controls
+        Control cells of the target contexts; the output genes are its genes. When it has
+        ``obs[perturbation_key]``, only the cells labelled ``control`` are used.
+    perturbations
+        What to predict: perturbation labels (predicted in every context of ``controls``) or
+        ``(context, perturbation)`` pairs.
+    perturbation_key
+        ``obs`` column of the perturbation labels.
+    control
+        The label of control cells in ``obs[perturbation_key]``.
+    context_key
+        ``obs`` column of the context (cell line, patient, donor); ``None``: one context.
+    baselines
+        Which baselines to compute, among ``"control"``, ``"perturbation_mean"``,
+        ``"context_mean"`` and ``"linear"``. ``perturbation_mean`` and ``linear`` need each
+        perturbation in ``train``: a perturbation never seen there is an error naming it.
+    {doc_layer} The same layer is read from ``train`` and ``controls``.
+    alpha
+        Ridge penalty of the ``linear`` baseline.
+
+    Returns
+    -------
+    ``{{baseline: AnnData}}`` in :func:`~cellmint.tl.predict_perturbation`'s format, log1p-normalised
+    values in ``X`` (float32, the genes of ``controls``): the control cells of each target context
+    (``obs["is_predicted"]`` False), then, per ``(context, perturbation)`` pair, one predicted cell
+    per control cell (``is_predicted`` True), with ``obs[perturbation_key]`` and
+    ``obs[context_key]``. ``uns["perturbation_baseline"]`` holds the baseline's name, its
+    parameters and, for ``context_mean``, ``"source"``: per context, ``"context"`` or ``"all"``
+    (which average was used).
+    """
+    unknown = [b for b in baselines if b not in BASELINES]
+    if unknown or not baselines:
+        raise ValueError(f"baselines must be among {BASELINES}, not {list(baselines)}.")
+    if train is None and any(b != "control" for b in baselines):
+        raise ValueError(f"The baselines {[b for b in baselines if b != 'control']} need train=.")
+    genes = pd.Index(controls.var_names.astype(str))
+    target = LogExpression(controls, genes, layer=layer, what="controls")
+    obs = controls.obs
+    if perturbation_key not in obs.columns:
+        obs = obs.assign(**{perturbation_key: str(control)})
+    groups = cell_groups(obs, perturbation_key, context_key, what="controls")
+    control_groups = {key: rows for key, rows in groups.items() if key[1] == str(control)}
+    if not control_groups:
+        raise ValueError(f"`controls` has no cells labelled {control!r} in obs[{perturbation_key!r}].")
+    target_rows = {c: rows for (c, _), rows in control_groups.items()}
+    pairs = _targets(perturbations, sorted(target_rows), context_key)
+    target_bulk = {c: target.mean(rows) for c, rows in target_rows.items()}
+    effects = {} if train is None else _training_effects(train, genes, perturbation_key, str(control), context_key,
+                                                         layer, target_bulk)  # fmt: skip
+    needed = [b for b in baselines if b in NEED_PERTURBATION]
+    seen = {p for _, p in effects.get("delta", {})}
+    missing = sorted({p for _, p in pairs} - seen) if needed else []
+    if missing:
+        raise ValueError(f"The baselines {needed} need each perturbation in train (with control cells in its "
+                         f"context); not found there: {missing[:10]}.")  # fmt: skip
+    out = {}
+    for baseline in baselines:
+        deltas, source = _deltas(baseline, pairs, effects, target_bulk, alpha)
+        out[baseline] = _assemble(baseline, pairs, deltas, target, target_rows, controls, genes,
+                                  perturbation_key=perturbation_key, control=str(control), context_key=context_key,
+                                  params={"alpha": alpha, "layer": layer}, source=source)  # fmt: skip
+    return out
+
+
+def _training_effects(train, genes, perturbation_key, control, context_key, layer, target_bulk) -> dict:
+    """Training pseudobulks: ``control[c]``, ``perturbed[(c, p)]`` and ``delta[(c, p)]`` (usable contexts only)."""
+    expression = LogExpression(train, genes, layer=layer, what="train")
+    groups = cell_groups(train.obs, perturbation_key, context_key, what="train")
+    control_bulk = {c: expression.mean(rows) for (c, p), rows in groups.items() if p == control}
+    for c, bulk in target_bulk.items():
+        control_bulk.setdefault(c, bulk)
+    perturbed = {(c, p): expression.mean(rows) for (c, p), rows in groups.items() if p != control and c in control_bulk}
+    delta = {(c, p): bulk - control_bulk[c] for (c, p), bulk in perturbed.items()}
+    return {"control": control_bulk, "perturbed": perturbed, "delta": delta}
+
+
+def _deltas(baseline: str, pairs, effects: dict, target_bulk: dict, alpha: float) -> tuple[list[np.ndarray], dict]:
+    n_genes = len(next(iter(target_bulk.values())))
+    if baseline == "control":
+        return [np.zeros(n_genes) for _ in pairs], {}
+    delta = effects["delta"]
+    if baseline == "perturbation_mean":
+        return [np.mean([d for (_, q), d in delta.items() if q == p], axis=0) for _, p in pairs], {}
+    if baseline == "context_mean":
+        if not delta:
+            raise ValueError("context_mean needs perturbed cells in train (with control cells in their context).")
+        overall = np.mean(list(delta.values()), axis=0)
+        per_context = {c: np.mean([d for (k, _), d in delta.items() if k == c], axis=0) for c in {c for c, _ in delta}}
+        source = {c: "context" if c in per_context else "all" for c, _ in pairs}
+        return [per_context.get(c, overall) for c, _ in pairs], source
+    from sklearn.linear_model import Ridge
+
+    models = {}
+    for p in dict.fromkeys(p for _, p in pairs):
+        contexts = [c for c, q in effects["perturbed"] if q == p]
+        x = np.stack([effects["control"][c] for c in contexts])
+        y = np.stack([effects["perturbed"][(c, p)] for c in contexts])
+        models[p] = Ridge(alpha=alpha).fit(x, y)
+    return [models[p].predict(target_bulk[c][None, :])[0] - target_bulk[c] for c, p in pairs], {}
+
+
+def _assemble(baseline, pairs, deltas, target, target_rows, controls, genes, *, perturbation_key, control,
+              context_key, params, source) -> ad.AnnData:  # fmt: skip
+    contexts = list(dict.fromkeys(c for c, _ in pairs))
+    blocks, names, context, perturbation, predicted = [], [], [], [], []
+    cells = controls.obs_names.astype(str).to_numpy()
+    for c in contexts:
+        rows = target_rows[c]
+        blocks.append(target.rows(rows).astype(np.float32))
+        names += list(cells[rows])
+        context += [c] * len(rows)
+        perturbation += [control] * len(rows)
+        predicted += [False] * len(rows)
+    for (c, p), delta in zip(pairs, deltas, strict=True):
+        rows = target_rows[c]
+        blocks.append(np.maximum(target.rows(rows) + delta, 0.0).astype(np.float32))
+        names += [f"{cell}-{p}" for cell in cells[rows]]
+        context += [c] * len(rows)
+        perturbation += [p] * len(rows)
+        predicted += [True] * len(rows)
+    index = pd.Index(names, dtype=str)
+    if not index.is_unique:  # repeated cell names in `controls`: number the cells
+        index = pd.Index([f"{name}#{i}" for i, name in enumerate(names)], dtype=str)
+    obs = pd.DataFrame({perturbation_key: pd.Categorical(perturbation)}, index=index)
+    if context_key is not None:
+        obs[context_key] = pd.Categorical(context)
+    obs["is_predicted"] = np.asarray(predicted, dtype=bool)
+    adata = ad.AnnData(np.concatenate(blocks), obs=obs, var=pd.DataFrame(index=genes))
+    adata.uns["perturbation_baseline"] = {"method": baseline, "params": {k: v for k, v in params.items()
+                                                                         if v is not None}}  # fmt: skip
+    if source:
+        adata.uns["perturbation_baseline"]["source"] = source
+    return adata
