@@ -65,6 +65,9 @@ def align_genes(query: pd.Index, model_genes: pd.Index, *, strip_versions: bool)
 
 #: references up to this many cells are searched exactly (torch); larger ones through pynndescent
 EXACT_SEARCH = 10_000
+#: with ``chunk_size=None``, cells per chunk such that the chunk densified over the model's genes takes about
+#: this much (4,194 cells for 2,000 genes): the dense chunk and the network's copies of it set peak memory
+DENSE_CHUNK_BYTES = 32 * 2**20
 
 
 class _NearestReference:
@@ -144,7 +147,9 @@ def annotate(
         ``var`` column holding the gene names to match (default: ``var_names``).
     strip_ensembl_versions
         Match ``ENSG….16`` with ``ENSG…``.
-    {doc_chunk_size}
+    chunk_size
+        Cells read and annotated at a time; ``None`` picks enough for about 32 MiB of dense values
+        over the model's genes (4,194 cells for 2,000 genes). Peak memory grows with this number.
     knn
         Nearest-neighbour refinement among the reference cells kept with the model (pynndescent, in
         the model's latent space): ``"low_confidence"`` (cells below ``min_confidence`` or
@@ -230,6 +235,7 @@ def annotate(
     index = None if annotator.reference is None else _NearestReference(annotator.reference["latent"], n_neighbors)
     probabilities = {level: [] for level in annotator.classes}
     projections, distances, votes = {}, [], {level: [] for level in annotator.classes}
+    chunk_size = chunk_size or max(64, DENSE_CHUNK_BYTES // (4 * max(1, len(annotator.genes))))
     for chunk in iter_row_chunks(adata, layer=layer, chunk_size=chunk_size, fmt="csr", progress=progress,
                                  desc="annotating"):  # fmt: skip
         X = chunk.X
