@@ -13,7 +13,13 @@ import cellmint as cm
 
 SRC = Path(cm.__file__).parent
 # DESIGN.md: these take one or many AnnData/paths/Store as `data`, not a single `adata`.
-FIRST_PARAMETER_EXCEPTIONS = {"build_store": "data", "train_annotator": "data"}
+FIRST_PARAMETER_EXCEPTIONS = {
+    "build_store": "data",
+    "train_annotator": "data",
+    "evaluate_perturbation": "pred",
+    "perturbation_baselines": "train",
+    "perturbation": "data",
+}
 
 
 def public_functions(module) -> list[tuple[str, Callable]]:

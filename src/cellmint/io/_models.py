@@ -9,12 +9,16 @@ from .._utils._files import read_manifest_file
 from ..models._annotator import KIND as ANNOTATOR
 from ..models._annotator import Annotator
 from ..models._artifact import MANIFEST
+from ..models._perturbation import KIND as PERTURBATION
+from ..models._perturbation import PerturbationModel
 
-_KINDS = {ANNOTATOR: Annotator}
+_KINDS = {ANNOTATOR: Annotator, PERTURBATION: PerturbationModel}
 
 
 def read_model(path: str | Path) -> Any:
-    """Load a model folder written by cellmint (an :class:`~cellmint.Annotator`, …), checking its checksums.
+    """Load a model folder written by cellmint, checking its checksums.
+
+    An :class:`~cellmint.Annotator` or a :class:`~cellmint.PerturbationModel`, as its manifest says.
 
     Parameters
     ----------

@@ -1,5 +1,6 @@
-"""Trained models and their artifacts: the annotator network, normalisation, augmentation, metrics."""
+"""Trained models and their artifacts: annotator and perturbation networks, normalisation, augmentation, metrics."""
 
 from ._annotator import Annotator
+from ._perturbation import PerturbationModel
 
-__all__ = ["Annotator"]
+__all__ = ["Annotator", "PerturbationModel"]

@@ -1,0 +1,253 @@
+"""``cm.PerturbationModel``: a set model of perturbation responses, and everything needed to apply it.
+
+The network (:class:`PerturbationNet`) takes a *set* of control cells of one context (a patient, a
+cell line, a replicate) and a perturbation, lets the cells attend to each other, and returns one
+predicted perturbed cell per control cell::
+
+    prediction = control cell + average effect of the perturbation in training + learned residual
+
+The average effect (the "perturbation mean" baseline) is a fixed buffer, and the residual's last
+layer starts at zero, so an untrained network *is* that baseline; training with a distributional
+loss (energy distance between predicted and real sets, plus a term on their means) teaches it how
+the response depends on the context and on each cell. Values are log-normalised expression over
+the model's gene panel, or an embedding (``use_rep``) decoded back to genes by a ridge map.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+
+from ._artifact import read_artifact, write_artifact
+from ._normalize import InputRecipe
+
+KIND = "cellmint.PerturbationModel"
+#: 1: manifest + weights.pt (network, average effects, optional decoder)
+FORMAT_VERSION = 1
+
+
+class PerturbationNet(nn.Module):
+    """Control set (batch × cells × features) + perturbation index (batch) → predicted set, same shape.
+
+    Two parts predict the residual around ``control + average effect``:
+
+    - per value (cell, gene): a small network shared by all genes reads the cell's value, the set's
+      mean of that gene, the gene's and the perturbation's embeddings, and the cell's context
+      vector, so a response can depend on how much of the gene the cell and its context express;
+    - per cell: the context vector comes from the cells attending to each other (a transformer over
+      the set, the perturbation embedding added to every cell).
+    """
+
+    def __init__(self, n_features: int, n_perturbations: int, *, hidden: int = 128, n_layers: int = 2,
+                 n_heads: int = 4, dropout: float = 0.1, gene_dim: int = 16):  # fmt: skip
+        super().__init__()
+        self.encoder = nn.Sequential(nn.Linear(n_features, hidden), nn.GELU(), nn.Linear(hidden, hidden))
+        self.perturbation = nn.Embedding(n_perturbations, hidden)
+        layer = nn.TransformerEncoderLayer(hidden, n_heads, 2 * hidden, dropout, batch_first=True, norm_first=True)
+        self.attention = nn.TransformerEncoder(layer, n_layers, enable_nested_tensor=False)
+        self.context = nn.Sequential(nn.LayerNorm(hidden), nn.Dropout(dropout), nn.Linear(hidden, gene_dim))
+        self.gene = nn.Parameter(torch.randn(n_features, gene_dim) * 0.1)
+        self.perturbation_gene = nn.Embedding(n_perturbations, gene_dim)
+        self.value = nn.Sequential(nn.Linear(2 + 3 * gene_dim, 4 * gene_dim), nn.GELU(), nn.Linear(4 * gene_dim, 1))
+        nn.init.zeros_(self.value[-1].weight)  # untrained = control + average effect
+        nn.init.zeros_(self.value[-1].bias)
+        self.register_buffer("average_effect", torch.zeros(n_perturbations, n_features))
+        self.register_buffer("control_mean", torch.zeros(n_perturbations, n_features))
+        self.contrast = nn.Parameter(torch.zeros(n_perturbations))  # λ − 1 of the context adjustment
+
+    def anchor(self, controls: torch.Tensor, perturbation: torch.Tensor) -> torch.Tensor:
+        """Average effect, adjusted for how the set's mean differs from the training contexts' control mean.
+
+        ``effect_p + (λ_p − 1) · (set mean − control mean_p)``: λ = 1 (the start) shifts every context
+        alike; λ < 1 pulls perturbed contexts towards a shared perturbed state, as many drugs do.
+        """
+        shift = controls.mean(1) - self.control_mean[perturbation]
+        return self.average_effect[perturbation] + self.contrast[perturbation].unsqueeze(1) * shift
+
+    def forward(self, controls: torch.Tensor, perturbation: torch.Tensor) -> torch.Tensor:
+        batch, cells, genes = controls.shape
+        tokens = self.attention(self.encoder(controls) + self.perturbation(perturbation).unsqueeze(1))
+        context = self.context(tokens)  # batch × cells × gene_dim
+        d = self.gene.shape[1]
+        features = torch.cat([
+            controls.unsqueeze(-1),
+            controls.mean(1, keepdim=True).expand(batch, cells, genes).unsqueeze(-1),
+            self.gene.expand(batch, cells, genes, d),
+            self.perturbation_gene(perturbation)[:, None, None, :].expand(batch, cells, genes, d),
+            context.unsqueeze(2).expand(batch, cells, genes, d),
+        ], dim=-1)  # fmt: skip
+        residual = self.value(features).squeeze(-1)
+        return controls + self.anchor(controls, perturbation).unsqueeze(1) + residual
+
+
+def pairwise_distances(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Euclidean distances between the cells of two batched sets, with a finite gradient at zero distance."""
+    squared = (x * x).sum(-1).unsqueeze(-1) + (y * y).sum(-1).unsqueeze(-2) - 2 * x @ y.transpose(-1, -2)
+    return torch.sqrt(squared.clamp_min(0) + 1e-8)
+
+
+def energy_distance(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Energy distance (V-statistic) between each pair of sets: ``2E‖X−Y‖ − E‖X−X'‖ − E‖Y−Y'‖`` (batch,)."""
+    return (2 * pairwise_distances(x, y).mean((-1, -2)) - pairwise_distances(x, x).mean((-1, -2))
+            - pairwise_distances(y, y).mean((-1, -2)))  # fmt: skip
+
+
+class PerturbationModel:
+    """A trained perturbation-response model (see :func:`cellmint.tl.train_perturbation`).
+
+    Apply it with :func:`cellmint.tl.predict_perturbation`; save it with :meth:`save` or
+    :func:`cellmint.io.write_model`.
+
+    Attributes
+    ----------
+    genes
+        The ordered gene panel of the predictions.
+    perturbations
+        The perturbations the model knows (the control excluded).
+    control
+        The label of control cells in ``perturbation_key``.
+    perturbation_key, context_key
+        The obs columns the model was trained with.
+    recipe
+        Input kind and normalisation (:class:`~cellmint.models._normalize.InputRecipe`).
+    use_rep
+        The ``obsm`` key the network works in (``None``: the gene panel).
+    manifest
+        Everything else recorded at training time (parameters, data summary, training history).
+    """
+
+    def __init__(self, net: PerturbationNet, *, genes: list[str], perturbations: list[str], control: str,
+                 perturbation_key: str, context_key: str | None, recipe: InputRecipe, use_rep: str | None,
+                 decoder: dict[str, np.ndarray] | None, manifest: dict[str, Any]):  # fmt: skip
+        self.net = net.eval()
+        self.genes = pd.Index(genes)
+        self.perturbations = list(perturbations)
+        self.control = control
+        self.perturbation_key = perturbation_key
+        self.context_key = context_key
+        self.recipe = recipe
+        self.use_rep = use_rep
+        self.decoder = decoder  # {"weight": features × genes, "bias": genes} when use_rep is set
+        self.manifest = manifest
+        self.path: Path | None = None
+
+    @property
+    def set_size(self) -> int:
+        """Cells per set the network was trained on (predictions run in sets of this size)."""
+        return int(self.manifest["params"]["set_size"])
+
+    def perturbation_codes(self, perturbations: list[str]) -> np.ndarray:
+        """Indices of perturbation labels; an unknown label (or the control) is an error, never a fallback."""
+        index = pd.Index(self.perturbations)
+        codes = index.get_indexer(pd.Index(perturbations, dtype=object))
+        unknown = [p for p, c in zip(perturbations, codes, strict=True) if c < 0]
+        if unknown:
+            hint = " (the control itself is not a perturbation)" if self.control in unknown else ""
+            raise ValueError(f"Unknown perturbation(s) {unknown[:5]}{hint}: the model was trained on "
+                             f"{len(self.perturbations)} perturbations, e.g. {self.perturbations[:5]}.")  # fmt: skip
+        return codes.astype(np.int64)
+
+    @torch.no_grad()
+    def respond(self, controls: np.ndarray, perturbation: str, *, random_state: int = 0,
+                device: Any = "cpu") -> np.ndarray:  # fmt: skip
+        """Predicted perturbed cells, one per control cell (network space), for one context's controls.
+
+        The controls are shuffled and cut into sets of :attr:`set_size` (the last set is filled up with
+        cells drawn again, whose predictions are dropped), so every cell is predicted once, within a
+        set of its own context.
+        """
+        code = int(self.perturbation_codes([perturbation])[0])
+        n, size = len(controls), self.set_size
+        order = np.random.default_rng(random_state).permutation(n)
+        n_sets = -(-n // size)
+        filler = np.random.default_rng(random_state + 1).choice(n, n_sets * size - n, replace=n < n_sets * size - n)
+        padded = np.concatenate([order, filler])
+        net = self.net.to(device)
+        x = torch.as_tensor(np.asarray(controls, np.float32)[padded].reshape(n_sets, size, -1), device=device)
+        out = np.empty((n, x.shape[-1]), np.float32)
+        for start in range(0, n_sets, 64):
+            chunk = x[start : start + 64]
+            predicted = net(chunk, torch.full((len(chunk),), code, device=device)).reshape(-1, x.shape[-1])
+            rows = padded[start * size : (start + len(chunk)) * size]
+            keep = np.arange(start * size, start * size + len(rows)) < n
+            out[rows[keep]] = predicted.cpu().numpy()[keep]
+        return out
+
+    def to_genes(self, values: np.ndarray) -> np.ndarray:
+        """Network-space values as log-normalised expression over :attr:`genes` (decoded for ``use_rep``), ≥ 0."""
+        if self.decoder is not None:
+            values = values @ self.decoder["weight"] + self.decoder["bias"]
+        return np.clip(values, 0, None).astype(np.float32, copy=False)
+
+    # -- persistence -----------------------------------------------------------------------------
+    def _manifest(self) -> dict:
+        return {
+            **self.manifest,
+            "genes": list(map(str, self.genes)),
+            "perturbations": self.perturbations,
+            "control": self.control,
+            "perturbation_key": self.perturbation_key,
+            "context_key": self.context_key,
+            "recipe": self.recipe.to_dict(),
+            "use_rep": self.use_rep,
+        }
+
+    def save(self, path: str | Path) -> Path:
+        """Write the model folder (``manifest.json`` with checksums, ``weights.pt``); returns its path."""
+        state = dict(self.net.state_dict())
+        if self.decoder is not None:
+            state |= {f"decoder.{k}": torch.as_tensor(v) for k, v in self.decoder.items()}
+        self.manifest = write_artifact(path, self._manifest(), state, kind=KIND, format_version=FORMAT_VERSION)
+        self.path = Path(path)
+        return self.path
+
+    @classmethod
+    def load(cls, path: str | Path) -> PerturbationModel:
+        """Read a model folder, refusing damaged, modified or newer-format folders."""
+        manifest, state = read_artifact(path, kind=KIND, format_version=FORMAT_VERSION)
+        decoder = {k.split(".", 1)[1]: state.pop(k).numpy() for k in list(state) if k.startswith("decoder.")}
+        arch = manifest["architecture"]
+        net = PerturbationNet(arch["n_features"], len(manifest["perturbations"]), hidden=arch["hidden"],
+                              n_layers=arch["n_layers"], n_heads=arch["n_heads"], dropout=arch["dropout"],
+                              gene_dim=arch["gene_dim"])  # fmt: skip
+        try:
+            net.load_state_dict(state)
+        except RuntimeError as err:
+            raise ValueError(f"The weights in {path} do not fit the architecture in its manifest: {err}") from err
+        model = cls(net, genes=manifest["genes"], perturbations=manifest["perturbations"],
+                    control=manifest["control"], perturbation_key=manifest["perturbation_key"],
+                    context_key=manifest["context_key"], recipe=InputRecipe(**manifest["recipe"]),
+                    use_rep=manifest["use_rep"], decoder=decoder or None, manifest=manifest)  # fmt: skip
+        model.path = Path(path)
+        return model
+
+    def uns_summary(self) -> dict:
+        """h5ad-writable metadata for ``adata.uns[key_added]`` (the weights stay in the model folder)."""
+        from ._annotator import _h5ad_safe
+
+        m = self._manifest()
+        return _h5ad_safe({
+            "model_dir": str(self.path) if self.path is not None else "",
+            "cellmint_version": m.get("cellmint_version", ""),
+            "perturbation_key": self.perturbation_key,
+            "context_key": self.context_key or "",
+            "control": self.control,
+            "perturbations": self.perturbations,
+            "genes": list(map(str, self.genes)),
+            "recipe": self.recipe.to_dict(),
+            "use_rep": self.use_rep or "",
+            "params": m.get("params", {}),
+            "data": m.get("data", {}),
+            "history": m.get("history", {}),
+            "files": m.get("files", {}),
+        })  # fmt: skip
+
+    def __repr__(self) -> str:
+        space = f"obsm[{self.use_rep!r}] → " if self.use_rep else ""
+        return (f"PerturbationModel({len(self.perturbations)} perturbations, {space}{len(self.genes):,} genes; "
+                f"input {self.recipe.kind}; context {self.context_key!r})")  # fmt: skip

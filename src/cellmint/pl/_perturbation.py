@@ -1,0 +1,164 @@
+"""``cm.pl.perturbation``: predicted against real responses, and the model against its baselines."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+KINDS = ("delta", "metrics")
+#: metrics drawn by kind="metrics" unless told otherwise (each with the direction that is better)
+DEFAULT_METRICS = {"pearson_delta": "higher", "pearson_delta_top100": "higher", "mse": "lower",
+                   "energy_distance": "lower"}  # fmt: skip
+
+
+def _finish(fig, ax, show: bool | None, return_fig: bool):
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    if return_fig:
+        return fig
+    if show is False:
+        return ax
+    if show or plt.isinteractive():
+        plt.show()
+    return None
+
+
+def _pseudobulk_delta(adata, rows: np.ndarray, controls: np.ndarray) -> np.ndarray:
+    def mean(r):
+        block = adata.X[r]
+        return np.asarray(block.mean(axis=0)).ravel()
+
+    return mean(rows) - mean(controls)
+
+
+def perturbation(
+    data: Any,
+    real: Any = None,
+    *,
+    kind: str = "delta",
+    perturbation_key: str | None = None,
+    control: str | None = None,
+    context_key: str | None = None,
+    perturbation: str | None = None,
+    context: str | None = None,
+    metrics: Sequence[str] | None = None,
+    label_top: int = 8,
+    ax: Any = None,
+    show: bool | None = None,
+    return_fig: bool = False,
+):
+    """Plot how well perturbation responses were predicted.
+
+    ``kind="delta"``: for one perturbation (and context), the real effect of each gene (perturbed −
+    control pseudobulk of log-normalised expression) against the predicted one, with the identity
+    line and the Pearson correlation; the genes with the largest real effects are named.
+    ``kind="metrics"``: the model next to every baseline, one panel per metric, from the table of
+    :func:`cellmint.tl.evaluate_perturbation` (each point a perturbation/context; bars the means).
+
+    Parameters
+    ----------
+    data
+        ``kind="delta"``: predicted cells from :func:`cellmint.tl.predict_perturbation` (with their
+        control cells). ``kind="metrics"``: the DataFrame of :func:`cellmint.tl.evaluate_perturbation`.
+    real
+        ``kind="delta"``: real cells (perturbed and control, log-normalised; genes matched by name).
+    kind
+        ``"delta"`` or ``"metrics"``.
+    perturbation_key
+        ``kind="delta"``: obs column of the perturbation, in both objects.
+    control
+        ``kind="delta"``: the control label.
+    context_key
+        ``kind="delta"``: obs column of the context, in both objects.
+    perturbation
+        ``kind="delta"``: the perturbation to draw (default: the first predicted).
+    context
+        ``kind="delta"``: the context to draw (default: all cells).
+    metrics
+        ``kind="metrics"``: metric columns to draw (default: Pearson delta, top-100 Pearson delta,
+        MSE and energy distance, those present).
+    label_top
+        ``kind="delta"``: name this many genes with the largest absolute real effect.
+    ax
+        Matplotlib axes to draw into (``kind="delta"``; a new figure otherwise).
+    show
+        Show the figure (``None``: as matplotlib's interactive mode says).
+    return_fig
+        Return the figure.
+
+    Returns
+    -------
+    The figure with ``return_fig=True``; the axes with ``show=False``; otherwise ``None``.
+    """
+    import matplotlib.pyplot as plt
+
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, not {kind!r}.")
+    if kind == "metrics":
+        if not isinstance(data, pd.DataFrame) or "method" not in data:
+            raise TypeError("kind='metrics' draws the DataFrame returned by cm.tl.evaluate_perturbation.")
+        wanted = list(metrics) if metrics is not None else [m for m in DEFAULT_METRICS if m in data]
+        unknown = [m for m in wanted if m not in data]
+        if unknown:
+            raise KeyError(f"Metric(s) {unknown} are not columns of the table.")
+        import seaborn as sns
+
+        fig, axes = plt.subplots(1, len(wanted), figsize=(3.2 * len(wanted), 3.4), squeeze=False)
+        order = list(dict.fromkeys(data["method"]))
+        for panel, metric in zip(axes[0], wanted, strict=True):
+            sns.barplot(data=data, x="method", y=metric, order=order, ax=panel, errorbar=None, color="0.85")
+            sns.stripplot(data=data, x="method", y=metric, order=order, ax=panel, size=3, color="C0")
+            better = DEFAULT_METRICS.get(metric)
+            panel.set_title(metric + (f" ({better} is better)" if better else ""), fontsize=9)
+            panel.set_xlabel("")
+            panel.tick_params(axis="x", rotation=60, labelsize=8)
+        return _finish(fig, axes[0][0], show, return_fig)
+
+    if real is None:
+        raise ValueError("kind='delta' needs the real cells: perturbation(pred, real, ...).")
+    info = next((v for v in data.uns.values() if isinstance(v, dict) and "perturbations" in v), {})
+    if perturbation_key is None or control is None:
+        raise ValueError("kind='delta' needs perturbation_key= and control=.")
+    if perturbation is None:
+        predicted = list(info.get("perturbations", []))
+        if not predicted:
+            raise ValueError("Name the perturbation to draw: perturbation=.")
+        perturbation = str(predicted[0])
+    genes = pd.Index(data.var_names.astype(str)).intersection(pd.Index(real.var_names.astype(str)), sort=False)
+    if len(genes) == 0:
+        raise ValueError("The predicted and real cells share no gene names.")
+
+    def select(adata, label):
+        labels = adata.obs[perturbation_key].astype(str).to_numpy()
+        mask = labels == label
+        if context_key is not None and context is not None:
+            mask &= adata.obs[context_key].astype(str).to_numpy() == str(context)
+        return np.flatnonzero(mask)
+
+    deltas = {}
+    for name, adata in (("predicted", data), ("real", real)):
+        subset = adata[:, genes]
+        rows, controls = select(subset, perturbation), select(subset, str(control))
+        if not len(rows) or not len(controls):
+            raise ValueError(f"The {name} cells have no {perturbation!r} cells or no control cells"
+                             f"{f' in context {context!r}' if context is not None else ''}.")  # fmt: skip
+        deltas[name] = _pseudobulk_delta(subset, rows, controls)
+    fig, ax = (ax.figure, ax) if ax is not None else plt.subplots(figsize=(4.5, 4.5))
+    x, y = deltas["real"], deltas["predicted"]
+    ax.scatter(x, y, s=8, alpha=0.6, color="C0", linewidths=0)
+    low, high = float(min(x.min(), y.min())), float(max(x.max(), y.max()))
+    ax.plot([low, high], [low, high], color="0.6", lw=1, ls="--")
+    ax.axhline(0, color="0.85", lw=0.8)
+    ax.axvline(0, color="0.85", lw=0.8)
+    for i in np.argsort(-np.abs(x))[:label_top]:
+        ax.annotate(str(genes[i]), (x[i], y[i]), fontsize=7, xytext=(2, 2), textcoords="offset points")
+    r = np.corrcoef(x, y)[0, 1] if x.std() > 0 and y.std() > 0 else np.nan
+    where = f" in {context}" if context is not None else ""
+    ax.set_title(f"{perturbation}{where}: Pearson r = {r:.3f}", fontsize=10)
+    ax.set_xlabel("real effect (perturbed − control)")
+    ax.set_ylabel("predicted effect")
+    return _finish(fig, ax, show, return_fig)

@@ -1,0 +1,191 @@
+"""train_perturbation / predict_perturbation / perturbation_split / pl.perturbation on generated screens."""
+
+from __future__ import annotations
+
+import json
+import tomllib
+
+import anndata as ad
+import matplotlib
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.sparse as sp
+
+import cellmint as cm
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+
+SMALL = {"hidden": 16, "gene_dim": 4, "n_heads": 2, "n_layers": 1, "set_size": 16, "sets_per_batch": 4,
+         "max_epochs": 3, "device": "cpu", "progress": False}  # fmt: skip
+N_GENES = 40
+#: log fold changes of the two perturbations on the first genes
+EFFECTS = {"KO_A": np.r_[np.full(5, 1.5), np.zeros(N_GENES - 5)], "KO_B": np.r_[np.zeros(5), np.full(5, -1.2),
+                                                                               np.zeros(N_GENES - 10)]}  # fmt: skip
+
+
+def screen(n_contexts: int = 4, cells: int = 60, seed: int = 0) -> ad.AnnData:
+    """Counts of control and knocked-out cells in several contexts with their own baselines."""
+    rng = np.random.default_rng(seed)
+    blocks, obs = [], []
+    for c in range(n_contexts):
+        base = np.exp(rng.normal(1.0, 0.8, N_GENES))
+        for label in ("control", *EFFECTS):
+            mean = base * np.exp(EFFECTS.get(label, 0))
+            blocks.append(rng.poisson(mean, size=(cells, N_GENES)))
+            obs += [{"perturbation": label, "donor": f"d{c}"}] * cells
+    frame = pd.DataFrame(obs, index=[f"cell{i}" for i in range(len(obs))])
+    var = pd.DataFrame(index=[f"g{i}" for i in range(N_GENES)])
+    adata = ad.AnnData(sp.csr_matrix(np.vstack(blocks).astype(np.float32)), obs=frame, var=var)
+    return adata
+
+
+@pytest.fixture(scope="module")
+def trained():
+    adata = screen()
+    train = adata[adata.obs["donor"] != "d3"].copy()
+    model = cm.tl.train_perturbation(train, "perturbation", "control", context_key="donor", **SMALL)
+    return adata, train, model
+
+
+def test_predicts_each_control_cell_of_each_context(trained):
+    adata, train, model = trained
+    held = adata[adata.obs["donor"] == "d3"].copy()
+    pred = cm.tl.predict_perturbation(held, model, ["KO_A", "KO_B"], device="cpu")
+    assert pred.n_vars == N_GENES
+    assert list(pred.var_names) == list(adata.var_names)
+    counts = pred.obs.groupby(["perturbation", "is_predicted"], observed=True).size().to_dict()
+    assert counts == {("KO_A", True): 60, ("KO_B", True): 60, ("control", False): 60}
+    assert set(pred.obs["donor"]) == {"d3"}
+    assert pred.obs["perturbation"].dtype == "category"
+    assert (pred.X >= 0).all()
+    # the effects are learned in the right genes and direction
+    real = cm.tl.evaluate_perturbation(pred, held, perturbation_key="perturbation", control="control",
+                                       context_key="donor", train=train)  # fmt: skip
+    model_rows = real[real["method"] == "model"].set_index("perturbation")
+    control_rows = real[real["method"] == "control"].set_index("perturbation")
+    assert (model_rows["pearson_delta"] > 0.8).all()
+    assert (model_rows["mse_delta"] < 0.5 * control_rows["mse_delta"]).all()
+    assert train.uns["cellmint_perturbation"]["perturbations"].tolist() == ["KO_A", "KO_B"]
+
+
+def test_untrained_model_is_the_perturbation_mean_baseline():
+    adata = screen(seed=1)
+    train = adata[adata.obs["donor"] != "d3"].copy()
+    model = cm.tl.train_perturbation(train, "perturbation", "control", context_key="donor", **{**SMALL, "lr": 0.0})
+    held = adata[(adata.obs["donor"] == "d3") & (adata.obs["perturbation"] == "control")].copy()
+    pred = cm.tl.predict_perturbation(held, model, "KO_A", device="cpu")
+    baseline = cm.tl.perturbation_baselines(train, held, ["KO_A"], perturbation_key="perturbation",
+                                            control="control", context_key="donor",
+                                            baselines=["perturbation_mean"])["perturbation_mean"]  # fmt: skip
+    ours = pred[pred.obs["is_predicted"].to_numpy()]
+    theirs = baseline[baseline.obs["is_predicted"].to_numpy()]
+    np.testing.assert_allclose(np.sort(ours.X.mean(0)), np.sort(np.asarray(theirs.X).mean(0)), atol=1e-4)
+
+
+def test_unknown_perturbation_or_context_without_controls_raise(trained):
+    adata, _, model = trained
+    held = adata[adata.obs["donor"] == "d3"].copy()
+    with pytest.raises(ValueError, match="Unknown perturbation"):
+        cm.tl.predict_perturbation(held, model, ["KO_A", "KO_Z"], device="cpu")
+    with pytest.raises(ValueError, match="control itself"):
+        cm.tl.predict_perturbation(held, model, "control", device="cpu")
+    no_controls = held[held.obs["perturbation"] != "control"].copy()
+    with pytest.raises(ValueError, match="no control cells"):
+        cm.tl.predict_perturbation(no_controls, model, "KO_A", device="cpu")
+    with pytest.raises(ValueError, match="have no control cells"):
+        cm.tl.predict_perturbation(held, model, "KO_A", contexts=["d3", "d9"], device="cpu")
+
+
+def test_gene_order_and_extra_genes_do_not_change_predictions(trained):
+    adata, _, model = trained
+    held = adata[(adata.obs["donor"] == "d3") & (adata.obs["perturbation"] == "control")].copy()
+    first = cm.tl.predict_perturbation(held, model, "KO_B", device="cpu", random_state=3)
+    order = np.random.default_rng(0).permutation(N_GENES)
+    shuffled = held[:, order].copy()
+    second = cm.tl.predict_perturbation(shuffled, model, "KO_B", device="cpu", random_state=3)
+    np.testing.assert_array_equal(first.X, second.X)
+    assert list(second.var_names) == list(model.genes)
+    missing = held[:, 1:].copy()
+    with pytest.raises(ValueError, match="missing from adata"):
+        cm.tl.predict_perturbation(missing, model, "KO_B", device="cpu")
+
+
+def test_save_load_round_trip_and_damage_refused(trained, tmp_path):
+    adata, _, model = trained
+    held = adata[(adata.obs["donor"] == "d3") & (adata.obs["perturbation"] == "control")].copy()
+    folder = cm.io.write_model(model, tmp_path / "model")
+    loaded = cm.io.read_model(folder)
+    assert isinstance(loaded, cm.PerturbationModel)
+    assert loaded.perturbations == model.perturbations
+    a = cm.tl.predict_perturbation(held, model, "KO_A", device="cpu")
+    b = cm.tl.predict_perturbation(held, loaded, "KO_A", device="cpu")
+    np.testing.assert_array_equal(a.X, b.X)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert manifest["kind"] == "cellmint.PerturbationModel"
+    assert "weights.pt" in manifest["files"]
+    with open(folder / "weights.pt", "r+b") as fh:
+        fh.seek(100)
+        fh.write(b"\x00\x01\x02")
+    with pytest.raises(ValueError, match="checksum"):
+        cm.io.read_model(folder)
+
+
+def test_log_normalised_input_and_bad_labels():
+    adata = screen(n_contexts=3, seed=2)
+    log = adata.copy()
+    cm_norm = log.X.multiply(1e4 / log.X.sum(axis=1)).tocsr()
+    cm_norm.data = np.log1p(cm_norm.data)
+    log.X = cm_norm
+    model = cm.tl.train_perturbation(log, "perturbation", "control", context_key="donor", **SMALL)
+    assert model.recipe.kind == "lognorm"
+    broken = adata.copy()
+    broken.obs["perturbation"] = broken.obs["perturbation"].astype(object)
+    broken.obs.iloc[3, 0] = np.nan
+    with pytest.raises(ValueError, match="empty or NaN"):
+        cm.tl.train_perturbation(broken, "perturbation", "control", context_key="donor", **SMALL)
+    with pytest.raises(ValueError, match="control label"):
+        cm.tl.train_perturbation(adata, "perturbation", "DMSO", context_key="donor", **SMALL)
+
+
+def test_split_context_and_perturbation_holdout_with_state_toml(tmp_path):
+    adata = screen()
+    split = cm.tl.perturbation_split(adata, "perturbation", "control", context_key="donor", contexts=["d1"],
+                                     toml=tmp_path / "split.toml", dataset_name="screen")  # fmt: skip
+    held = adata.obs["donor"] == "d1"
+    assert (split[~held] == "train").all()
+    assert (split[held & (adata.obs["perturbation"] == "control")] == "test_control").all()
+    assert (split[held & (adata.obs["perturbation"] != "control")] == "test").all()
+    toml = tomllib.loads((tmp_path / "split.toml").read_text())
+    assert toml["zeroshot"] == {"screen.d1": "test"}
+    assert toml["training"] == {"screen": "train"}
+
+    split = cm.tl.perturbation_split(adata, "perturbation", "control", context_key="donor", holdout="perturbation",
+                                     contexts=["d0", "d2"], perturbations={"d0": ["KO_A"], "d2": ["KO_B"]},
+                                     toml=tmp_path / "few.toml")  # fmt: skip
+    test = adata.obs[split.to_numpy() == "test"]
+    assert set(map(tuple, test[["donor", "perturbation"]].drop_duplicates().to_numpy())) == {("d0", "KO_A"),
+                                                                                           ("d2", "KO_B")}  # fmt: skip
+    assert (split[adata.obs["perturbation"] == "control"] == "train").all()
+    few = tomllib.loads((tmp_path / "few.toml").read_text())
+    assert few["fewshot"]["cellmint.d0"]["test"] == ["KO_A"]
+    model = cm.tl.train_perturbation(adata, "perturbation", "control", context_key="donor",
+                                     split_key="perturbation_split", **SMALL)  # fmt: skip
+    assert model.manifest["data"]["n_cells"] == int((split == "train").sum())
+
+
+def test_plots_draw(trained):
+    adata, train, model = trained
+    held = adata[adata.obs["donor"] == "d3"].copy()
+    pred = cm.tl.predict_perturbation(held, model, ["KO_A", "KO_B"], device="cpu")
+    fig = cm.pl.perturbation(pred, held, perturbation_key="perturbation", control="control", perturbation="KO_A",
+                             return_fig=True)  # fmt: skip
+    assert fig.axes[0].get_title().startswith("KO_A: Pearson r = ")
+    plt.close(fig)
+    table = cm.tl.evaluate_perturbation(pred, held, perturbation_key="perturbation", control="control",
+                                        context_key="donor", train=train)  # fmt: skip
+    fig = cm.pl.perturbation(table, kind="metrics", return_fig=True)
+    assert len(fig.axes) >= 3
+    assert fig.axes[0].get_title().startswith("pearson_delta")
+    plt.close(fig)
