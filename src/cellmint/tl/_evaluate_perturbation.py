@@ -19,7 +19,8 @@ import pandas as pd
 from .._utils import _logging as logg
 from .._utils._docs import doc_params
 from ..models import _perturbation_metrics as pm
-from ._perturbation_baselines import BASELINES, NEED_PERTURBATION, LogExpression, cell_groups, perturbation_baselines
+from ._perturbation_baselines import BASELINES, NEED_PERTURBATION, perturbation_baselines
+from ._perturbation_data import LogExpression, cell_groups
 
 METRICS = (
     "pearson_delta",

@@ -9,9 +9,6 @@ expression (``predicted cell = max(control cell + delta, 0)``); the baselines di
   unseen in training, of all training perturbations: cell-eval's "mean" baseline);
 - ``linear``: per perturbation, a ridge regression from a context's control pseudobulk to its
   perturbed pseudobulk, fitted on the training contexts.
-
-The small readers here (log1p values of chosen rows and genes, cell groups) are shared with
-:func:`~cellmint.tl.evaluate_perturbation`.
 """
 
 from __future__ import annotations
@@ -21,73 +18,13 @@ from collections.abc import Sequence
 import anndata as ad
 import numpy as np
 import pandas as pd
-import torch
 
 from .._utils._docs import doc_params
-from ..models._normalize import InputRecipe, detect_kind, normalize
+from ._perturbation_data import ALL_CELLS, LogExpression, cell_groups
 
 BASELINES = ("control", "perturbation_mean", "context_mean", "linear")
 #: baselines that need the perturbation among the training cells
 NEED_PERTURBATION = ("perturbation_mean", "linear")
-#: the context of every cell when no context_key is given
-ALL_CELLS = "all"
-
-
-class LogExpression:
-    """Rows of an AnnData's matrix as log1p-normalised values (float64) over a given list of genes.
-
-    Raw counts are normalised with cellmint's one recipe (``log1p(10,000 · x / library size)``, the
-    library size over all of the object's genes); log-normalised values are used as they are. The
-    caller's AnnData is never modified.
-    """
-
-    def __init__(self, adata: ad.AnnData, genes: pd.Index, *, layer: str | None, what: str, kind: str | None = None):
-        if layer is not None and layer not in adata.layers:
-            raise KeyError(f"{what}.layers has no {layer!r}; layers: {list(adata.layers)}.")
-        self.X = adata.X if layer is None else adata.layers[layer]
-        where = f"{what}.X" if layer is None else f"{what}.layers[{layer!r}]"
-        names = pd.Index(adata.var_names.astype(str))
-        if not names.is_unique:
-            dup = names[names.duplicated()].unique()
-            raise ValueError(f"{what}'s gene names are not unique (e.g. {list(dup[:3])}); "
-                             "make them unique (var_names_make_unique()).")  # fmt: skip
-        self.columns = names.get_indexer(genes)
-        if (self.columns < 0).all():
-            raise ValueError(f"{what} shares no gene (var_names) with the reference genes, e.g. {list(genes[:3])}.")
-        if (self.columns < 0).any():
-            missing = list(genes[self.columns < 0])
-            raise ValueError(f"{len(missing)} genes are missing from {what}: {missing[:10]}"
-                             f"{' …' if len(missing) > 10 else ''}.")  # fmt: skip
-        if kind is None:
-            sample = self.X.data if hasattr(self.X, "indptr") else np.asarray(self.X[:2000]).ravel()
-            kind = detect_kind(sample[sample != 0][:1_000_000], where=where)
-        self.recipe = InputRecipe(kind=kind)
-        if kind == "counts":
-            self.library = np.asarray(self.X.sum(axis=1), dtype=np.float64).ravel()
-
-    def rows(self, rows: np.ndarray) -> np.ndarray:
-        block = self.X[rows][:, self.columns]
-        block = np.asarray(block.toarray() if hasattr(block, "toarray") else block, dtype=np.float64)
-        if self.recipe.kind == "lognorm":
-            return block
-        return normalize(torch.from_numpy(block), torch.from_numpy(self.library[rows]), self.recipe).numpy()
-
-    def mean(self, rows: np.ndarray) -> np.ndarray:
-        """Pseudobulk: the mean log1p value of each gene over ``rows``."""
-        return self.rows(rows).mean(axis=0)
-
-
-def cell_groups(obs: pd.DataFrame, perturbation_key: str, context_key: str | None, *, what: str) -> dict:
-    """``{(context, perturbation): row indices}``; labels as strings, context ``"all"`` without ``context_key``."""
-    for key in (perturbation_key, context_key):
-        if key is not None and key not in obs.columns:
-            raise KeyError(f"{what}.obs has no column {key!r}.")
-    perturbation = obs[perturbation_key].astype(str).to_numpy()
-    context = np.full(len(obs), ALL_CELLS) if context_key is None else obs[context_key].astype(str).to_numpy()
-    table = pd.DataFrame({"context": context, "perturbation": perturbation})
-    return {
-        key: np.asarray(rows) for key, rows in table.groupby(["context", "perturbation"], sort=True).indices.items()
-    }
 
 
 def _targets(perturbations, contexts: list[str], context_key: str | None) -> list[tuple[str, str]]:

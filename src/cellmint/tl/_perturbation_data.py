@@ -1,22 +1,84 @@
-"""Cells → the perturbation model's values: labels checked, genes aligned by name, one normalisation.
+"""Cells → log-normalised values for the perturbation tools: labels checked, genes aligned by name.
 
-Training and prediction both go through :func:`panel_values` with the model's gene panel and input
-recipe, so they cannot disagree on gene order or normalisation (State's known failure: genes taken
-by position, missing genes silently zero).
+Training and prediction read through :func:`panel_values` (chunked, values checked), the baselines
+and the evaluation through :class:`LogExpression`; both normalise counts with the one recipe of
+:func:`cellmint.models._normalize.normalize`, so model, baselines and metrics see the same values
+(State's known failures: genes taken by position, missing genes silently zero).
 """
 
 from __future__ import annotations
 
+import anndata as ad
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
+import torch
 
-from ..models._normalize import InputRecipe, detect_kind
+from ..models._normalize import InputRecipe, detect_kind, normalize
+
+#: the context of every cell when no context_key is given
+ALL_CELLS = "all"
+
+
+class LogExpression:
+    """Rows of an AnnData's matrix as log1p-normalised values (float64) over a given list of genes.
+
+    Raw counts are normalised with cellmint's one recipe (``log1p(10,000 · x / library size)``, the
+    library size over all of the object's genes); log-normalised values are used as they are. The
+    caller's AnnData is never modified.
+    """
+
+    def __init__(self, adata: ad.AnnData, genes: pd.Index, *, layer: str | None, what: str, kind: str | None = None):
+        if layer is not None and layer not in adata.layers:
+            raise KeyError(f"{what}.layers has no {layer!r}; layers: {list(adata.layers)}.")
+        self.X = adata.X if layer is None else adata.layers[layer]
+        where = f"{what}.X" if layer is None else f"{what}.layers[{layer!r}]"
+        names = pd.Index(adata.var_names.astype(str))
+        if not names.is_unique:
+            dup = names[names.duplicated()].unique()
+            raise ValueError(f"{what}'s gene names are not unique (e.g. {list(dup[:3])}); "
+                             "make them unique (var_names_make_unique()).")  # fmt: skip
+        self.columns = names.get_indexer(genes)
+        if (self.columns < 0).all():
+            raise ValueError(f"{what} shares no gene (var_names) with the reference genes, e.g. {list(genes[:3])}.")
+        if (self.columns < 0).any():
+            missing = list(genes[self.columns < 0])
+            raise ValueError(f"{len(missing)} genes are missing from {what}: {missing[:10]}"
+                             f"{' …' if len(missing) > 10 else ''}.")  # fmt: skip
+        if kind is None:
+            sample = self.X.data if hasattr(self.X, "indptr") else np.asarray(self.X[:2000]).ravel()
+            kind = detect_kind(sample[sample != 0][:1_000_000], where=where)
+        self.recipe = InputRecipe(kind=kind)
+        if kind == "counts":
+            self.library = np.asarray(self.X.sum(axis=1), dtype=np.float64).ravel()
+
+    def rows(self, rows: np.ndarray) -> np.ndarray:
+        block = self.X[rows][:, self.columns]
+        block = np.asarray(block.toarray() if hasattr(block, "toarray") else block, dtype=np.float64)
+        if self.recipe.kind == "lognorm":
+            return block
+        return normalize(torch.from_numpy(block), torch.from_numpy(self.library[rows]), self.recipe).numpy()
+
+    def mean(self, rows: np.ndarray) -> np.ndarray:
+        """Pseudobulk: the mean log1p value of each gene over ``rows``."""
+        return self.rows(rows).mean(axis=0)
+
+
+def cell_groups(obs: pd.DataFrame, perturbation_key: str, context_key: str | None, *, what: str) -> dict:
+    """``{(context, perturbation): row indices}``; labels as strings, context ``"all"`` without ``context_key``."""
+    for key in (perturbation_key, context_key):
+        if key is not None and key not in obs.columns:
+            raise KeyError(f"{what}.obs has no column {key!r}.")
+    perturbation = obs[perturbation_key].astype(str).to_numpy()
+    context = np.full(len(obs), ALL_CELLS) if context_key is None else obs[context_key].astype(str).to_numpy()
+    table = pd.DataFrame({"context": context, "perturbation": perturbation})
+    return {
+        key: np.asarray(rows) for key, rows in table.groupby(["context", "perturbation"], sort=True).indices.items()
+    }
+
 
 #: a (context, perturbation) pair needs this many cells to be trained on
 MIN_CELLS = 10
-#: the single context of data without ``context_key``
-ONE_CONTEXT = "all"
 
 
 def labels(adata, key: str, *, what: str) -> pd.Series:
@@ -35,7 +97,7 @@ def labels(adata, key: str, *, what: str) -> pd.Series:
 def contexts(adata, context_key: str | None) -> pd.Series:
     """The context of every cell (one context named ``"all"`` without ``context_key``)."""
     if context_key is None:
-        return pd.Series(ONE_CONTEXT, index=adata.obs_names)
+        return pd.Series(ALL_CELLS, index=adata.obs_names)
     return labels(adata, context_key, what="Context")
 
 
@@ -85,7 +147,7 @@ def panel_values(adata, columns: np.ndarray, recipe: InputRecipe, layer: str | N
         panel = np.asarray(panel.toarray() if sp.issparse(panel) else panel, dtype=np.float32)
         if recipe.kind == "counts":
             library = np.asarray(block.sum(axis=1), dtype=np.float32).ravel()
-            panel = np.log1p(panel * (recipe.target_sum / np.maximum(library, 1.0))[:, None])
+            panel = normalize(torch.from_numpy(panel), torch.from_numpy(library), recipe).numpy()
         out[start : start + len(panel)] = panel
     return out
 
