@@ -44,7 +44,7 @@ class PerturbationNet(nn.Module):
     """
 
     def __init__(self, n_features: int, n_perturbations: int, *, hidden: int = 128, n_layers: int = 2,
-                 n_heads: int = 4, dropout: float = 0.1, gene_dim: int = 16):  # fmt: skip
+                 n_heads: int = 4, dropout: float = 0.1, gene_dim: int = 8):  # fmt: skip
         super().__init__()
         self.encoder = nn.Sequential(nn.Linear(n_features, hidden), nn.GELU(), nn.Linear(hidden, hidden))
         self.perturbation = nn.Embedding(n_perturbations, hidden)
@@ -53,7 +53,7 @@ class PerturbationNet(nn.Module):
         self.context = nn.Sequential(nn.LayerNorm(hidden), nn.Dropout(dropout), nn.Linear(hidden, gene_dim))
         self.gene = nn.Parameter(torch.randn(n_features, gene_dim) * 0.1)
         self.perturbation_gene = nn.Embedding(n_perturbations, gene_dim)
-        self.value = nn.Sequential(nn.Linear(2 + 3 * gene_dim, 4 * gene_dim), nn.GELU(), nn.Linear(4 * gene_dim, 1))
+        self.value = nn.Sequential(nn.Linear(2 + 3 * gene_dim, 2 * gene_dim), nn.GELU(), nn.Linear(2 * gene_dim, 1))
         nn.init.zeros_(self.value[-1].weight)  # untrained = control + average effect
         nn.init.zeros_(self.value[-1].bias)
         self.register_buffer("average_effect", torch.zeros(n_perturbations, n_features))

@@ -161,7 +161,7 @@ def train_perturbation(
     loss: str = "energy",
     mean_weight: float = 1.0,
     hidden: int = 128,
-    gene_dim: int = 16,
+    gene_dim: int = 8,
     n_layers: int = 2,
     n_heads: int = 4,
     dropout: float = 0.1,
