@@ -129,3 +129,41 @@ def test_soft_majority_vote_over_clusters(trained):
         assert majority[cells[0]] == proba.loc[cells].sum().idxmax()
     with pytest.raises(KeyError, match="no cluster column 'leiden'"):
         cm.tl.annotate(query, model, cluster_key="leiden")
+
+
+def test_a_cell_line_missing_from_the_reference_is_unknown_across_technologies():
+    # real data, bundled: train on CEL-seq2 without H2228, annotate the Drop-seq cells (another technology)
+    cells = cm.datasets.cellbench()
+    reference = cells[(cells.obs["technology"] == "CEL-seq2") & (cells.obs["cell_line"] != "H2228")].copy()
+    query = cells[cells.obs["technology"] == "Drop-seq"].copy()
+    model = cm.tl.train_annotator(reference, "cell_line", hidden=(64,), max_epochs=10, lr=1e-3, batch_size=64,
+                                  progress=False)  # fmt: skip
+    open_set = model.manifest["open_set"]
+    assert open_set["score"] == "relative"
+    assert len(open_set["scale"]) == 4  # one scale per class of the reference
+    assert 1 < open_set["threshold"] < 10
+    novel = (query.obs["cell_line"] == "H2228").to_numpy()
+    table = cm.tl.annotate(query, model, return_table=True, progress=False)
+    far = table["cellmint_distance"].to_numpy() > open_set["threshold"]
+    unknown = table["cellmint_cell_line_unknown"].to_numpy()
+    assert far[novel].mean() > 0.8  # the new type: far from every reference cell
+    assert unknown[novel].mean() > 0.8
+    assert unknown[~novel].mean() < 0.15  # known lines from another technology mostly keep their label
+    # the query lacking 10% of the model's genes (treated as not detected) changes little
+    kept = np.sort(np.random.default_rng(0).permutation(query.n_vars)[: int(0.9 * query.n_vars)])
+    fewer = cm.tl.annotate(query[:, kept].copy(), model, return_table=True, progress=False)
+    assert fewer["cellmint_cell_line_unknown"].to_numpy()[~novel].mean() < 0.15
+
+
+def test_model_folders_with_an_absolute_open_set_threshold_still_annotate(trained):
+    model, query = trained
+    saved = model.manifest["open_set"]
+    try:  # before relative distances, the manifest held only an absolute threshold on the latent distance
+        model.manifest["open_set"] = {"metric": "euclidean", "quantile": 0.99, "threshold": 1e9}
+        table = cm.tl.annotate(query, model, return_table=True, progress=False)
+        assert not (table["cellmint_distance"] > 1e9).any()
+        nearest = cm.tl.annotate(query, model, max_distance=0.0, return_table=True, progress=False)
+        assert nearest["cellmint_cell_type_unknown"].all()  # every cell is farther than 0 from the reference
+        np.testing.assert_allclose(table["cellmint_distance"], nearest["cellmint_distance"])
+    finally:
+        model.manifest["open_set"] = saved

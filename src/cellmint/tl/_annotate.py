@@ -4,7 +4,8 @@ The query is read a chunk of cells at a time (in memory, backed or a path), its 
 model's panel by name (genes the query lacks are zero, as gene-dropout augmentation trained the
 model to expect), and its library size taken over all of its own genes. Per level the calibrated
 probabilities give a label, a confidence and a margin; the latent gives the distance to the nearest
-reference cell kept with the model, and optionally a nearest-neighbour vote among reference cells.
+reference cell kept with the model (relative to the spacing of the reference cells of that cell's
+class: the open-set score), and optionally a nearest-neighbour vote among reference cells.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from .._utils import _logging as logg
 from .._utils._chunks import iter_row_chunks
 from .._utils._device import resolve_device
 from .._utils._docs import doc_params
-from ..models._annotator import Annotator
+from ..models._annotator import Annotator, relative_distance
 from ..store._inputs import without_ensembl_versions
 
 UNKNOWN = "Unknown"
@@ -100,6 +101,23 @@ class _NearestReference:
         return np.concatenate(found), np.concatenate(dist)
 
 
+def _open_set(annotator: Annotator, distances: list, nearest: list, max_distance: float | str, n: int):
+    """Relative open-set distance per cell, whether it is beyond the threshold, and the threshold.
+
+    Model folders written before the relative rule hold no class scales: their distances stay
+    absolute (scale 1), compared with the absolute threshold they were saved with.
+    """
+    if not distances:  # no reference kept with the model: no open-set call
+        return np.zeros(n), np.zeros(n, dtype=bool), float("inf")
+    open_set = annotator.manifest.get("open_set", {})
+    level = open_set.get("level", annotator.label_keys[-1])
+    scale = open_set.get("scale", np.ones(len(annotator.classes[level])))
+    codes = np.asarray(annotator.reference["codes"][level])[np.concatenate(nearest)]
+    distance = relative_distance(np.concatenate(distances), codes, scale)
+    threshold = float(open_set.get("threshold", np.inf) if max_distance == "auto" else max_distance)
+    return distance, distance > threshold, threshold
+
+
 def _vote(neighbours: np.ndarray, distances: np.ndarray, codes: np.ndarray, n_classes: int) -> np.ndarray:
     """Per cell, the share of its neighbours' (inverse-distance) weight per class."""
     weights = 1.0 / (distances + 1e-6)
@@ -160,15 +178,21 @@ def annotate(
         Reference neighbours per cell.
     unknown
         Call cells ``"Unknown"`` at a level when their confidence is below ``min_confidence``, their
-        margin below ``min_margin``, or their latent distance to the nearest reference cell above
-        ``max_distance``. ``False`` keeps every label (the ``_unknown`` flags are still written).
+        margin below ``min_margin``, or their relative distance to the reference above
+        ``max_distance`` (open set: a type the reference lacks). ``False`` keeps every label (the
+        ``_unknown`` flags are still written).
     min_confidence
         Calibrated probability below which a label is not trusted.
     min_margin
         Gap between the two most probable classes below which a label is not trusted.
     max_distance
-        Open-set distance threshold; ``"auto"`` takes the model's (the distance within which 99% of
-        its validation cells lie).
+        Open-set threshold on the relative distance: a cell's latent distance to its nearest
+        reference cell, divided by the scale of that reference cell's class (finest level): the
+        median distance between the class's reference cells and their nearest other reference cell.
+        ``"auto"`` takes the model's: 1.25 times the relative distance within which 99% of its
+        validation cells lie (the allowance is for queries from another technology than the
+        reference's). Model folders saved before cellmint used relative distances hold an absolute
+        threshold (99% of the validation cells), applied to absolute distances.
     project
         Write the model's embedding projections (models trained with ``embedding_keys``).
     cluster_key
@@ -194,7 +218,7 @@ def annotate(
     - ``obsm[f"{{key_added}}_{{level}}_proba"]``: calibrated probabilities (DataFrame, classes as columns).
 
     With ``cluster_key``, also ``obs[f"{{key_added}}_{{level}}_majority"]`` per level. Also
-    ``obs[f"{{key_added}}_distance"]`` (latent distance to the nearest reference cell),
+    ``obs[f"{{key_added}}_distance"]`` (the relative distance to the reference of ``max_distance``),
     ``obsm[f"X_{{key_added}}_{{name}}"]`` for each projected embedding, and
     ``uns[key_added]["annotation"]`` (model folder, gene overlap, thresholds, counts of Unknown and
     refined cells).
@@ -234,7 +258,7 @@ def annotate(
     present = np.flatnonzero(columns >= 0)
     index = None if annotator.reference is None else _NearestReference(annotator.reference["latent"], n_neighbors)
     probabilities = {level: [] for level in annotator.classes}
-    projections, distances, votes = {}, [], {level: [] for level in annotator.classes}
+    projections, distances, nearest, votes = {}, [], [], {level: [] for level in annotator.classes}
     chunk_size = chunk_size or max(64, DENSE_CHUNK_BYTES // (4 * max(1, len(annotator.genes))))
     for chunk in iter_row_chunks(adata, layer=layer, chunk_size=chunk_size, fmt="csr", progress=progress,
                                  desc="annotating"):  # fmt: skip
@@ -250,14 +274,12 @@ def annotate(
         if index is not None:
             neighbours, dist = index.query(latent)
             distances.append(dist[:, 0])
+            nearest.append(neighbours[:, 0])
             for level in annotator.classes:
                 codes = np.asarray(annotator.reference["codes"][level])
                 votes[level].append(_vote(neighbours, dist, codes, len(annotator.classes[level])))
     n = len(obs)
-    distance = np.concatenate(distances) if distances else np.zeros(n)
-    threshold = annotator.manifest.get("open_set", {}).get("threshold", np.inf)
-    threshold = threshold if max_distance == "auto" else float(max_distance)
-    far = distance > threshold if index is not None else np.zeros(n, dtype=bool)
+    distance, far, threshold = _open_set(annotator, distances, nearest, max_distance, n)
     table = pd.DataFrame(index=obs.index)
     info = {"overlap": overlap, "min_confidence": min_confidence, "min_margin": min_margin, "knn": knn,
             "max_distance": float(threshold), "n_neighbors": n_neighbors, "unknown": {}, "refined": {}}  # fmt: skip

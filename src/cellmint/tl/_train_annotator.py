@@ -15,7 +15,7 @@ from .._utils._device import resolve_device
 from .._utils._docs import doc_params
 from .._utils._progress import progress_bar
 from .._utils._resources import ResourceMonitor
-from ..models._annotator import Annotator, learn_hierarchy
+from ..models._annotator import OPEN_SET_SCALE_CELLS, Annotator, learn_hierarchy, open_set_calibration
 from ..models._augment import Augmentation, augment_batch
 from ..models._metrics import classification_report, expected_calibration_error, fit_temperature
 from ..models._network import AnnotatorNet
@@ -40,8 +40,6 @@ def _validation_rows(data: TrainingData, rng: np.random.Generator) -> tuple[np.n
 
 #: reference cells kept with the model (latent + labels) for nearest-neighbour refinement and open-set distances
 REFERENCE_CELLS = 50_000
-#: share of validation cells (known types) within the open-set distance threshold
-OPEN_SET_QUANTILE = 0.99
 
 
 @torch.no_grad()
@@ -68,11 +66,26 @@ def _logits(net, loader, recipe, device, latents: list | None = None) -> tuple[d
             {k: torch.cat(v).numpy() for k, v in embedded.items()})  # fmt: skip
 
 
-def _reference(net, source: TrainingData, train_rows, val_latent: torch.Tensor, recipe, device, rng, prefetch: bool):
-    """Latent and labels of up to REFERENCE_CELLS training cells, and the open-set distance threshold.
+def _nearest(latent: torch.Tensor, reference: torch.Tensor, *, exclude: np.ndarray | None = None):
+    """Distance to, and index of, each cell's nearest reference cell (``exclude``: the cells' own rows)."""
+    distance, index = [], []
+    for start in range(0, len(latent), 1024):
+        block = torch.cdist(latent[start : start + 1024], reference)
+        if exclude is not None:
+            rows = torch.arange(block.shape[0])
+            block[rows, torch.as_tensor(exclude[start : start + 1024])] = float("inf")
+        values, found = block.min(dim=1)
+        distance.append(values.numpy())
+        index.append(found.numpy())
+    return (np.concatenate(distance), np.concatenate(index)) if distance else (np.zeros(0), np.zeros(0, np.int64))
 
-    The threshold is the OPEN_SET_QUANTILE quantile of the validation cells' distances to their
-    nearest reference cell: cells of known types farther than that are rare (about 1%).
+
+def _reference(net, source: TrainingData, train_rows, val_latent: torch.Tensor, recipe, device, rng, prefetch: bool):
+    """Latent and labels of up to REFERENCE_CELLS training cells, and the open-set calibration.
+
+    The class scales come from the spacing of the reference cells (up to OPEN_SET_SCALE_CELLS per
+    class: distance to the nearest other reference cell), the threshold from the validation cells'
+    distances to their nearest reference cell (:func:`~cellmint.models._annotator.open_set_calibration`).
     """
     rows = train_rows if len(train_rows) <= REFERENCE_CELLS else np.sort(rng.choice(train_rows, REFERENCE_CELLS,
                                                                                       replace=False))  # fmt: skip
@@ -80,12 +93,16 @@ def _reference(net, source: TrainingData, train_rows, val_latent: torch.Tensor, 
     loader = source.loader(rows, batch_size=1024, shuffle=False, balance=None, random_state=0, prefetch=prefetch)
     _, _, index, _ = _logits(net, loader, recipe, device, latents)
     reference = torch.cat(latents)
-    blocks = val_latent.split(2048)
-    nearest = torch.cat([torch.cdist(block, reference).min(dim=1).values for block in blocks])
-    threshold = float(torch.quantile(nearest, OPEN_SET_QUANTILE)) if len(nearest) else float("inf")
     codes = {level: values[index].astype(np.int32) for level, values in source.codes.items()}
+    finest = list(codes)[-1]
+    picked = np.sort(np.concatenate([rng.permutation(np.flatnonzero(codes[finest] == c))[:OPEN_SET_SCALE_CELLS]
+                                     for c in np.unique(codes[finest])]))  # fmt: skip
+    spacing, _ = _nearest(reference[picked], reference, exclude=picked)
+    distance, nearest = _nearest(val_latent, reference)
+    open_set = open_set_calibration(spacing, codes[finest][picked], distance, codes[finest][nearest],
+                                    len(source.classes[finest]))  # fmt: skip
     return {"latent": reference.numpy().astype(np.float16), "codes": codes}, {
-        "metric": "euclidean", "quantile": OPEN_SET_QUANTILE, "threshold": threshold, "n_reference": len(rows),
+        "metric": "euclidean", "score": "relative", "level": finest, **open_set, "n_reference": len(rows),
     }  # fmt: skip
 
 
