@@ -194,13 +194,13 @@ def evaluate_perturbation(
     context; real deltas likewise fall back to the prediction's control cells); differential
     expression (DE) tests each gene, perturbed cells against those control cells (two-sided
     Mann–Whitney U, Benjamini–Hochberg FDR across genes; significant: FDR < 0.05, ranked by
-    |log2 fold change|).
+    absolute log2 fold change).
 
     Metrics (the ``metrics`` names; columns in parentheses):
 
     - ``pearson_delta``: Pearson correlation of predicted and real deltas over all genes (best 1);
     - ``pearson_delta_top`` (``pearson_delta_top{{top_k}}``, ``n_top_genes``): the same over the
-      real top ``top_k`` DE genes: the ``top_k`` significant genes of largest |log2FC|, or, when
+      real top ``top_k`` DE genes: the ``top_k`` significant genes of largest absolute log2FC, or, when
       fewer than ``top_k`` genes are significant (see ``de_nsig_real``), the ``top_k`` genes of
       lowest p-value; ``n_top_genes`` is the number of genes used;
     - ``mse``, ``mae``: mean squared / absolute error of the pseudobulks (not of the deltas; best 0);
