@@ -87,15 +87,17 @@ class _NearestReference:
                                                    n_jobs=1)  # fmt: skip
                 self.index.prepare()
 
-    def query(self, latent: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def query(self, latent: np.ndarray, k: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Indices and distances of each cell's ``k`` (default: ``n_neighbors``) nearest reference cells."""
+        k = self.k if k is None else min(k, self.k)
         if self.index is not None:
-            return self.index.query(latent.astype(np.float32), k=self.k)
+            return self.index.query(latent.astype(np.float32), k=k)
         import torch
 
         reference = torch.from_numpy(self.latent)
         found, dist = [], []
         for block in torch.from_numpy(latent.astype(np.float32)).split(4096):
-            values, indices = torch.cdist(block, reference).topk(self.k, dim=1, largest=False)
+            values, indices = torch.cdist(block, reference).topk(k, dim=1, largest=False)
             found.append(indices.numpy())
             dist.append(values.numpy())
         return np.concatenate(found), np.concatenate(dist)
@@ -121,7 +123,7 @@ def _open_set(annotator: Annotator, distances: list, nearest: list, max_distance
 def _vote(neighbours: np.ndarray, distances: np.ndarray, codes: np.ndarray, n_classes: int) -> np.ndarray:
     """Per cell, the share of its neighbours' (inverse-distance) weight per class."""
     weights = 1.0 / (distances + 1e-6)
-    votes = np.zeros((len(neighbours), n_classes), dtype=np.float64)
+    votes = np.zeros((len(neighbours), n_classes), dtype=np.float32)
     np.add.at(votes, (np.repeat(np.arange(len(neighbours)), neighbours.shape[1]), codes[neighbours].ravel()),
               weights.ravel())  # fmt: skip
     return votes / votes.sum(axis=1, keepdims=True)
@@ -170,10 +172,12 @@ def annotate(
         over the model's genes (4,194 cells for 2,000 genes). Peak memory grows with this number.
     knn
         Nearest-neighbour refinement among the reference cells kept with the model (pynndescent, in
-        the model's latent space): ``"low_confidence"`` (cells below ``min_confidence`` or
-        ``min_margin``; default), ``"all"`` or ``"off"``. A refined cell takes the label of the
-        distance-weighted majority of its ``n_neighbors`` reference neighbours; its confidence is
-        that majority's share.
+        the model's latent space): ``"low_confidence"`` (cells whose network confidence or margin
+        is below ``min_confidence`` or ``min_margin`` at some level; default), ``"all"`` or
+        ``"off"``. A refined cell takes the label of the distance-weighted majority of its
+        ``n_neighbors`` reference neighbours; its confidence is that majority's share. Only those
+        cells are searched for all their neighbours; every cell is searched for its nearest one
+        (the open-set distance).
     n_neighbors
         Reference neighbours per cell.
     unknown
@@ -259,6 +263,7 @@ def annotate(
     index = None if annotator.reference is None else _NearestReference(annotator.reference["latent"], n_neighbors)
     probabilities = {level: [] for level in annotator.classes}
     projections, distances, nearest, votes = {}, [], [], {level: [] for level in annotator.classes}
+    voted = []  # rows (of the whole query) whose neighbours voted
     chunk_size = chunk_size or max(64, DENSE_CHUNK_BYTES // (4 * max(1, len(annotator.genes))))
     for chunk in iter_row_chunks(adata, layer=layer, chunk_size=chunk_size, fmt="csr", progress=progress,
                                  desc="annotating"):  # fmt: skip
@@ -272,14 +277,33 @@ def annotate(
         for key, values in projected.items():
             projections.setdefault(key, []).append(values)
         if index is not None:
-            neighbours, dist = index.query(latent)
-            distances.append(dist[:, 0])
-            nearest.append(neighbours[:, 0])
-            for level in annotator.classes:
-                codes = np.asarray(annotator.reference["codes"][level])
-                votes[level].append(_vote(neighbours, dist, codes, len(annotator.classes[level])))
+            # every cell needs its nearest reference cell (open set); only the cells that may be
+            # refined need all n_neighbors: the network's confidence or margin is low at some
+            # level (knn="low_confidence"), or every cell (knn="all") — the search is most of the cost
+            neighbours, dist = index.query(latent, k=1)
+            distances.append(dist[:, 0].copy())
+            nearest.append(neighbours[:, 0].copy())
+            rows = np.zeros(0, dtype=np.int64)
+            if knn == "all":
+                rows = np.arange(len(latent))
+            elif knn == "low_confidence":
+                top = [np.sort(p, axis=1)[:, -2:] for p in proba.values()]
+                doubtful = [(t[:, -1] < min_confidence) | (t[:, -1] - (t[:, 0] if t.shape[1] > 1 else 0) < min_margin)
+                            for t in top]  # fmt: skip
+                rows = np.flatnonzero(np.logical_or.reduce(doubtful))
+            if len(rows):
+                neighbours, dist = index.query(latent[rows])
+                voted.append(rows + chunk.start)
+                for level in annotator.classes:
+                    codes = np.asarray(annotator.reference["codes"][level])
+                    votes[level].append(_vote(neighbours, dist, codes, len(annotator.classes[level])))
     n = len(obs)
     distance, far, threshold = _open_set(annotator, distances, nearest, max_distance, n)
+    voted = np.concatenate(voted) if voted else np.zeros(0, dtype=np.int64)
+    has_vote = np.zeros(n, dtype=bool)
+    has_vote[voted] = True
+    vote_row = np.full(n, -1, dtype=np.int64)
+    vote_row[voted] = np.arange(len(voted))
     table = pd.DataFrame(index=obs.index)
     info = {"overlap": overlap, "min_confidence": min_confidence, "min_margin": min_margin, "knn": knn,
             "max_distance": float(threshold), "n_neighbors": n_neighbors, "unknown": {}, "refined": {}}  # fmt: skip
@@ -301,13 +325,13 @@ def annotate(
         low = (confidence < min_confidence) | (margin < min_margin)
         refine = np.zeros(n, dtype=bool)
         if knn != "off" and index is not None:
-            refine = low.copy() if knn == "low_confidence" else np.ones(n, dtype=bool)
+            refine = (low if knn == "low_confidence" else np.ones(n, dtype=bool)) & has_vote
         if refine.any():
-            vote = np.concatenate(votes[level])
+            vote = np.concatenate(votes[level])[vote_row[refine]]
             if tree is not None and parent_label is not None:
-                vote = np.where(allowed, vote, 0.0)
-            label[refine] = vote[refine].argmax(axis=1)
-            confidence[refine] = vote[refine].max(axis=1)
+                vote = np.where(allowed[refine], vote, 0.0)
+            label[refine] = vote.argmax(axis=1)
+            confidence[refine] = vote.max(axis=1)
             low[refine] = confidence[refine] < min_confidence
         is_unknown = low | far
         if parent_label is not None:
