@@ -158,7 +158,7 @@ def write_state_toml(path: str | Path, *, holdout: str, held: Mapping[str, Seque
     lines = ["[datasets]", f"{_quote(dataset_name)} = {_quote(dataset_path)}", "", "[training]",
              f"{_quote(dataset_name)} = \"train\"", "", "[zeroshot]"]  # fmt: skip
     if holdout == "context":
-        lines += [f"{_quote(f'{dataset_name}.{c}')} = \"test\"" for c in held]
+        lines += [f'{_quote(f"{dataset_name}.{c}")} = "test"' for c in held]
     lines += ["", "[fewshot]"]
     if holdout == "perturbation":
         for c, perts in held.items():
