@@ -48,6 +48,11 @@ def _annotations(
     batch_names = [f"batch_{b}" for b in range(n_batches)]
     batch_of_donor = np.arange(n_donors) % n_batches
     width = len(str(max(n_obs - 1, 0)))
+    # object dtype throughout: pandas ≥ 3 would infer its string dtype, which anndata refuses to
+    # write by default (allow_write_nullable_strings)
+    type_names, sub_names, donor_names, batch_names = (
+        pd.Index(names, dtype=object) for names in (type_names, sub_names, donor_names, batch_names)
+    )
     obs = pd.DataFrame(
         {
             "cell_type": pd.Categorical.from_codes(labels["cell_type"], categories=type_names),
@@ -55,15 +60,17 @@ def _annotations(
             "donor": pd.Categorical.from_codes(labels["donor"], categories=donor_names),
             "batch": pd.Categorical.from_codes(batch_of_donor[labels["donor"]], categories=batch_names),
         },
-        index=pd.Index([f"cell_{i:0{width}d}" for i in range(n_obs)]),
+        index=pd.Index([f"cell_{i:0{width}d}" for i in range(n_obs)], dtype=object),
     )
     pert_names = [f"pert_{p}" for p in range(n_perturbations)]
     if n_perturbations:
-        obs["perturbation"] = pd.Categorical.from_codes(labels["perturbation"], categories=["control", *pert_names])
+        obs["perturbation"] = pd.Categorical.from_codes(
+            labels["perturbation"], categories=pd.Index(["control", *pert_names], dtype=object)
+        )
     gene_names = np.array([f"gene_{g:0{max(5, len(str(n_vars - 1)))}d}" for g in range(n_vars)], dtype=object)
     var = pd.DataFrame(
         {"program": extras["program"], "program_log2fc": extras["program_log2fc"]},
-        index=pd.Index(list(gene_names)),
+        index=pd.Index(list(gene_names), dtype=object),
     )
     uns = dict(params)
     if n_perturbations:
