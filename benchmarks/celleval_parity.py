@@ -129,6 +129,7 @@ def run_celleval(python: Path, real, pred, work: Path) -> tuple[pd.DataFrame, di
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--python", type=Path, help="interpreter with cell-eval 0.8.2 (default: benchmarks/.envs)")
+    parser.add_argument("--full", action="store_true", help="accepted for `nox -s bench -- --full`: one size only")
     args = parser.parse_args()
     from cellmint.tl._evaluate_perturbation import evaluate_perturbation
 
