@@ -175,9 +175,9 @@ def annotate(
         the model's latent space): ``"low_confidence"`` (cells whose network confidence or margin
         is below ``min_confidence`` or ``min_margin`` at some level; default), ``"all"`` or
         ``"off"``. A refined cell takes the label of the distance-weighted majority of its
-        ``n_neighbors`` reference neighbours; its confidence is that majority's share. Only those
-        cells are searched for all their neighbours; every cell is searched for its nearest one
-        (the open-set distance).
+        ``n_neighbors`` reference neighbours; its confidence and margin are the vote's (the top
+        share, and the top minus the second share). Only those cells are searched for all their
+        neighbours; every cell is searched for its nearest one (the open-set distance).
     n_neighbors
         Reference neighbours per cell.
     unknown
@@ -330,9 +330,13 @@ def annotate(
             vote = np.concatenate(votes[level])[vote_row[refine]]
             if tree is not None and parent_label is not None:
                 vote = np.where(allowed[refine], vote, 0.0)
+            # the refined label's confidence and margin are the vote's, so all three columns describe
+            # the same call and a split vote stays a low-confidence (Unknown) cell
+            ordered_vote = np.sort(vote, axis=1)
             label[refine] = vote.argmax(axis=1)
-            confidence[refine] = vote.max(axis=1)
-            low[refine] = confidence[refine] < min_confidence
+            confidence[refine] = ordered_vote[:, -1]
+            margin[refine] = ordered_vote[:, -1] - (ordered_vote[:, -2] if vote.shape[1] > 1 else 0.0)
+            low[refine] = (confidence[refine] < min_confidence) | (margin[refine] < min_margin)
         is_unknown = low | far
         if parent_label is not None:
             is_unknown |= parent_label == unknown_label  # no fine label under an unknown coarse one
