@@ -12,20 +12,13 @@
 import json
 import sys
 import time
-from pathlib import Path
 
 import anndata as ad
 import celltypist
 import numpy as np
 import scanpy as sc
 import scipy.sparse as sp
-
-
-def peak_rss_bytes() -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024
-    return -1
+from _rss import peak_rss_bytes
 
 
 def lognormalise(adata) -> float:

@@ -58,26 +58,13 @@ import time
 from pathlib import Path
 
 import numpy as np
+from _rss import peak_rss_bytes, rss_bytes
 
 HERE = Path(__file__).parent
 RESULTS = HERE / "results"
 N_VARS = 2000
 LABEL = "cell_type"
 CELLTYPIST_TRAIN_CELLS = 10_000
-
-
-def _peak_rss_bytes() -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024
-    return -1
-
-
-def _rss_bytes() -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    return -1
 
 
 def _synthetic(n_obs: int, path: Path | None = None):
@@ -94,7 +81,7 @@ def backed_worker(path: str, model_dir: str, mode: str, device: str) -> dict:
     import cellmint as cm
 
     model = cm.io.read_model(model_dir)
-    baseline = _rss_bytes()
+    baseline = rss_bytes()
     t0 = time.perf_counter()
     if mode == "path":
         table = cm.tl.annotate(path, model, device=device, progress=False)
@@ -107,7 +94,7 @@ def backed_worker(path: str, model_dir: str, mode: str, device: str) -> dict:
         unknown = float(adata.obs[f"cellmint_{LABEL}_unknown"].mean())
     wall = time.perf_counter() - t0
     return {"mode": mode, "n_obs": n_obs, "wall_s": wall, "cells_per_s": n_obs / wall,
-            "peak_rss_bytes": _peak_rss_bytes(), "rss_before_bytes": baseline, "unknown_fraction": unknown}  # fmt: skip
+            "peak_rss_bytes": peak_rss_bytes(), "rss_before_bytes": baseline, "unknown_fraction": unknown}  # fmt: skip
 
 
 def _celltypist(python: Path, *args: str) -> dict:

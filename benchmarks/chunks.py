@@ -20,14 +20,9 @@ import tempfile
 import time
 from pathlib import Path
 
+from _rss import peak_rss_bytes
+
 RESULTS = Path(__file__).parent / "results"
-
-
-def _peak_rss_bytes() -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024
-    return -1
 
 
 def worker(method: str, path: str, chunk_size: int) -> dict:
@@ -36,7 +31,7 @@ def worker(method: str, path: str, chunk_size: int) -> dict:
 
     from cellmint._utils._chunks import iter_row_chunks
 
-    baseline = _peak_rss_bytes()  # interpreter + imports, before any data
+    baseline = peak_rss_bytes()  # interpreter + imports, before any data
     t0 = time.perf_counter()
     if method == "cellmint":
         row_sums, gene_sums = [], 0
@@ -64,7 +59,7 @@ def worker(method: str, path: str, chunk_size: int) -> dict:
         "method": method,
         "chunk_size": chunk_size,
         "wall_s": wall,
-        "peak_rss_bytes": _peak_rss_bytes(),
+        "peak_rss_bytes": peak_rss_bytes(),
         "baseline_rss_bytes": baseline,
         "checksum": float(row_sums.sum() + np.sum(gene_sums)),
     }

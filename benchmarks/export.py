@@ -26,17 +26,11 @@ import time
 from pathlib import Path
 
 import numpy as np
+from _rss import peak_rss_bytes
 
 RESULTS = Path(__file__).parent / "results"
 NEGATIVES = 4
 COLUMNS = [f"negative_{j}_idx" for j in range(1, NEGATIVES + 1)]
-
-
-def _peak_rss_bytes() -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024
-    return -1
 
 
 def _quality(dataset, obs, limit: int = 200_000) -> dict:
@@ -69,7 +63,7 @@ def cellmint_worker(store_path: str, cache: str) -> dict:
                             progress=False)  # fmt: skip
     wall = time.perf_counter() - t0
     rows = sum(d.num_rows for d in dataset.values())
-    rss = _peak_rss_bytes()
+    rss = peak_rss_bytes()
     return {"rows": rows, "wall_s": wall, "rows_per_s": rows / wall, "peak_rss_bytes": rss,
             **_quality(dataset, store.obs())}  # fmt: skip
 
@@ -120,7 +114,7 @@ def peer_worker(store_path: str, cache: str) -> dict:
     dataset = datasets.DatasetDict(result)
     wall = time.perf_counter() - t0
     n = sum(d.num_rows for d in dataset.values())
-    rss = _peak_rss_bytes()
+    rss = peak_rss_bytes()
     return {"rows": n, "wall_s": wall, "rows_per_s": n / wall, "peak_rss_bytes": rss, **_quality(dataset, obs)}
 
 
@@ -130,7 +124,7 @@ def sentences_worker(h5ad: str) -> dict:
     t0 = time.perf_counter()
     df = cell_sentences(h5ad, n_genes=100, progress=False)
     wall = time.perf_counter() - t0
-    return {"cells": len(df), "wall_s": wall, "cells_per_s": len(df) / wall, "peak_rss_bytes": _peak_rss_bytes(),
+    return {"cells": len(df), "wall_s": wall, "cells_per_s": len(df) / wall, "peak_rss_bytes": peak_rss_bytes(),
             "mean_words": float(df["cell_sentence"].str.count(" ").mean() + 1)}  # fmt: skip
 
 

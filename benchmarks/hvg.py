@@ -21,26 +21,14 @@ import tempfile
 import time
 from pathlib import Path
 
+from _rss import peak_rss_bytes, rss_bytes
+
 RESULTS = Path(__file__).parent / "results"
 CASES = [  # flavour, batch key, whether the data are log-normalised first
     ("seurat_v3", None),
     ("seurat_v3", "batch"),
     ("seurat", "batch"),
 ]
-
-
-def _peak_rss_bytes() -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024
-    return -1
-
-
-def _rss_bytes() -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    return -1
 
 
 def _reset_peak() -> None:
@@ -77,9 +65,9 @@ def worker(tool: str, path: str, flavor: str, batch_key: str, mode: str, n_top: 
         if flavor == "seurat":  # dispersion flavours expect log-normalised data (prepared, not timed)
             sc.pp.normalize_total(adata, target_sum=1e4)
             sc.pp.log1p(adata)
-    loaded = _peak_rss_bytes()
+    loaded = peak_rss_bytes()
     _reset_peak()
-    start_rss = _rss_bytes()
+    start_rss = rss_bytes()
     t0 = time.perf_counter()
     if tool == "scanpy":
         table = sc.pp.highly_variable_genes(adata, flavor=flavor, n_top_genes=n_top, batch_key=batch_key, inplace=False)
@@ -95,8 +83,8 @@ def worker(tool: str, path: str, flavor: str, batch_key: str, mode: str, n_top: 
         "flavor": flavor,
         "batch_key": batch_key,
         "wall_s": wall,
-        "peak_rss_bytes": _peak_rss_bytes(),  # the call's own window (reset after loading)
-        "extra_rss_bytes": _peak_rss_bytes() - start_rss,  # what the call itself added on top of the data
+        "peak_rss_bytes": peak_rss_bytes(),  # the call's own window (reset after loading)
+        "extra_rss_bytes": peak_rss_bytes() - start_rss,  # what the call itself added on top of the data
         "rss_after_load_bytes": loaded,
         "matrix_bytes": matrix_bytes,
         "hvg_digest": hashlib.sha256("\n".join(hvg).encode()).hexdigest(),

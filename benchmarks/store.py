@@ -24,6 +24,7 @@ import warnings
 from pathlib import Path
 
 import numpy as np
+from _rss import peak_rss_bytes
 
 RESULTS = Path(__file__).parent / "results"
 BATCH = 256
@@ -31,13 +32,6 @@ BATCH = 256
 
 def _size(folder: Path) -> int:
     return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
-
-
-def _peak_rss_bytes() -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024
-    return -1
 
 
 def convert_worker(source: str, target: str) -> dict:
@@ -50,7 +44,7 @@ def convert_worker(source: str, target: str) -> dict:
         "cells": store.n_obs,
         "wall_s": wall,
         "cells_per_s": store.n_obs / wall,
-        "peak_rss_bytes": _peak_rss_bytes(),
+        "peak_rss_bytes": peak_rss_bytes(),
     }
 
 
