@@ -55,6 +55,15 @@ device
     ``"mps"`` or ``"cpu"`` ask for one explicitly and fail loudly when it is missing — never a silent
     fallback to the CPU."""
 
+doc_show = """\
+show
+    Show the figure (``None``: as matplotlib's interactive mode says).
+return_fig
+    Return the figure."""
+
+doc_plot_returns = """\
+The figure with ``return_fig=True``; the axes with ``show=False``; otherwise ``None``."""
+
 _FRAGMENTS = {name: value for name, value in globals().items() if name.startswith("doc_") and isinstance(value, str)}
 
 

@@ -9,6 +9,7 @@ import pandas as pd
 
 from .._utils._docs import doc_params
 from ..models._metrics import expected_calibration_error
+from ._figure import finish
 
 KINDS = ("violin", "hist", "reliability", "confusion", "embedding")
 
@@ -79,14 +80,11 @@ def confidence(
         Confidence threshold drawn as a line (default: the ``min_confidence`` annotate used).
     ax
         Matplotlib axes to draw into (a new figure otherwise).
-    show
-        Show the figure (``None``: as matplotlib's interactive mode says).
-    return_fig
-        Return the figure.
+    {doc_show}
 
     Returns
     -------
-    The figure with ``return_fig=True``; the axes with ``show=False``; otherwise ``None``.
+    {doc_plot_returns}
     """
     import matplotlib.pyplot as plt
     import seaborn as sns
@@ -153,11 +151,4 @@ def confidence(
         (ax.axhline if kind == "violin" else ax.axvline)(threshold, ls="--", color="red", lw=1)
     if kind != "reliability":
         ax.set_title(f"{level}: {kind}" if kind != "violin" else f"{level}: confidence")
-    fig.tight_layout()
-    if return_fig:
-        return fig
-    if show is False:
-        return ax
-    if show or plt.isinteractive():
-        plt.show()
-    return None
+    return finish(fig, ax, show=show, return_fig=return_fig)

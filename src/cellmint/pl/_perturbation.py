@@ -8,23 +8,13 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from .._utils._docs import doc_params
+from ._figure import finish
+
 KINDS = ("delta", "metrics")
 #: metrics drawn by kind="metrics" unless told otherwise (each with the direction that is better)
 DEFAULT_METRICS = {"pearson_delta": "higher", "pearson_delta_top100": "higher", "mse": "lower",
                    "energy_distance": "lower"}  # fmt: skip
-
-
-def _finish(fig, ax, show: bool | None, return_fig: bool):
-    import matplotlib.pyplot as plt
-
-    fig.tight_layout()
-    if return_fig:
-        return fig
-    if show is False:
-        return ax
-    if show or plt.isinteractive():
-        plt.show()
-    return None
 
 
 def _pseudobulk_delta(adata, rows: np.ndarray, controls: np.ndarray) -> np.ndarray:
@@ -35,6 +25,7 @@ def _pseudobulk_delta(adata, rows: np.ndarray, controls: np.ndarray) -> np.ndarr
     return mean(rows) - mean(controls)
 
 
+@doc_params()
 def perturbation(
     data: Any,
     real: Any = None,
@@ -85,14 +76,11 @@ def perturbation(
         ``kind="delta"``: name this many genes with the largest absolute real effect.
     ax
         Matplotlib axes to draw into (``kind="delta"``; a new figure otherwise).
-    show
-        Show the figure (``None``: as matplotlib's interactive mode says).
-    return_fig
-        Return the figure.
+    {doc_show}
 
     Returns
     -------
-    The figure with ``return_fig=True``; the axes with ``show=False``; otherwise ``None``.
+    {doc_plot_returns}
     """
     import matplotlib.pyplot as plt
 
@@ -116,7 +104,7 @@ def perturbation(
             panel.set_title(metric + (f" ({better} is better)" if better else ""), fontsize=9)
             panel.set_xlabel("")
             panel.tick_params(axis="x", rotation=60, labelsize=8)
-        return _finish(fig, axes[0][0], show, return_fig)
+        return finish(fig, axes[0][0], show=show, return_fig=return_fig)
 
     if real is None:
         raise ValueError("kind='delta' needs the real cells: perturbation(pred, real, ...).")
@@ -161,4 +149,4 @@ def perturbation(
     ax.set_title(f"{perturbation}{where}: Pearson r = {r:.3f}", fontsize=10)
     ax.set_xlabel("real effect (perturbed − control)")
     ax.set_ylabel("predicted effect")
-    return _finish(fig, ax, show, return_fig)
+    return finish(fig, ax, show=show, return_fig=return_fig)
