@@ -48,3 +48,24 @@ def write_model(model: Any, path: str | Path) -> Path:
     if not isinstance(model, tuple(_KINDS.values())):
         raise TypeError(f"write_model saves cellmint models, not {type(model).__name__}.")
     return model.save(path)
+
+
+def resolve_model(adata: Any, model: Any, key_added: str, kind: type):
+    """The model a tool was given, loaded and of the expected ``kind``.
+
+    ``model`` is a loaded model of ``kind``, a model folder, or ``None`` for the folder named in
+    ``adata.uns[key_added]["model_dir"]``; anything else, or a folder of another kind, is an error.
+    """
+    if isinstance(model, kind):
+        return model
+    if model is None:
+        uns = getattr(adata, "uns", {})
+        if key_added not in uns or not uns[key_added].get("model_dir"):
+            raise ValueError(f"No model given and adata.uns[{key_added!r}] names no model folder; pass model=.")
+        model = uns[key_added]["model_dir"]
+    if not isinstance(model, str | Path):
+        raise TypeError(f"model must be a {kind.__name__} or a model folder, not {type(model).__name__}.")
+    loaded = read_model(model)
+    if not isinstance(loaded, kind):
+        raise TypeError(f"The model at {model} is a {type(loaded).__name__}, not a {kind.__name__}.")
+    return loaded

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
-from typing import Any
 
 import anndata as ad
 import numpy as np
@@ -22,6 +21,7 @@ from .._utils import _logging as logg
 from .._utils._chunks import iter_row_chunks
 from .._utils._device import resolve_device
 from .._utils._docs import doc_params
+from ..io._models import resolve_model
 from ..models._annotator import Annotator, relative_distance
 from ..store._inputs import without_ensembl_versions
 
@@ -30,19 +30,6 @@ UNKNOWN = "Unknown"
 MIN_OVERLAP = 0.3
 #: below this share, a warning says labels may suffer
 WARN_OVERLAP = 0.8
-
-
-def _resolve_model(adata: Any, model: Any, key_added: str) -> Annotator:
-    if isinstance(model, Annotator):
-        return model
-    if model is None:
-        uns = getattr(adata, "uns", {})
-        if key_added not in uns or not uns[key_added].get("model_dir"):
-            raise ValueError(f"No model given and adata.uns[{key_added!r}] names no model folder; pass model=.")
-        model = uns[key_added]["model_dir"]
-    from ..io._models import read_model
-
-    return read_model(model)
 
 
 def align_genes(query: pd.Index, model_genes: pd.Index, *, strip_versions: bool) -> tuple[np.ndarray, dict]:
@@ -232,7 +219,7 @@ def annotate(
     if knn not in ("low_confidence", "all", "off"):
         raise ValueError(f"knn must be 'low_confidence', 'all' or 'off', not {knn!r}.")
     is_path = isinstance(adata, str | Path)
-    annotator = _resolve_model(adata if not is_path else None, model, key_added)
+    annotator = resolve_model(adata if not is_path else None, model, key_added, Annotator)
     clashes = [level for level, classes in annotator.classes.items() if unknown_label in classes]
     if clashes:
         raise ValueError(f"The model has a class named {unknown_label!r} (level {clashes[0]!r}); pass another "

@@ -13,22 +13,10 @@ import pandas as pd
 from .._utils import _logging as logg
 from .._utils._device import resolve_device
 from .._utils._docs import doc_params
+from ..io._models import resolve_model
 from ..models._perturbation import PerturbationModel
 from . import _perturbation_data as data
 from ._annotate import align_genes
-
-
-def _resolve_model(adata, model: Any, key: str) -> PerturbationModel:
-    if isinstance(model, PerturbationModel):
-        return model
-    if model is None:
-        folder = adata.uns.get(key, {}).get("model_dir") if key in adata.uns else None
-        if not folder:
-            raise ValueError(f"No model given and adata.uns[{key!r}] names no model folder; pass model=.")
-        model = folder
-    if isinstance(model, str | Path):
-        return PerturbationModel.load(model)
-    raise TypeError(f"model must be a PerturbationModel or a model folder, not {type(model).__name__}.")
 
 
 @doc_params()
@@ -87,7 +75,7 @@ def predict_perturbation(
     ``source_cell`` (the control cell each prediction was made from); ``uns[key_added]`` with the model
     folder, perturbations, contexts and cell counts.
     """
-    model = _resolve_model(adata, model, key_added)
+    model = resolve_model(adata, model, key_added, PerturbationModel)
     perturbations = [perturbations] if isinstance(perturbations, str) else list(perturbations)
     if not perturbations:
         raise ValueError("perturbations is empty: name at least one perturbation to predict.")
