@@ -62,7 +62,8 @@ def from_store(store: Store, label_keys: list[str], split: str) -> TrainingData:
     return TrainingData(store.var_names, classes, codes, store.split_codes(split), "counts", summary, make_loader)
 
 
-def _panel(adata, genes: Any) -> pd.Index:
+def gene_panel(adata, genes: Any) -> pd.Index:
+    """Panel of ``genes``: ``None`` (all), a boolean ``var`` column, or a list of names (each once, all present)."""
     names = pd.Index(adata.var_names.astype(str))
     if not names.is_unique:
         raise ValueError("adata.var_names has duplicates; make them unique first (adata.var_names_make_unique()).")
@@ -75,6 +76,8 @@ def _panel(adata, genes: Any) -> pd.Index:
     panel = pd.Index([str(g) for g in genes])
     if (absent := panel[~panel.isin(names)]).size:
         raise KeyError(f"{absent.size} genes of the `genes` list are not in adata.var_names, e.g. {list(absent[:3])}.")
+    if not panel.is_unique:
+        raise ValueError(f"The `genes` list names a gene twice, e.g. {list(panel[panel.duplicated()][:3])}.")
     return panel
 
 
@@ -120,7 +123,7 @@ def _embeddings(adata, keys: list[str]) -> dict[str, np.ndarray]:
 
 def from_anndata(adata, label_keys: list[str], *, split: str, layer: str | None, genes: Any, group_key: str | None,
                  input_kind: str, random_state: int, embedding_keys: list[str]) -> TrainingData:  # fmt: skip
-    panel = _panel(adata, genes)
+    panel = gene_panel(adata, genes)
     embeddings = _embeddings(adata, embedding_keys)
     columns = pd.Index(adata.var_names.astype(str)).get_indexer(panel)
     labels = {key: _label_codes(adata, key) for key in label_keys}

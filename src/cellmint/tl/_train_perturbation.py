@@ -19,6 +19,7 @@ from .._utils._resources import ResourceMonitor
 from ..models._normalize import InputRecipe
 from ..models._perturbation import PerturbationModel, PerturbationNet, energy_distance
 from . import _perturbation_data as data
+from ._train_data import gene_panel
 
 LOSSES = ("energy", "mse")
 #: genes=None keeps every gene up to this many; above, this many highly variable genes
@@ -28,30 +29,14 @@ VALIDATION_FRACTION = 0.1
 
 
 def _panel(adata, genes: Any, kind: str, layer: str | None) -> pd.Index:
-    names = pd.Index(adata.var_names.astype(str))
-    if not names.is_unique:
-        dup = names[names.duplicated()].unique()
-        raise ValueError(f"Gene names are not unique ({len(dup)}, e.g. {list(dup[:3])}): "
-                         "call adata.var_names_make_unique() first.")  # fmt: skip
-    if genes is None:
-        if len(names) <= MAX_PANEL:
-            return names
+    """The annotator's gene panel rules, except that ``None`` above MAX_PANEL genes means the most variable."""
+    if genes is None and adata.n_vars > MAX_PANEL:
         from ..pp import select_hvgs
 
         flavor = "seurat_v3" if kind == "counts" else "seurat"
         table = select_hvgs(adata, n_top_genes=MAX_PANEL, flavor=flavor, layer=layer, inplace=False)
-        return names[np.asarray(table["highly_variable"], dtype=bool)]
-    if isinstance(genes, str):
-        if genes not in adata.var or adata.var[genes].dtype != bool:
-            raise KeyError(f"genes={genes!r} is not a boolean column of adata.var.")
-        return names[adata.var[genes].to_numpy()]
-    panel = pd.Index([str(g) for g in genes])
-    missing = panel.difference(names)
-    if len(missing):
-        raise ValueError(f"{len(missing)} genes of `genes` are not in adata.var_names, e.g. {list(missing[:5])}.")
-    if not panel.is_unique:
-        raise ValueError("`genes` lists a gene twice.")
-    return panel
+        genes = adata.var_names.astype(str)[np.asarray(table["highly_variable"], dtype=bool)]
+    return gene_panel(adata, genes)
 
 
 def _pairs(perturbation: pd.Series, context: pd.Series, control: str) -> tuple[dict, list[str], dict]:
