@@ -140,6 +140,8 @@ def test_log_normalised_input_and_bad_labels():
     log.X = cm_norm
     model = cm.tl.train_perturbation(log, "perturbation", "control", context_key="donor", **SMALL)
     assert model.recipe.kind == "lognorm"
+    with pytest.raises(ValueError, match="trained on log-normalised values, but adata holds raw counts"):
+        cm.tl.predict_perturbation(adata, model, "KO_A", device="cpu")
     broken = adata.copy()
     broken.obs["perturbation"] = broken.obs["perturbation"].astype(object)
     broken.obs.iloc[3, 0] = np.nan

@@ -106,11 +106,13 @@ def predict_perturbation(
             n_missing = overlap["n_model_genes"] - overlap["n_found"]
             raise ValueError(f"{n_missing} of the model's {overlap['n_model_genes']} genes are missing from "
                              f"adata, e.g. {list(overlap['missing'][:5])}: it needs its whole panel.")  # fmt: skip
-    if model.recipe.kind == "counts" and model.use_rep is None:
+    if model.use_rep is None:  # the values must be of the kind the model was trained on, either way round
         found = data.input_kind(adata, layer, "auto")
-        if found != "counts":
-            raise ValueError("The model was trained on raw counts, but adata holds log-normalised values: "
-                             "pass the counts with layer=.")  # fmt: skip
+        if found != model.recipe.kind:
+            trained = "raw counts" if model.recipe.kind == "counts" else "log-normalised values"
+            held = "raw counts" if found == "counts" else "log-normalised values"
+            raise ValueError(f"The model was trained on {trained}, but adata holds {held}: pass the "
+                             f"{trained} with layer=.")  # fmt: skip
     rng = np.random.default_rng(random_state)
     blocks, obs = [], []
     for c in wanted:
