@@ -167,3 +167,11 @@ def test_model_folders_with_an_absolute_open_set_threshold_still_annotate(traine
         np.testing.assert_allclose(table["cellmint_distance"], nearest["cellmint_distance"])
     finally:
         model.manifest["open_set"] = saved
+
+
+def test_forward_returns_arrays_that_own_their_memory(trained):
+    """Views of torch tensors kept across chunks pinned each chunk's freed memory (8.6 GB for 1M backed cells)."""
+    model, query = trained
+    latent, proba, _ = model.forward(query.X[:20].toarray(), device="cpu")
+    for values in (latent, *proba.values()):
+        assert values.flags.owndata

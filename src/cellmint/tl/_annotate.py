@@ -10,6 +10,7 @@ class: the open-set score), and optionally a nearest-neighbour vote among refere
 
 from __future__ import annotations
 
+import itertools
 import warnings
 from pathlib import Path
 
@@ -54,8 +55,10 @@ def align_genes(query: pd.Index, model_genes: pd.Index, *, strip_versions: bool)
 #: references up to this many cells are searched exactly (torch); larger ones through pynndescent
 EXACT_SEARCH = 10_000
 #: with ``chunk_size=None``, cells per chunk such that the chunk densified over the model's genes takes about
-#: this much (4,194 cells for 2,000 genes): the dense chunk and the network's copies of it set peak memory
-DENSE_CHUNK_BYTES = 32 * 2**20
+#: this much (1,048 cells for 2,000 genes). Larger chunks gain no speed on a CPU and cost memory: blocks of
+#: tens of MiB allocated and freed per chunk fragment the heap (1M backed cells: peak RSS 1.37 GB at
+#: 32 MiB, 1.12 GB at 8 MiB; benchmarks/annotate.py)
+DENSE_CHUNK_BYTES = 8 * 2**20
 
 
 class _NearestReference:
@@ -73,6 +76,7 @@ class _NearestReference:
                 self.index = pynndescent.NNDescent(self.latent, n_neighbors=max(self.k, 15), random_state=0,
                                                    n_jobs=1)  # fmt: skip
                 self.index.prepare()
+            self.latent = None  # the index keeps its own (reordered) copy
 
     def query(self, latent: np.ndarray, k: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Indices and distances of each cell's ``k`` (default: ``n_neighbors``) nearest reference cells."""
@@ -90,21 +94,18 @@ class _NearestReference:
         return np.concatenate(found), np.concatenate(dist)
 
 
-def _open_set(annotator: Annotator, distances: list, nearest: list, max_distance: float | str, n: int):
-    """Relative open-set distance per cell, whether it is beyond the threshold, and the threshold.
+def _open_set_rule(annotator: Annotator, max_distance: float | str) -> tuple[np.ndarray, np.ndarray, float]:
+    """The open-set rule: per-class scales, the reference cells' codes at their level, and the threshold.
 
     Model folders written before the relative rule hold no class scales: their distances stay
     absolute (scale 1), compared with the absolute threshold they were saved with.
     """
-    if not distances:  # no reference kept with the model: no open-set call
-        return np.zeros(n), np.zeros(n, dtype=bool), float("inf")
     open_set = annotator.manifest.get("open_set", {})
     level = open_set.get("level", annotator.label_keys[-1])
-    scale = open_set.get("scale", np.ones(len(annotator.classes[level])))
-    codes = np.asarray(annotator.reference["codes"][level])[np.concatenate(nearest)]
-    distance = relative_distance(np.concatenate(distances), codes, scale)
+    scale = np.asarray(open_set.get("scale", np.ones(len(annotator.classes[level]))), dtype=np.float64)
+    codes = np.asarray(annotator.reference["codes"][level])
     threshold = float(open_set.get("threshold", np.inf) if max_distance == "auto" else max_distance)
-    return distance, distance > threshold, threshold
+    return scale, codes, threshold
 
 
 def _vote(neighbours: np.ndarray, distances: np.ndarray, codes: np.ndarray, n_classes: int) -> np.ndarray:
@@ -114,6 +115,88 @@ def _vote(neighbours: np.ndarray, distances: np.ndarray, codes: np.ndarray, n_cl
     np.add.at(votes, (np.repeat(np.arange(len(neighbours)), neighbours.shape[1]), codes[neighbours].ravel()),
               weights.ravel())  # fmt: skip
     return votes / votes.sum(axis=1, keepdims=True)
+
+
+def _top_two(values: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per row: the largest value's column, the largest value, and its lead over the second largest."""
+    label = values.argmax(axis=1)
+    first = np.take_along_axis(values, label[:, None], axis=1)[:, 0]
+    if values.shape[1] < 2:
+        return label, first, first.copy()
+    second = np.partition(values, -2, axis=1)[:, -2]
+    return label, first, first - second
+
+
+class _Decision:
+    """Per level, the calls of one chunk of cells (coarse to fine): codes, confidence, margin, flags.
+
+    ``codes`` index the level's classes, with ``len(classes)`` for cells called Unknown (or, with
+    ``unknown=False``, for no cell). A fine level only considers the children of the coarse call.
+    """
+
+    def __init__(self, annotator: Annotator, *, min_confidence: float, min_margin: float, unknown: bool):
+        self.annotator = annotator
+        self.min_confidence, self.min_margin, self.unknown = min_confidence, min_margin, unknown
+        levels = annotator.label_keys
+        self.parent_of = {}  # fine level → per fine class, its parent's code at the level before (-1: none)
+        for coarse, fine in itertools.pairwise(levels):
+            tree = annotator.hierarchy.get(fine)
+            if tree is not None:
+                index = {c: i for i, c in enumerate(annotator.classes[coarse])}
+                self.parent_of[fine] = np.array([index.get(tree["parents"].get(c, ""), -1)
+                                                 for c in annotator.classes[fine]])  # fmt: skip
+
+    def doubtful(self, proba: dict[str, np.ndarray]) -> np.ndarray:
+        """Cells whose network confidence or margin is low at some level (candidates for refinement)."""
+        low = [self._low(*_top_two(p)[1:]) for p in proba.values()]
+        return np.logical_or.reduce(low)
+
+    def _low(self, confidence: np.ndarray, margin: np.ndarray) -> np.ndarray:
+        return (confidence < self.min_confidence) | (margin < self.min_margin)
+
+    def __call__(self, proba: dict[str, np.ndarray], votes: dict[str, np.ndarray], voted: np.ndarray,
+                 refine_all: bool, far: np.ndarray) -> dict[str, dict[str, np.ndarray]]:  # fmt: skip
+        """``{level: {"codes", "confidence", "margin", "unknown", "refined", "proba"}}`` for the chunk.
+
+        ``votes[level]`` holds the neighbour votes of the cells ``voted`` (row positions); a voted
+        cell is refined when its call is low-confidence (or always, ``refine_all``).
+        """
+        out, parent, n_parent = {}, None, 0
+        for level, classes in self.annotator.classes.items():
+            p, n_classes = proba[level], len(classes)
+            allowed = None
+            if parent is not None and level in self.parent_of:
+                # keep the levels consistent: children of the coarse call; under an Unknown coarse
+                # call the fine probabilities stay as they are (the fine call is Unknown too)
+                allowed = (self.parent_of[level][None, :] == parent[:, None]) | (parent == n_parent)[:, None]
+                p = np.where(allowed, p, 0.0)
+                total = p.sum(axis=1, keepdims=True)
+                p = np.divide(p, total, out=np.zeros_like(p), where=total > 0)
+            label, confidence, margin = _top_two(p)
+            low = self._low(confidence, margin)
+            refine = np.zeros(len(p), dtype=bool)
+            if len(voted):
+                refine[voted] = True
+                refine &= low | refine_all
+            if refine.any():
+                # the refined call's confidence and margin are the vote's, so all three columns
+                # describe the same call and a split vote stays a low-confidence (Unknown) cell
+                row = np.full(len(p), -1)
+                row[voted] = np.arange(len(voted))
+                vote = votes[level][row[refine]]
+                if allowed is not None:
+                    vote = np.where(allowed[refine], vote, 0.0)
+                label[refine], confidence[refine], margin[refine] = _top_two(vote)
+                low[refine] = self._low(confidence[refine], margin[refine])
+            is_unknown = low | far
+            if parent is not None:
+                is_unknown |= parent == n_parent  # no fine call under an unknown coarse one
+            codes = np.where(is_unknown, n_classes, label) if self.unknown else label
+            out[level] = {"codes": codes.astype(np.int32), "confidence": confidence.astype(np.float32),
+                          "margin": margin.astype(np.float32), "unknown": is_unknown, "refined": refine,
+                          "proba": p.astype(np.float32, copy=False)}  # fmt: skip
+            parent, n_parent = codes, n_classes
+        return out
 
 
 @doc_params()
@@ -155,8 +238,9 @@ def annotate(
     strip_ensembl_versions
         Match ``ENSG….16`` with ``ENSG…``.
     chunk_size
-        Cells read and annotated at a time; ``None`` picks enough for about 32 MiB of dense values
-        over the model's genes (4,194 cells for 2,000 genes). Peak memory grows with this number.
+        Cells read and annotated at a time; ``None`` picks enough for about 8 MiB of dense values
+        over the model's genes (1,048 cells for 2,000 genes). Peak memory grows with this number;
+        on a GPU, larger chunks (e.g. 16,384) feed it better.
     knn
         Nearest-neighbour refinement among the reference cells kept with the model (pynndescent, in
         the model's latent space): ``"low_confidence"`` (cells whose network confidence or margin
@@ -228,8 +312,10 @@ def annotate(
     if is_path:
         from .._utils._chunks import open_root
 
-        with open_root(adata) as root:
-            obs = ad.io.read_elem(root["obs"])
+        with open_root(adata) as root:  # obs: its names only (a file's obs columns can be large)
+            index_key = root["obs"].attrs["_index"]
+            names = pd.Index(ad.io.read_elem(root["obs"][index_key]), name=None if index_key == "_index" else index_key)
+            obs = pd.DataFrame(index=names)
             var = ad.io.read_elem(root["var"])
     else:
         obs, var = target.obs, target.var
@@ -248,9 +334,14 @@ def annotate(
     start = logg.info(f"annotating {len(obs):,} cells with {annotator!r}")
     present = np.flatnonzero(columns >= 0)
     index = None if annotator.reference is None else _NearestReference(annotator.reference["latent"], n_neighbors)
-    probabilities = {level: [] for level in annotator.classes}
-    projections, distances, nearest, votes = {}, [], [], {level: [] for level in annotator.classes}
-    voted = []  # rows (of the whole query) whose neighbours voted
+    if index is not None:
+        scale, reference_codes, threshold = _open_set_rule(annotator, max_distance)
+    else:  # no reference kept with the model: no open-set call, no refinement
+        threshold = float("inf")
+    decide = _Decision(annotator, min_confidence=min_confidence, min_margin=min_margin, unknown=unknown)
+    keep_proba = cluster_key is not None or not (return_table or is_path)
+    calls = {level: [] for level in annotator.classes}
+    projections, distances = {}, []
     chunk_size = chunk_size or max(64, DENSE_CHUNK_BYTES // (4 * max(1, len(annotator.genes))))
     for chunk in iter_row_chunks(adata, layer=layer, chunk_size=chunk_size, fmt="csr", progress=progress,
                                  desc="annotating"):  # fmt: skip
@@ -259,92 +350,58 @@ def annotate(
         dense = np.zeros((X.shape[0], len(annotator.genes)), dtype=np.float32)
         dense[:, present] = X[:, columns[present]].toarray()
         latent, proba, projected = annotator.forward(dense, library, device=torch_device)
-        for level, values in proba.items():
-            probabilities[level].append(values.astype(np.float32))
-        for key, values in projected.items():
-            projections.setdefault(key, []).append(values)
+        del dense
+        if project:
+            for key, values in projected.items():
+                projections.setdefault(key, []).append(values)
+        distance = np.zeros(len(latent))
+        votes, voted = {}, np.zeros(0, dtype=np.int64)
         if index is not None:
             # every cell needs its nearest reference cell (open set); only the cells that may be
             # refined need all n_neighbors: the network's confidence or margin is low at some
             # level (knn="low_confidence"), or every cell (knn="all") — the search is most of the cost
             neighbours, dist = index.query(latent, k=1)
-            distances.append(dist[:, 0].copy())
-            nearest.append(neighbours[:, 0].copy())
-            rows = np.zeros(0, dtype=np.int64)
+            distance = relative_distance(dist[:, 0], reference_codes[neighbours[:, 0]], scale)
             if knn == "all":
-                rows = np.arange(len(latent))
+                voted = np.arange(len(latent))
             elif knn == "low_confidence":
-                top = [np.sort(p, axis=1)[:, -2:] for p in proba.values()]
-                doubtful = [(t[:, -1] < min_confidence) | (t[:, -1] - (t[:, 0] if t.shape[1] > 1 else 0) < min_margin)
-                            for t in top]  # fmt: skip
-                rows = np.flatnonzero(np.logical_or.reduce(doubtful))
-            if len(rows):
-                neighbours, dist = index.query(latent[rows])
-                voted.append(rows + chunk.start)
-                for level in annotator.classes:
-                    codes = np.asarray(annotator.reference["codes"][level])
-                    votes[level].append(_vote(neighbours, dist, codes, len(annotator.classes[level])))
+                voted = np.flatnonzero(decide.doubtful(proba))
+            if len(voted):
+                neighbours, dist = index.query(latent[voted])
+                votes = {level: _vote(neighbours, dist, np.asarray(annotator.reference["codes"][level]), len(classes))
+                         for level, classes in annotator.classes.items()}  # fmt: skip
+        distances.append(distance.astype(np.float32))
+        for level, result in decide(proba, votes, voted, knn == "all", distance > threshold).items():
+            if not keep_proba:
+                del result["proba"]
+            calls[level].append(result)
     n = len(obs)
-    distance, far, threshold = _open_set(annotator, distances, nearest, max_distance, n)
-    voted = np.concatenate(voted) if voted else np.zeros(0, dtype=np.int64)
-    has_vote = np.zeros(n, dtype=bool)
-    has_vote[voted] = True
-    vote_row = np.full(n, -1, dtype=np.int64)
-    vote_row[voted] = np.arange(len(voted))
     table = pd.DataFrame(index=obs.index)
     info = {"overlap": overlap, "min_confidence": min_confidence, "min_margin": min_margin, "knn": knn,
             "max_distance": float(threshold), "n_neighbors": n_neighbors, "unknown": {}, "refined": {}}  # fmt: skip
-    parent_label = None
+    probabilities = {}
     for level, classes in annotator.classes.items():
-        proba = np.concatenate(probabilities[level]) if probabilities[level] else np.zeros((0, len(classes)))
-        tree = annotator.hierarchy.get(level)
-        if tree is not None and parent_label is not None:  # keep the levels consistent: children of the coarse label
-            parents = np.array([tree["parents"].get(c, "") for c in classes], dtype=object)
-            # under an Unknown coarse label the fine probabilities stay as they are (the fine label is Unknown too)
-            allowed = (parents[None, :] == parent_label[:, None]) | (parent_label == unknown_label)[:, None]
-            proba = np.where(allowed, proba, 0.0)
-            total = proba.sum(axis=1, keepdims=True)
-            proba = np.divide(proba, total, out=np.zeros_like(proba), where=total > 0)
-        ordered = np.sort(proba, axis=1)
-        confidence = ordered[:, -1] if len(classes) else np.zeros(n)
-        margin = confidence - (ordered[:, -2] if len(classes) > 1 else 0.0)
-        label = proba.argmax(axis=1)
-        low = (confidence < min_confidence) | (margin < min_margin)
-        refine = np.zeros(n, dtype=bool)
-        if knn != "off" and index is not None:
-            refine = (low if knn == "low_confidence" else np.ones(n, dtype=bool)) & has_vote
-        if refine.any():
-            vote = np.concatenate(votes[level])[vote_row[refine]]
-            if tree is not None and parent_label is not None:
-                vote = np.where(allowed[refine], vote, 0.0)
-            # the refined label's confidence and margin are the vote's, so all three columns describe
-            # the same call and a split vote stays a low-confidence (Unknown) cell
-            ordered_vote = np.sort(vote, axis=1)
-            label[refine] = vote.argmax(axis=1)
-            confidence[refine] = ordered_vote[:, -1]
-            margin[refine] = ordered_vote[:, -1] - (ordered_vote[:, -2] if vote.shape[1] > 1 else 0.0)
-            low[refine] = (confidence[refine] < min_confidence) | (margin[refine] < min_margin)
-        is_unknown = low | far
-        if parent_label is not None:
-            is_unknown |= parent_label == unknown_label  # no fine label under an unknown coarse one
-        names_ = np.asarray(classes, dtype=object)[label] if len(classes) else np.full(n, unknown_label, dtype=object)
-        if unknown:
-            names_ = np.where(is_unknown, unknown_label, names_)
+        parts = calls.pop(level)
+        column = {name: np.concatenate([part[name] for part in parts]) if parts else np.zeros(0)
+                  for name in ("codes", "confidence", "margin", "unknown", "refined")}  # fmt: skip
         key = f"{key_added}_{level}"
-        table[key] = pd.Categorical(names_, categories=[*classes, unknown_label])
-        table[f"{key}_confidence"] = confidence.astype(np.float32)
-        table[f"{key}_margin"] = margin.astype(np.float32)
-        table[f"{key}_unknown"] = is_unknown
-        info["unknown"][level] = int(is_unknown.sum())
-        info["refined"][level] = int(refine.sum())
-        probabilities[level] = pd.DataFrame(proba, index=obs.index, columns=classes)
+        codes = column["codes"].astype(np.int32)
+        table[key] = pd.Categorical.from_codes(codes, categories=[*classes, unknown_label])
+        table[f"{key}_confidence"] = column["confidence"].astype(np.float32)
+        table[f"{key}_margin"] = column["margin"].astype(np.float32)
+        table[f"{key}_unknown"] = column["unknown"].astype(bool)
+        info["unknown"][level] = int(column["unknown"].sum())
+        info["refined"][level] = int(column["refined"].sum())
+        if keep_proba:
+            proba = np.concatenate([part["proba"] for part in parts]) if parts else np.zeros((0, len(classes)))
+            probabilities[level] = pd.DataFrame(proba, index=obs.index, columns=classes)
         if cluster_key is not None:  # soft majority vote: summed probabilities per cluster
             clusters = obs[cluster_key].astype(str)
             votes_per_cluster = probabilities[level].groupby(clusters.to_numpy()).sum()
             winner = votes_per_cluster.idxmax(axis=1)
             table[f"{key}_majority"] = pd.Categorical(clusters.map(winner).to_numpy(), categories=classes)
-        parent_label = np.asarray(names_, dtype=object)
-    table[f"{key_added}_distance"] = distance.astype(np.float32)
+        del parts
+    table[f"{key_added}_distance"] = np.concatenate(distances) if distances else np.zeros(n, dtype=np.float32)
     logg.info(f"    finished: {', '.join(f'{k}: {v:,} Unknown' for k, v in info['unknown'].items())}", time=start)
     if return_table or is_path:
         return table
@@ -352,9 +409,8 @@ def annotate(
         target.obs[column] = table[column].to_numpy() if table[column].dtype != "category" else table[column]
     for level, frame in probabilities.items():
         target.obsm[f"{key_added}_{level}_proba"] = frame
-    if project:
-        for key, parts in projections.items():
-            target.obsm[f"X_{key_added}_{key.removeprefix('X_')}"] = np.concatenate(parts)
+    for key, parts in projections.items():
+        target.obsm[f"X_{key_added}_{key.removeprefix('X_')}"] = np.concatenate(parts)
     meta = dict(target.uns.get(key_added, {}))
     meta["annotation"] = {**info, "model_dir": str(annotator.path) if annotator.path else ""}
     target.uns[key_added] = meta
