@@ -11,6 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import scipy.sparse as sp
+import torch
 
 import cellmint as cm
 
@@ -73,7 +74,8 @@ def test_predicts_each_control_cell_of_each_context(trained):
 def test_untrained_model_is_the_perturbation_mean_baseline():
     adata = screen(seed=1)
     train = adata[adata.obs["donor"] != "d3"].copy()
-    model = cm.tl.train_perturbation(train, "perturbation", "control", context_key="donor", **{**SMALL, "lr": 0.0})
+    model = cm.tl.train_perturbation(train, "perturbation", "control", context_key="donor",
+                                     **{**SMALL, "lr": 0.0, "effect_bins": 1})  # fmt: skip
     held = adata[(adata.obs["donor"] == "d3") & (adata.obs["perturbation"] == "control")].copy()
     pred = cm.tl.predict_perturbation(held, model, "KO_A", device="cpu")
     baseline = cm.tl.perturbation_baselines(train, held, ["KO_A"], perturbation_key="perturbation",
@@ -82,6 +84,62 @@ def test_untrained_model_is_the_perturbation_mean_baseline():
     ours = pred[pred.obs["is_predicted"].to_numpy()]
     theirs = baseline[baseline.obs["is_predicted"].to_numpy()]
     np.testing.assert_allclose(np.sort(ours.X.mean(0)), np.sort(np.asarray(theirs.X).mean(0)), atol=1e-4)
+
+
+def test_binned_means_average_to_the_mean_and_follow_the_sorted_values():
+    from cellmint.tl._train_perturbation import binned_means
+
+    values = torch.as_tensor(np.random.default_rng(0).gamma(0.5, size=(103, 7)), dtype=torch.float32)
+    bins = binned_means(values, 10)
+    assert bins.shape == (10, 7)
+    np.testing.assert_allclose(bins.mean(0), values.mean(0), rtol=1e-5)
+    assert (bins.diff(dim=0) >= 0).all()
+    even = binned_means(values[:100], 4)
+    np.testing.assert_allclose(even, values[:100].sort(0).values.reshape(4, 25, 7).mean(1), rtol=1e-5)
+
+
+def test_untrained_binned_model_follows_how_the_training_responses_spread():
+    """A perturbation that narrows each gene's spread: binned effects narrow the prediction, one bin does not."""
+    rng = np.random.default_rng(0)
+    blocks, obs = [], []
+    for c in range(4):
+        centre = rng.uniform(1, 3, N_GENES)
+        for label in ("control", "narrow"):
+            x = centre + rng.normal(0, 0.6, (200, N_GENES))
+            blocks.append(np.clip(x if label == "control" else centre + 0.5 + 0.3 * (x - centre), 0, None))
+            obs += [{"perturbation": label, "donor": f"d{c}"}] * 200
+    frame = pd.DataFrame(obs, index=[f"c{i}" for i in range(len(obs))])
+    adata = ad.AnnData(np.vstack(blocks).astype(np.float32), obs=frame,
+                       var=pd.DataFrame(index=[f"g{i}" for i in range(N_GENES)]))  # fmt: skip
+    train, held = adata[adata.obs["donor"] != "d3"].copy(), adata[adata.obs["donor"] == "d3"].copy()
+    controls = held[held.obs["perturbation"] == "control"].copy()
+    spread = {}
+    for bins in (1, 10):
+        model = cm.tl.train_perturbation(train, "perturbation", "control", context_key="donor", input="lognorm",
+                                         **{**SMALL, "set_size": 100, "lr": 0.0, "effect_bins": bins})  # fmt: skip
+        pred = cm.tl.predict_perturbation(controls, model, "narrow", device="cpu")
+        predicted = pred.X[pred.obs["is_predicted"].to_numpy()]
+        np.testing.assert_allclose(predicted.mean(0) - controls.X.mean(0), 0.5, atol=0.1)
+        spread[bins] = np.median(predicted.std(0) / controls.X.std(0))
+    assert spread[1] == pytest.approx(1.0, abs=0.05)
+    assert spread[10] == pytest.approx(0.3, abs=0.1)
+
+
+def test_folders_written_before_binned_effects_still_load(trained, tmp_path):
+    from cellmint.models._artifact import write_artifact
+
+    adata, _, _ = trained
+    train = adata[adata.obs["donor"] != "d3"].copy()
+    model = cm.tl.train_perturbation(train, "perturbation", "control", context_key="donor",
+                                     **{**SMALL, "effect_bins": 1})  # fmt: skip
+    state = dict(model.net.state_dict())
+    state["average_effect"] = state.pop("binned_effect")[:, 0]  # the old format: one mean effect per perturbation
+    manifest = model._manifest()
+    manifest["architecture"] = {k: v for k, v in manifest["architecture"].items() if k != "effect_bins"}
+    write_artifact(tmp_path / "old", manifest, state, kind="cellmint.PerturbationModel", format_version=1)
+    held = adata[(adata.obs["donor"] == "d3") & (adata.obs["perturbation"] == "control")].copy()
+    old = cm.tl.predict_perturbation(held, cm.io.read_model(tmp_path / "old"), "KO_A", device="cpu")
+    np.testing.assert_array_equal(old.X, cm.tl.predict_perturbation(held, model, "KO_A", device="cpu").X)
 
 
 def test_unknown_perturbation_or_context_without_controls_raise(trained):

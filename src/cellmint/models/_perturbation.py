@@ -4,10 +4,16 @@ The network (:class:`PerturbationNet`) takes a *set* of control cells of one con
 cell line, a replicate) and a perturbation, lets the cells attend to each other, and returns one
 predicted perturbed cell per control cell::
 
-    prediction = control cell + average effect of the perturbation in training + learned residual
+    prediction = control cell + average effect of the perturbation in training, at the cell's
+                 quantile of the gene + learned residual
 
-The average effect (the "perturbation mean" baseline) is a fixed buffer, and the residual's last
-layer starts at zero, so an untrained network *is* that baseline; training with a distributional
+The average effect at a quantile is fixed (``binned_effect``): in each training context the control
+and perturbed cells of a gene are sorted and cut into ``effect_bins`` equal shares, and the effect of
+a share is the difference of their means, averaged over the contexts. A cell in the lowest fifth of a
+gene's values within its set thus moves like the lowest fifth of the training cells, so the predicted
+set's spread follows the training responses, and the effects average to the "perturbation mean"
+baseline's (with one bin they are that baseline). The residual's last layer starts at zero, so an
+untrained network *is* this binned baseline; training with a distributional
 loss (energy distance between predicted and real sets, plus a term on their means) teaches it how
 the response depends on the context and on each cell. Values are log-normalised expression over
 the model's gene panel, or an embedding (``use_rep``) decoded back to genes by a ridge map.
@@ -44,7 +50,7 @@ class PerturbationNet(nn.Module):
     """
 
     def __init__(self, n_features: int, n_perturbations: int, *, hidden: int = 128, n_layers: int = 2,
-                 n_heads: int = 4, dropout: float = 0.1, gene_dim: int = 8):  # fmt: skip
+                 n_heads: int = 4, dropout: float = 0.1, gene_dim: int = 8, effect_bins: int = 1):  # fmt: skip
         super().__init__()
         self.encoder = nn.Sequential(nn.Linear(n_features, hidden), nn.GELU(), nn.Linear(hidden, hidden))
         self.perturbation = nn.Embedding(n_perturbations, hidden)
@@ -56,18 +62,35 @@ class PerturbationNet(nn.Module):
         self.value = nn.Sequential(nn.Linear(2 + 3 * gene_dim, 2 * gene_dim), nn.GELU(), nn.Linear(2 * gene_dim, 1))
         nn.init.zeros_(self.value[-1].weight)  # untrained = control + average effect
         nn.init.zeros_(self.value[-1].bias)
-        self.register_buffer("average_effect", torch.zeros(n_perturbations, n_features))
+        self.register_buffer("binned_effect", torch.zeros(n_perturbations, effect_bins, n_features))
         self.register_buffer("control_mean", torch.zeros(n_perturbations, n_features))
         self.contrast = nn.Parameter(torch.zeros(n_perturbations))  # λ − 1 of the context adjustment
 
-    def anchor(self, controls: torch.Tensor, perturbation: torch.Tensor) -> torch.Tensor:
-        """Average effect, adjusted for how the set's mean differs from the training contexts' control mean.
+    @property
+    def average_effect(self) -> torch.Tensor:
+        """Per perturbation, the mean training effect (the "perturbation mean" baseline): the bins' mean."""
+        return self.binned_effect.mean(1)
 
-        ``effect_p + (λ_p − 1) · (set mean − control mean_p)``: λ = 1 (the start) shifts every context
-        alike; λ < 1 pulls perturbed contexts towards a shared perturbed state, as many drugs do.
+    def anchor(self, controls: torch.Tensor, perturbation: torch.Tensor) -> torch.Tensor:
+        """Binned average effect, adjusted for how the set's mean differs from the training contexts' control mean.
+
+        ``effect_p(bin of the cell's value) + (λ_p − 1) · (set mean − control mean_p)`` per cell and
+        gene; a value's bin is its rank among the set's values of that gene (ties in set order, which
+        is random). λ = 1 (the start) shifts every context alike; λ < 1 pulls perturbed contexts
+        towards a shared perturbed state, as many drugs do.
         """
+        batch, cells, genes = controls.shape
+        effect = self.binned_effect[perturbation]  # batch × bins × genes
+        bins = effect.shape[1]
+        if bins == 1:
+            per_value = effect.expand(batch, cells, genes)
+        else:
+            order = controls.argsort(dim=1, stable=True)
+            rank = torch.empty_like(order).scatter_(1, order, torch.arange(cells, device=controls.device)
+                                                     .view(1, cells, 1).expand(batch, cells, genes))  # fmt: skip
+            per_value = effect.gather(1, rank * bins // cells)
         shift = controls.mean(1) - self.control_mean[perturbation]
-        return self.average_effect[perturbation] + self.contrast[perturbation].unsqueeze(1) * shift
+        return per_value + (self.contrast[perturbation].unsqueeze(1) * shift).unsqueeze(1)
 
     def forward(self, controls: torch.Tensor, perturbation: torch.Tensor) -> torch.Tensor:
         batch, cells, genes = controls.shape
@@ -82,7 +105,7 @@ class PerturbationNet(nn.Module):
             context.unsqueeze(2).expand(batch, cells, genes, d),
         ], dim=-1)  # fmt: skip
         residual = self.value(features).squeeze(-1)
-        return controls + self.anchor(controls, perturbation).unsqueeze(1) + residual
+        return controls + self.anchor(controls, perturbation) + residual
 
 
 def pairwise_distances(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -214,7 +237,9 @@ class PerturbationModel:
         arch = manifest["architecture"]
         net = PerturbationNet(arch["n_features"], len(manifest["perturbations"]), hidden=arch["hidden"],
                               n_layers=arch["n_layers"], n_heads=arch["n_heads"], dropout=arch["dropout"],
-                              gene_dim=arch["gene_dim"])  # fmt: skip
+                              gene_dim=arch["gene_dim"], effect_bins=arch.get("effect_bins", 1))  # fmt: skip
+        if "average_effect" in state:  # folders written before binned effects: one bin, the same predictions
+            state["binned_effect"] = state.pop("average_effect").unsqueeze(1)
         try:
             net.load_state_dict(state)
         except RuntimeError as err:

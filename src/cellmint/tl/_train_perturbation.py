@@ -71,22 +71,40 @@ def _pairs(perturbation: pd.Series, context: pd.Series, control: str) -> tuple[d
     return pairs, sorted({p for _, p in pairs}), controls
 
 
-def _average_effects(values: torch.Tensor, pairs: dict, controls: dict,
-                     perturbations: list[str]) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
-    """Per perturbation, over its training contexts: the mean effect and the mean control mean.
+def binned_means(values: torch.Tensor, bins: int) -> torch.Tensor:
+    """Per gene (column), the mean of each of ``bins`` equal shares of its sorted values (bins × genes).
 
-    The mean effect (perturbed mean − control mean) is the "perturbation mean" baseline.
+    Shares split cells fractionally where the count is not a multiple of ``bins``, so the bins'
+    average is the column mean exactly.
     """
-    effects = torch.zeros(len(perturbations), values.shape[1])
+    n = values.shape[0]
+    ordered = values.sort(dim=0).values.double()
+    cumulative = torch.cat([torch.zeros(1, values.shape[1], dtype=torch.float64), ordered.cumsum(0)])
+    edges = torch.linspace(0, n, bins + 1, dtype=torch.float64)
+    whole = edges.floor().long().clamp_max(n - 1)
+    at = cumulative[whole] + (edges - whole).unsqueeze(1) * ordered[whole]  # cumulative sum up to each edge
+    at[-1] = cumulative[-1]
+    return ((at[1:] - at[:-1]) * (bins / n)).float()
+
+
+def _average_effects(values: torch.Tensor, pairs: dict, controls: dict, perturbations: list[str],
+                     bins: int) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """Per perturbation, over its training contexts: the binned mean effect and the mean control mean.
+
+    The effect of bin ``b`` is the mean of the ``b``-th share of the sorted perturbed values minus
+    that of the sorted control values (per gene, within a context); averaged over the bins it is
+    the mean effect (perturbed mean − control mean), the "perturbation mean" baseline.
+    """
+    effects = torch.zeros(len(perturbations), bins, values.shape[1])
     control_means = torch.zeros(len(perturbations), values.shape[1])
     counts = torch.zeros(len(perturbations))
     for (c, p), rows in pairs.items():
         i = perturbations.index(p)
-        control_mean = values[controls[c]].mean(0)
-        effects[i] += values[rows].mean(0) - control_mean
-        control_means[i] += control_mean
+        control = values[controls[c]]
+        effects[i] += binned_means(values[rows], bins) - binned_means(control, bins)
+        control_means[i] += control.mean(0)
         counts[i] += 1
-    return effects / counts.unsqueeze(1), control_means / counts.unsqueeze(1)
+    return effects / counts.view(-1, 1, 1), control_means / counts.unsqueeze(1)
 
 
 def _validation(pairs: dict, validation: str, rng: np.random.Generator) -> tuple[dict, dict, str]:
@@ -147,6 +165,7 @@ def train_perturbation(
     mean_weight: float = 1.0,
     hidden: int = 128,
     gene_dim: int = 8,
+    effect_bins: int = 10,
     n_layers: int = 2,
     n_heads: int = 4,
     dropout: float = 0.1,
@@ -167,8 +186,9 @@ def train_perturbation(
     control cells of one context (a patient, a cell line, a replicate) and a perturbation; the
     cells attend to each other, so the prediction for each cell depends on its context, and the
     network predicts each cell's perturbed state as ``control + average effect + residual``. The
-    average effect of each perturbation over the training contexts is fixed (an untrained model is
-    the "perturbation mean" baseline); the residual is learned with an energy-distance loss between
+    average effect of each perturbation over the training contexts is fixed, per share of each
+    gene's values (``effect_bins``; an untrained model is the "perturbation mean" baseline with the
+    training contexts' spread of responses); the residual is learned with an energy-distance loss between
     the predicted set and a set of real perturbed cells of the same context and perturbation, plus
     ``mean_weight`` × the squared distance between their means.
 
@@ -210,6 +230,12 @@ def train_perturbation(
         Width of the cell tokens the set's cells attend with.
     gene_dim
         Size of the gene, perturbation and context embeddings that the per-value network reads.
+    effect_bins
+        Shares of a gene's sorted values whose average effects the model starts from (see
+        :class:`~cellmint.models._perturbation.PerturbationNet`): a control cell in the lowest
+        tenth of a gene's values within its set moves like the lowest tenth of the training
+        contexts' cells did. ``1``: every cell moves by the mean effect (the "perturbation mean"
+        baseline). At most ``set_size``.
     n_layers
         Attention layers.
     n_heads
@@ -220,7 +246,8 @@ def train_perturbation(
         Epochs; one epoch draws about as many sets as it takes to see every training perturbed cell once.
     early_stopping
         Stop after this many epochs without a lower validation loss and keep the best weights;
-        ``None`` trains all epochs.
+        ``None`` trains all epochs. The untrained network competes too: when no epoch beats it on
+        the validation sets, it is kept (``manifest["best_epoch"]`` is -1).
     validation
         The cells that choose the best epoch: ``"context"`` sets aside every perturbed cell of one
         training context (the model is then chosen for predicting a context it has not seen, the
@@ -248,6 +275,8 @@ def train_perturbation(
         raise ValueError(f"loss must be one of {LOSSES}, not {loss!r}.")
     if set_size < 2:
         raise ValueError("set_size must be at least 2.")
+    if not 1 <= effect_bins <= set_size:
+        raise ValueError(f"effect_bins must be between 1 and set_size ({set_size}), not {effect_bins}.")
     torch_device = resolve_device(device)
     start = logg.info(f"training a perturbation model on {torch_device}")
     rows = np.arange(adata.n_obs)
@@ -275,7 +304,7 @@ def train_perturbation(
     train_pairs, val_pairs, validation = _validation(pairs, validation, rng)
     # the average effects the network trains around leave the validation context out, so that
     # validation asks what the final model is asked: a context whose response was never seen
-    effects, control_means = _average_effects(values, train_pairs, controls, perturbations)
+    effects, control_means = _average_effects(values, train_pairs, controls, perturbations, effect_bins)
     keys = list(train_pairs)
     codes = torch.tensor([perturbations.index(p) for _, p in keys])
     n_perturbed = sum(len(v) for v in train_pairs.values())
@@ -291,8 +320,8 @@ def train_perturbation(
     with torch.random.fork_rng(devices=[]), ResourceMonitor(device=torch_device) as monitor:
         torch.manual_seed(random_state)
         net = PerturbationNet(values.shape[1], len(perturbations), hidden=hidden, n_layers=n_layers,
-                              n_heads=n_heads, dropout=dropout, gene_dim=gene_dim)  # fmt: skip
-        net.average_effect.copy_(effects)
+                              n_heads=n_heads, dropout=dropout, gene_dim=gene_dim, effect_bins=effect_bins)  # fmt: skip
+        net.binned_effect.copy_(effects)
         net.control_mean.copy_(control_means)
         if len({c for c, _ in train_pairs}) < 3:  # a slope fitted to two contexts only mirrors their difference
             net.contrast.requires_grad_(False)
@@ -319,7 +348,12 @@ def train_perturbation(
             val_real = draw(val_pairs, val_keys, val_rng)
             val_codes = torch.tensor([perturbations.index(p) for _, p in val_keys], device=torch_device)
 
-        best, best_state, stale, history = np.inf, copy.deepcopy(net.state_dict()), 0, []
+        best, best_state, best_epoch, stale, history = np.inf, copy.deepcopy(net.state_dict()), -1, 0, []
+        untrained = np.nan
+        if val_keys:  # training is kept only where it beats its start (the binned baseline) on validation
+            net.eval()
+            with torch.no_grad():
+                untrained = best = float(set_loss(net(val_controls, val_codes), val_real))
         with progress_bar(total=max_epochs * steps, desc="training", unit="step", progress=progress) as bar:
             for epoch in range(max_epochs):
                 net.train()
@@ -346,15 +380,15 @@ def train_perturbation(
                 bar.set_postfix(epoch=epoch + 1, loss=f"{entry['loss']:.3f}", val=f"{val:.3f}")
                 score = entry.get("val_loss", entry["loss"])
                 if score < best - 1e-6:
-                    best, best_state, stale = score, copy.deepcopy(net.state_dict()), 0
+                    best, best_state, best_epoch, stale = score, copy.deepcopy(net.state_dict()), epoch, 0
                 else:
                     stale += 1
                     if early_stopping and stale >= early_stopping:
                         break
         net.load_state_dict(best_state)
         # the model keeps every training context's effect (the validation context's too)
-        effects, control_means = _average_effects(values, pairs, controls, perturbations)
-        net.average_effect.copy_(effects.to(torch_device))
+        effects, control_means = _average_effects(values, pairs, controls, perturbations, effect_bins)
+        net.binned_effect.copy_(effects.to(torch_device))
         net.control_mean.copy_(control_means.to(torch_device))
     report = monitor.report
     counts = pd.Series({f"{c}|{p}": len(r) for (c, p), r in pairs.items()})
@@ -367,6 +401,7 @@ def train_perturbation(
             "n_heads": n_heads,
             "dropout": dropout,
             "gene_dim": gene_dim,
+            "effect_bins": effect_bins,
         },
         "data": {
             "n_cells": len(rows),
@@ -377,7 +412,8 @@ def train_perturbation(
             "n_validation_cells": int(sum(len(v) for v in val_pairs.values())),
         },
         "history": {"loss": [h["loss"] for h in history], "val_loss": [h.get("val_loss", np.nan) for h in history]},
-        "best_epoch": int(np.nanargmin([h.get("val_loss", h["loss"]) for h in history])),
+        "best_epoch": best_epoch,  # -1: no epoch beat the untrained network on the validation sets
+        "untrained_val_loss": untrained,
         "resources": {**report.to_dict(), "epochs": len(history)},
     }
     model = PerturbationModel(net.cpu(), genes=list(panel), perturbations=perturbations, control=str(control),
