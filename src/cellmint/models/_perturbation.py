@@ -66,11 +66,6 @@ class PerturbationNet(nn.Module):
         self.register_buffer("control_mean", torch.zeros(n_perturbations, n_features))
         self.contrast = nn.Parameter(torch.zeros(n_perturbations))  # λ − 1 of the context adjustment
 
-    @property
-    def average_effect(self) -> torch.Tensor:
-        """Per perturbation, the mean training effect (the "perturbation mean" baseline): the bins' mean."""
-        return self.binned_effect.mean(1)
-
     def anchor(self, controls: torch.Tensor, perturbation: torch.Tensor) -> torch.Tensor:
         """Binned average effect, adjusted for how the set's mean differs from the training contexts' control mean.
 

@@ -122,7 +122,7 @@ def predict_perturbation(
         if model.use_rep is None:
             values = data.panel_values(adata, columns, model.recipe, layer, rows)
         else:
-            values = data.rep_values(adata, model.use_rep, rows, model.net.average_effect.shape[1])
+            values = data.rep_values(adata, model.use_rep, rows, model.net.binned_effect.shape[-1])
         names = np.asarray(adata.obs_names[rows])
         if include_control:
             blocks.append(model.to_genes(values))
