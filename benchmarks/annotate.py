@@ -6,7 +6,7 @@ are the reference, the next ``--query`` cells the query (in memory, CSR counts).
 
 Models (training is not timed): cellmint trains ``cm.tl.train_annotator`` on the reference with its
 defaults but few epochs (``--epochs``); it keeps up to 50,000 reference latents for the
-nearest-neighbour search (pynndescent above 10,000). CellTypist trains its default logistic
+nearest-neighbour search (inverted lists above 10,000; ``cellmint/tl/_knn.py``). CellTypist trains its default logistic
 regression (``celltypist.train``, all genes, no feature selection) on a 10,000-cell subsample of the
 log-normalised reference, in its own environment ``benchmarks/.envs/celltypist`` (see
 ``benchmarks/annotator.py``). Annotation cost does not depend on how either model was trained.
@@ -16,9 +16,9 @@ log-normalised reference, in its own environment ``benchmarks/.envs/celltypist``
 - cellmint: ``cm.tl.annotate(query, model, knn=...)`` on the in-memory counts, writing its results
   into ``query`` (``obs`` columns, ``obsm`` probabilities): gene alignment, library sizes,
   densifying, normalisation (inside the model), the network, the nearest-reference search of every
-  cell (pynndescent index over the reference latents built inside the call; distances for Unknown),
-  kNN refinement, thresholds. ``knn="low_confidence"`` (default) and ``knn="off"``. Numba's one-off
-  compilation of pynndescent is paid by a warm-up call before timing, reported as ``first_call_s``.
+  cell (inverted lists over the reference latents built inside the call; distances for Unknown),
+  kNN refinement, thresholds. ``knn="low_confidence"`` (default) and ``knn="off"``. A warm-up call
+  before timing (torch's first call) is reported as ``first_call_s``.
 - CellTypist: ``celltypist.annotate(query, model, majority_voting=False)`` on the in-memory query
   already log1p(10,000)-normalised, as it requires; the normalisation (scanpy ``normalize_total`` +
   ``log1p``) is timed apart and reported as ``normalise_s``: ``cells_per_s_with_normalise`` is the
@@ -34,8 +34,8 @@ chunk at a time by ``cm.datasets.synthetic``), in a fresh subprocess: given as a
 table) and as a backed AnnData (results written to its ``obs``/``obsm``); peak RSS is the child's
 ``VmHWM`` (target ≤ 1 GB; it includes the worker's imports and the model). With ``--full`` the
 path run is repeated with glibc's ``MALLOC_MMAP_THRESHOLD_`` at 1 MiB: the difference is heap
-fragmentation, not live data. The worker's wall time includes building the pynndescent index and
-numba's compilation of it, paid once per process.
+fragmentation, not live data. The worker's wall time includes building the search's inverted lists
+(k-means of the reference latents, about 1 s).
 
 ``--device cuda`` measures GPU throughput with the same script (``--no-celltypist`` where the
 CellTypist environment is absent; the GPU path needs only cellmint's own dependencies).
@@ -133,7 +133,7 @@ def throughput(reference, query, model, work: Path, args) -> dict:
     elif not args.no_celltypist:
         out["celltypist"] = {"error": "celltypist could not be installed"}
 
-    t0 = time.perf_counter()  # warm-up: numba compiles pynndescent once per process
+    t0 = time.perf_counter()  # warm-up: torch's first call
     cm.tl.annotate(query[:1000].copy(), model, device=args.device, progress=False)
     out["first_call_s"] = time.perf_counter() - t0
     runs: dict[str, list] = {"low_confidence": [], "off": []}

@@ -1,0 +1,132 @@
+"""Nearest reference cells in a model's latent space, for ``cm.tl.annotate``'s open-set distance and kNN vote.
+
+Small references (up to :data:`EXACT_SEARCH` cells), and any reference on a GPU, are searched exactly
+(all distances, in blocks). Larger references on a CPU are searched through inverted lists: k-means
+splits the reference into about √n lists and a query cell is compared with the members of its
+:data:`PROBE_FRACTION` nearest lists only. Everything is torch: no compilation, no index kept on disk.
+
+Why not pynndescent (measured on a 40,000-cell, 256-dimensional reference and 20,000 query cells,
+``benchmarks/annotate.py``): its graph search for the single nearest cell — the open-set distance
+every cell needs — found the true nearest cell for 45% of the cells (94% when asked for 15), which
+overstated distances and tripled the false Unknown calls at the reference's own threshold (0.19% →
+0.59%); and compiling it costs about 0.5 GB of memory and 20 s in every process. The inverted lists
+find the true nearest cell for 99.9% of the cells and all 15 neighbours for 99.7%, at the same speed.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+#: references up to this many cells are searched exactly on a CPU (on a GPU, every reference is)
+EXACT_SEARCH = 10_000
+#: share of the inverted lists a query cell is compared with (16 of 200 lists for 40,000 cells)
+PROBE_FRACTION = 0.08
+#: Lloyd iterations of the k-means that builds the lists
+KMEANS_ITERATIONS = 10
+
+
+def _squared_distances(queries: torch.Tensor, reference: torch.Tensor, reference_norms: torch.Tensor) -> torch.Tensor:
+    """``|q|² + |r|² - 2 q·r`` without ``|q|²`` (constant per row, added back by the caller)."""
+    return torch.addmm(reference_norms[None], queries, reference.T, alpha=-2)
+
+
+def kmeans(points: torch.Tensor, n_clusters: int, *, iterations: int = KMEANS_ITERATIONS, seed: int = 0):
+    """Centroids and each point's cluster (Lloyd's algorithm from ``n_clusters`` seeded points)."""
+    generator = torch.Generator().manual_seed(seed)
+    centroids = points[torch.randperm(len(points), generator=generator)[:n_clusters]].clone()
+    for _ in range(iterations):
+        assigned = _squared_distances(points, centroids, (centroids * centroids).sum(1)).argmin(1)
+        sums = torch.zeros_like(centroids).index_add_(0, assigned, points)
+        counts = torch.bincount(assigned, minlength=n_clusters).to(points.dtype)
+        filled = counts > 0  # an emptied cluster keeps its centroid
+        centroids[filled] = sums[filled] / counts[filled, None]
+    return centroids, _squared_distances(points, centroids, (centroids * centroids).sum(1)).argmin(1)
+
+
+class NearestReference:
+    """The ``n_neighbors`` nearest reference cells (Euclidean) of query latents.
+
+    Parameters
+    ----------
+    latent
+        Reference latents, cells × dimensions.
+    n_neighbors
+        Neighbours returned by default (at most the number of reference cells).
+    device
+        Where the search runs; on anything but a CPU it is exact.
+    """
+
+    def __init__(self, latent: np.ndarray, n_neighbors: int, *, device: torch.device | str = "cpu"):
+        self.device = torch.device(device)
+        reference = torch.as_tensor(np.asarray(latent, dtype=np.float32))
+        self.k = min(n_neighbors, len(reference))
+        self.exact = len(reference) <= EXACT_SEARCH or self.device.type != "cpu"
+        if self.exact:
+            self.reference = reference.to(self.device)
+            self.norms = (self.reference * self.reference).sum(1)
+            return
+        n_lists = round(math.sqrt(len(reference)))
+        self.centroids, assigned = kmeans(reference, n_lists)
+        self.centroid_norms = (self.centroids * self.centroids).sum(1)
+        self.n_probe = max(1, math.ceil(PROBE_FRACTION * n_lists))
+        order = torch.argsort(assigned, stable=True)
+        self.ids = order  # position in the list layout -> reference row
+        self.reference = reference[order].contiguous()
+        self.norms = (self.reference * self.reference).sum(1)
+        sizes = torch.bincount(assigned, minlength=n_lists)
+        self.sizes = sizes.tolist()
+        self.offsets = (torch.cumsum(sizes, 0) - sizes).tolist()
+
+    def query(self, latent: np.ndarray, k: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Indices (reference rows) and distances of each cell's ``k`` (default: ``n_neighbors``) nearest cells."""
+        k = self.k if k is None else min(k, self.k)
+        queries = torch.as_tensor(np.asarray(latent, dtype=np.float32)).to(self.device)
+        if len(queries) == 0 or k == 0:
+            return np.zeros((len(queries), k), dtype=np.int64), np.zeros((len(queries), k), dtype=np.float32)
+        if self.exact:
+            found, squared = [], []
+            for block in queries.split(4096):
+                values, indices = _squared_distances(block, self.reference, self.norms).topk(k, dim=1, largest=False)
+                found.append(indices)
+                squared.append(values + (block * block).sum(1, keepdim=True))
+            indices, squared = torch.cat(found), torch.cat(squared)
+        else:
+            indices, squared = self._probe(queries, k)
+        return indices.cpu().numpy(), squared.clamp_min_(0).sqrt_().cpu().numpy()
+
+    def _probe(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Inverted-list search: each (cell, probed list) pair keeps its list's k best; then the best k overall."""
+        n, probes = len(queries), self.n_probe
+        probed = _squared_distances(queries, self.centroids, self.centroid_norms).topk(probes, largest=False).indices
+        flat = probed.reshape(-1)
+        order = torch.argsort(flat, stable=True)  # (cell, probe) pairs grouped by list
+        lists, counts = torch.unique_consecutive(flat[order], return_counts=True)
+        cells = order // probes  # pair -> cell; `order` itself is the pair's row in `best`
+        best = torch.full((n * probes, k), float("inf"))
+        where = torch.zeros((n * probes, k), dtype=torch.long)
+        start = 0
+        for member_list, count in zip(lists.tolist(), counts.tolist(), strict=True):
+            pairs = order[start : start + count]
+            rows = cells[start : start + count]
+            start += count
+            offset, size = self.offsets[member_list], self.sizes[member_list]
+            if size == 0:
+                continue
+            members = slice(offset, offset + size)
+            found = min(k, size)
+            values, indices = _squared_distances(queries[rows], self.reference[members], self.norms[members]).topk(
+                found, dim=1, largest=False
+            )
+            best[pairs, :found] = values
+            where[pairs, :found] = indices + offset
+        values, picked = best.view(n, -1).topk(k, dim=1, largest=False)
+        indices = where.view(n, -1).gather(1, picked)
+        short = torch.isinf(values).any(1).nonzero().squeeze(1)  # probed lists held fewer than k cells
+        if len(short):
+            values[short], indices[short] = _squared_distances(queries[short], self.reference, self.norms).topk(
+                k, dim=1, largest=False
+            )
+        return self.ids[indices], values + (queries * queries).sum(1, keepdim=True)

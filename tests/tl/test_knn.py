@@ -1,0 +1,98 @@
+"""The nearest-reference search behind cm.tl.annotate: exact below EXACT_SEARCH, inverted lists above."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import cellmint as cm
+from cellmint.tl import _knn
+from cellmint.tl._knn import NearestReference
+
+
+def _clustered(n: int, dim: int, n_clusters: int, seed: int) -> np.ndarray:
+    """Gaussian clusters of unequal spread, non-negative like a ReLU latent (``seed`` also picks the centres)."""
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(0, 3, (n_clusters, dim))
+    which = rng.integers(n_clusters, size=n)
+    spread = rng.uniform(0.5, 1.5, n_clusters)[which, None]
+    return np.maximum(centres[which] + rng.normal(0, 1, (n, dim)) * spread, 0).astype(np.float32)
+
+
+def _brute(queries: np.ndarray, reference: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    squared = ((queries[:, None, :].astype(np.float64) - reference[None]) ** 2).sum(-1)
+    order = np.argsort(squared, axis=1, kind="stable")[:, :k]
+    return order, np.sqrt(np.take_along_axis(squared, order, axis=1))
+
+
+def test_small_references_are_searched_exactly():
+    reference, queries = _clustered(3000, 16, 8, 0), _clustered(400, 16, 8, 1)
+    search = NearestReference(reference, 10)
+    assert search.exact
+    indices, distances = search.query(queries)
+    expected_indices, expected_distances = _brute(queries, reference, 10)
+    np.testing.assert_allclose(distances, expected_distances, rtol=1e-4, atol=1e-4)
+    assert (indices == expected_indices).mean() > 0.999  # ties in float32 aside
+    assert search.query(queries, k=1)[0].shape == (400, 1)
+
+
+def test_inverted_lists_find_the_true_neighbours_of_almost_every_cell():
+    cells = _clustered(13_000, 32, 20, 2)
+    reference, queries = cells[:12_000], cells[12_000:]
+    search = NearestReference(reference, 15)
+    assert not search.exact
+    assert (search.n_probe, len(search.sizes)) == (9, 110)  # ceil(8% of round(sqrt(12,000))) lists
+    indices, distances = search.query(queries)
+    expected_indices, expected_distances = _brute(queries, reference, 15)
+    assert (indices[:, 0] == expected_indices[:, 0]).mean() >= 0.98
+    recall = np.mean([len(set(a) & set(b)) / 15 for a, b in zip(indices, expected_indices, strict=True)])
+    assert recall >= 0.97
+    # the distances are those of the cells returned, sorted, and never below the true ones
+    true = np.sqrt(((queries[:, None, :] - reference[indices]) ** 2).sum(-1))
+    np.testing.assert_allclose(distances, true, rtol=1e-4, atol=1e-3)
+    assert (np.diff(distances, axis=1) >= 0).all()
+    assert (distances >= expected_distances - 1e-3).all()
+    # cells unlike the reference (other cluster centres): fewer exact hits, but a distance is only
+    # ever overstated, so a far cell is never called near
+    far = _clustered(500, 32, 20, 3)
+    found, far_distances = search.query(far, k=1)
+    nearest, exact = _brute(far, reference, 1)
+    assert (found == nearest).mean() > 0.8
+    assert (far_distances >= exact - 1e-3).all()
+    # built the same way every time
+    again = NearestReference(reference, 15).query(queries)
+    np.testing.assert_array_equal(again[0], indices)
+
+
+def test_more_neighbours_than_the_probed_lists_hold_fall_back_to_an_exact_search():
+    reference, queries = _clustered(12_000, 8, 200, 4), _clustered(50, 8, 200, 5)
+    search = NearestReference(reference, 5000)  # 9 probed lists of ~110 cells hold fewer than 5,000
+    _, distances = search.query(queries)
+    assert np.isfinite(distances).all()
+    _, expected_distances = _brute(queries, reference, 5000)
+    np.testing.assert_allclose(distances, expected_distances, rtol=1e-4, atol=1e-3)
+
+
+def test_empty_query_gives_empty_results():
+    search = NearestReference(_clustered(12_000, 8, 10, 6), 15)
+    indices, distances = search.query(np.zeros((0, 8), np.float32))
+    assert indices.shape == distances.shape == (0, 15)
+
+
+def test_annotate_through_inverted_lists_agrees_with_the_exact_search(monkeypatch):
+    adata = cm.datasets.synthetic(2500, 120, n_cell_types=5, random_state=7, progress=False)
+    model = cm.tl.train_annotator(adata, "cell_type", hidden=(32,), max_epochs=4, lr=1e-3, batch_size=128,
+                                  progress=False)  # fmt: skip
+    query = cm.datasets.synthetic(800, 120, n_cell_types=5, random_state=8, progress=False)
+    exact = cm.tl.annotate(query, model, knn="all", return_table=True, progress=False)
+    monkeypatch.setattr(_knn, "EXACT_SEARCH", 100)  # the model keeps ~2,000 reference cells
+    listed = cm.tl.annotate(query, model, knn="all", return_table=True, progress=False)
+    assert (listed["cellmint_cell_type"] == exact["cellmint_cell_type"]).mean() >= 0.99
+    np.testing.assert_allclose(listed["cellmint_distance"], exact["cellmint_distance"], rtol=0.2)
+    assert np.median(np.abs(listed["cellmint_distance"] - exact["cellmint_distance"])) < 1e-4
+
+
+@pytest.mark.parametrize("n_neighbors", [1, 15])
+def test_neighbour_count_is_capped_by_the_reference(n_neighbors):
+    search = NearestReference(_clustered(5, 4, 2, 9), n_neighbors)
+    assert search.query(_clustered(3, 4, 2, 10))[0].shape == (3, min(n_neighbors, 5))
