@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import weakref
+
 import numpy as np
 import pytest
 
@@ -27,9 +29,9 @@ def _brute(queries: np.ndarray, reference: np.ndarray, k: int) -> tuple[np.ndarr
 
 def test_small_references_are_searched_exactly():
     reference, queries = _clustered(3000, 16, 8, 0), _clustered(400, 16, 8, 1)
-    search = NearestReference(reference, 10)
+    search = NearestReference(reference)
     assert search.exact
-    indices, distances = search.query(queries)
+    indices, distances = search.query(queries, 10)
     expected_indices, expected_distances = _brute(queries, reference, 10)
     np.testing.assert_allclose(distances, expected_distances, rtol=1e-4, atol=1e-4)
     assert (indices == expected_indices).mean() > 0.999  # ties in float32 aside
@@ -39,10 +41,10 @@ def test_small_references_are_searched_exactly():
 def test_inverted_lists_find_the_true_neighbours_of_almost_every_cell():
     cells = _clustered(13_000, 32, 20, 2)
     reference, queries = cells[:12_000], cells[12_000:]
-    search = NearestReference(reference, 15)
+    search = NearestReference(reference)
     assert not search.exact
     assert (search.n_probe, len(search.sizes)) == (9, 110)  # ceil(8% of round(sqrt(12,000))) lists
-    indices, distances = search.query(queries)
+    indices, distances = search.query(queries, 15)
     expected_indices, expected_distances = _brute(queries, reference, 15)
     assert (indices[:, 0] == expected_indices[:, 0]).mean() >= 0.98
     recall = np.mean([len(set(a) & set(b)) / 15 for a, b in zip(indices, expected_indices, strict=True)])
@@ -60,22 +62,22 @@ def test_inverted_lists_find_the_true_neighbours_of_almost_every_cell():
     assert (found == nearest).mean() > 0.8
     assert (far_distances >= exact - 1e-3).all()
     # built the same way every time
-    again = NearestReference(reference, 15).query(queries)
+    again = NearestReference(reference).query(queries, 15)
     np.testing.assert_array_equal(again[0], indices)
 
 
 def test_more_neighbours_than_the_probed_lists_hold_fall_back_to_an_exact_search():
     reference, queries = _clustered(12_000, 8, 200, 4), _clustered(50, 8, 200, 5)
-    search = NearestReference(reference, 5000)  # 9 probed lists of ~110 cells hold fewer than 5,000
-    _, distances = search.query(queries)
+    search = NearestReference(reference)
+    _, distances = search.query(queries, 5000)  # 9 probed lists of ~110 cells hold fewer than 5,000
     assert np.isfinite(distances).all()
     _, expected_distances = _brute(queries, reference, 5000)
     np.testing.assert_allclose(distances, expected_distances, rtol=1e-4, atol=1e-3)
 
 
 def test_empty_query_gives_empty_results():
-    search = NearestReference(_clustered(12_000, 8, 10, 6), 15)
-    indices, distances = search.query(np.zeros((0, 8), np.float32))
+    search = NearestReference(_clustered(12_000, 8, 10, 6))
+    indices, distances = search.query(np.zeros((0, 8), np.float32), 15)
     assert indices.shape == distances.shape == (0, 15)
 
 
@@ -85,8 +87,11 @@ def test_annotate_through_inverted_lists_agrees_with_the_exact_search(monkeypatc
                                   progress=False)  # fmt: skip
     query = cm.datasets.synthetic(800, 120, n_cell_types=5, random_state=8, progress=False)
     exact = cm.tl.annotate(query, model, knn="all", return_table=True, progress=False)
+    assert _knn.reference_search(model, "cpu").exact
     monkeypatch.setattr(_knn, "EXACT_SEARCH", 100)  # the model keeps ~2,000 reference cells
+    monkeypatch.setattr(_knn, "_BUILT", weakref.WeakKeyDictionary())  # forget the exact search built above
     listed = cm.tl.annotate(query, model, knn="all", return_table=True, progress=False)
+    assert not _knn.reference_search(model, "cpu").exact
     assert (listed["cellmint_cell_type"] == exact["cellmint_cell_type"]).mean() >= 0.99
     np.testing.assert_allclose(listed["cellmint_distance"], exact["cellmint_distance"], rtol=0.2)
     assert np.median(np.abs(listed["cellmint_distance"] - exact["cellmint_distance"])) < 1e-4
@@ -94,5 +99,16 @@ def test_annotate_through_inverted_lists_agrees_with_the_exact_search(monkeypatc
 
 @pytest.mark.parametrize("n_neighbors", [1, 15])
 def test_neighbour_count_is_capped_by_the_reference(n_neighbors):
-    search = NearestReference(_clustered(5, 4, 2, 9), n_neighbors)
-    assert search.query(_clustered(3, 4, 2, 10))[0].shape == (3, min(n_neighbors, 5))
+    search = NearestReference(_clustered(5, 4, 2, 9))
+    assert search.query(_clustered(3, 4, 2, 10), n_neighbors)[0].shape == (3, min(n_neighbors, 5))
+
+
+def test_a_model_object_builds_its_search_once_per_device_and_reference():
+    adata = cm.datasets.synthetic(600, 60, n_cell_types=3, random_state=11, progress=False)
+    model = cm.tl.train_annotator(adata, "cell_type", hidden=(16,), max_epochs=1, batch_size=128, progress=False)
+    first = _knn.reference_search(model, "cpu")
+    assert _knn.reference_search(model, "cpu") is first
+    model.reference = {**model.reference, "latent": model.reference["latent"][:100].copy()}
+    rebuilt = _knn.reference_search(model, "cpu")
+    assert rebuilt is not first
+    assert rebuilt.n_reference == 100

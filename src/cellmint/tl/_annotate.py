@@ -25,7 +25,7 @@ from .._utils._docs import doc_params
 from ..io._models import resolve_model
 from ..models._annotator import Annotator, relative_distance
 from ..store._inputs import without_ensembl_versions
-from ._knn import NearestReference
+from ._knn import reference_search
 
 UNKNOWN = "Unknown"
 #: below this share of the model's genes found in the query, annotation refuses to run
@@ -216,7 +216,8 @@ def annotate(
         share, and the top minus the second share). Only those cells are searched for all their
         neighbours; every cell is searched for its nearest one (the open-set distance). The search
         is exact up to 10,000 reference cells or on a GPU, and through inverted lists above it (on
-        a 40,000-cell reference it found the true nearest cell of 99.9% of query cells).
+        a 40,000-cell reference it found the true nearest cell of 99.9% of query cells), built on
+        the first call with a model object and reused by later ones.
     n_neighbors
         Reference neighbours per cell.
     unknown
@@ -303,7 +304,7 @@ def annotate(
     present = np.flatnonzero(columns >= 0)
     index = None
     if annotator.reference is not None:
-        index = NearestReference(annotator.reference["latent"], n_neighbors, device=torch_device)
+        index = reference_search(annotator, torch_device)
     if index is not None:
         scale, reference_codes, threshold = _open_set_rule(annotator, max_distance)
     else:  # no reference kept with the model: no open-set call, no refinement
@@ -337,7 +338,7 @@ def annotate(
             elif knn == "low_confidence":
                 voted = np.flatnonzero(decide.doubtful(proba))
             if len(voted):
-                neighbours, dist = index.query(latent[voted])
+                neighbours, dist = index.query(latent[voted], k=n_neighbors)
                 votes = {level: _vote(neighbours, dist, np.asarray(annotator.reference["codes"][level]), len(classes))
                          for level, classes in annotator.classes.items()}  # fmt: skip
         distances.append(distance.astype(np.float32))

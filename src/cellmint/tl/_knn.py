@@ -16,6 +16,7 @@ find the true nearest cell for 99.9% of the cells and all 15 neighbours for 99.7
 from __future__ import annotations
 
 import math
+import weakref
 
 import numpy as np
 import torch
@@ -47,22 +48,20 @@ def kmeans(points: torch.Tensor, n_clusters: int, *, iterations: int = KMEANS_IT
 
 
 class NearestReference:
-    """The ``n_neighbors`` nearest reference cells (Euclidean) of query latents.
+    """The nearest reference cells (Euclidean) of query latents.
 
     Parameters
     ----------
     latent
         Reference latents, cells × dimensions.
-    n_neighbors
-        Neighbours returned by default (at most the number of reference cells).
     device
         Where the search runs; on anything but a CPU it is exact.
     """
 
-    def __init__(self, latent: np.ndarray, n_neighbors: int, *, device: torch.device | str = "cpu"):
+    def __init__(self, latent: np.ndarray, *, device: torch.device | str = "cpu"):
         self.device = torch.device(device)
         reference = torch.as_tensor(np.asarray(latent, dtype=np.float32))
-        self.k = min(n_neighbors, len(reference))
+        self.n_reference = len(reference)
         self.exact = len(reference) <= EXACT_SEARCH or self.device.type != "cpu"
         if self.exact:
             self.reference = reference.to(self.device)
@@ -80,9 +79,9 @@ class NearestReference:
         self.sizes = sizes.tolist()
         self.offsets = (torch.cumsum(sizes, 0) - sizes).tolist()
 
-    def query(self, latent: np.ndarray, k: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """Indices (reference rows) and distances of each cell's ``k`` (default: ``n_neighbors``) nearest cells."""
-        k = self.k if k is None else min(k, self.k)
+    def query(self, latent: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Indices (reference rows) and distances of each cell's ``k`` nearest cells (at most all), nearest first."""
+        k = min(k, self.n_reference)
         queries = torch.as_tensor(np.asarray(latent, dtype=np.float32)).to(self.device)
         if len(queries) == 0 or k == 0:
             return np.zeros((len(queries), k), dtype=np.int64), np.zeros((len(queries), k), dtype=np.float32)
@@ -130,3 +129,17 @@ class NearestReference:
                 k, dim=1, largest=False
             )
         return self.ids[indices], values + (queries * queries).sum(1, keepdim=True)
+
+
+#: searches built for model objects, per device: a notebook annotating sample after sample builds the lists once
+_BUILT: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def reference_search(annotator, device: torch.device | str) -> NearestReference:
+    """The search over ``annotator.reference["latent"]`` on ``device``, built once per model object and device."""
+    latent = annotator.reference["latent"]
+    built = _BUILT.setdefault(annotator, {})
+    key = str(torch.device(device))
+    if key not in built or built[key][0] is not latent:  # a replaced reference is searched anew
+        built[key] = (latent, NearestReference(latent, device=device))
+    return built[key][1]
