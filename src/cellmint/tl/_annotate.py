@@ -330,17 +330,24 @@ def annotate(
         if index is not None:
             # every cell needs its nearest reference cell (open set); only the cells that may be
             # refined need all n_neighbors: the network's confidence or margin is low at some
-            # level (knn="low_confidence"), or every cell (knn="all") — the search is most of the cost
-            neighbours, dist = index.query(latent, k=1)
-            distance = relative_distance(dist[:, 0], reference_codes[neighbours[:, 0]], scale)
+            # level (knn="low_confidence"), or every cell (knn="all"). Each cell is searched once:
+            # its first neighbour is the one a search for the nearest alone finds (same lists probed)
             if knn == "all":
                 voted = np.arange(len(latent))
             elif knn == "low_confidence":
                 voted = np.flatnonzero(decide.doubtful(proba))
+            nearest, nearest_distance = np.zeros(len(latent), np.int64), np.zeros(len(latent), np.float32)
+            rest = np.ones(len(latent), dtype=bool)
+            rest[voted] = False
+            if rest.any():
+                found, dist = index.query(latent[rest], k=1)
+                nearest[rest], nearest_distance[rest] = found[:, 0], dist[:, 0]
             if len(voted):
                 neighbours, dist = index.query(latent[voted], k=n_neighbors)
+                nearest[voted], nearest_distance[voted] = neighbours[:, 0], dist[:, 0]
                 votes = {level: _vote(neighbours, dist, np.asarray(annotator.reference["codes"][level]), len(classes))
                          for level, classes in annotator.classes.items()}  # fmt: skip
+            distance = relative_distance(nearest_distance, reference_codes[nearest], scale)
         distances.append(distance.astype(np.float32))
         for level, result in decide(proba, votes, voted, knn == "all", distance > threshold).items():
             if not keep_proba:

@@ -116,12 +116,11 @@ class NearestReference:
                 continue
             members = slice(offset, offset + size)
             found = min(k, size)
-            values, indices = _squared_distances(queries[rows], self.reference[members], self.norms[members]).topk(
-                found, dim=1, largest=False
-            )
+            squared = _squared_distances(queries[rows], self.reference[members], self.norms[members])
+            values, indices = squared.min(dim=1, keepdim=True) if k == 1 else squared.topk(found, dim=1, largest=False)
             best[pairs, :found] = values
             where[pairs, :found] = indices + offset
-        values, picked = best.view(n, -1).topk(k, dim=1, largest=False)
+        values, picked = best.view(n, -1).topk(k, dim=1, largest=False) if k > 1 else best.view(n, -1).min(1, True)
         indices = where.view(n, -1).gather(1, picked)
         short = torch.isinf(values).any(1).nonzero().squeeze(1)  # probed lists held fewer than k cells
         if len(short):
