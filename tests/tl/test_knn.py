@@ -66,12 +66,16 @@ def test_inverted_lists_find_the_true_neighbours_of_almost_every_cell():
     np.testing.assert_array_equal(again[0], indices)
 
 
-def test_more_neighbours_than_the_probed_lists_hold_fall_back_to_an_exact_search():
+@pytest.mark.parametrize("many", ["beyond any probed lists", "beyond most cells' probed lists"])
+def test_more_neighbours_than_the_probed_lists_hold_fall_back_to_an_exact_search(many):
     reference, queries = _clustered(12_000, 8, 200, 4), _clustered(50, 8, 200, 5)
     search = NearestReference(reference)
-    _, distances = search.query(queries, 5000)  # 9 probed lists of ~110 cells hold fewer than 5,000
+    # 9 probed lists of ~110 cells: 5,000 is more than any 9 lists hold; 9 × the largest list is
+    # more than most cells' 9 lists hold, but fits the table of candidates
+    k = 5000 if many == "beyond any probed lists" else search.n_probe * max(search.sizes)
+    _, distances = search.query(queries, k)
     assert np.isfinite(distances).all()
-    _, expected_distances = _brute(queries, reference, 5000)
+    _, expected_distances = _brute(queries, reference, k)
     np.testing.assert_allclose(distances, expected_distances, rtol=1e-4, atol=1e-3)
 
 

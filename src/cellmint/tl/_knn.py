@@ -25,6 +25,11 @@ import torch
 EXACT_SEARCH = 10_000
 #: share of the inverted lists a query cell is compared with (16 of 200 lists for 40,000 cells)
 PROBE_FRACTION = 0.08
+#: cells searched together for more than their nearest cell: their distances to every member of
+#: their probed lists are held at once (1,024 cells × 16 lists × the largest list, 465 cells for a
+#: 40,000-cell reference, × 4 bytes ≈ 30 MB); 256 would take a quarter of that but search 15
+#: neighbours 1.7× slower (per-list overhead)
+PROBE_BLOCK = 1024
 #: Lloyd iterations of the k-means that builds the lists
 KMEANS_ITERATIONS = 10
 
@@ -97,15 +102,27 @@ class NearestReference:
         return indices.cpu().numpy(), squared.clamp_min_(0).sqrt_().cpu().numpy()
 
     def _probe(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Inverted-list search: each (cell, probed list) pair keeps its list's k best; then the best k overall."""
+        """Inverted-list search over the members of each cell's probed lists.
+
+        For the nearest cell alone, each (cell, probed list) pair keeps its list's nearest member;
+        for more, the pairs' distances fill one row per cell (blocks of :data:`PROBE_BLOCK` cells)
+        and a single top-k picks the neighbours.
+        """
+        if k > 1 and len(queries) > PROBE_BLOCK:
+            parts = [self._probe(block, k) for block in queries.split(PROBE_BLOCK)]
+            return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
         n, probes = len(queries), self.n_probe
+        if k > probes * max(self.sizes):  # more neighbours than any cell's probed lists can hold
+            values, indices = _squared_distances(queries, self.reference, self.norms).topk(k, dim=1, largest=False)
+            return self.ids[indices], values + (queries * queries).sum(1, keepdim=True)
         probed = _squared_distances(queries, self.centroids, self.centroid_norms).topk(probes, largest=False).indices
         flat = probed.reshape(-1)
         order = torch.argsort(flat, stable=True)  # (cell, probe) pairs grouped by list
         lists, counts = torch.unique_consecutive(flat[order], return_counts=True)
-        cells = order // probes  # pair -> cell; `order` itself is the pair's row in `best`
-        best = torch.full((n * probes, k), float("inf"))
-        where = torch.zeros((n * probes, k), dtype=torch.long)
+        cells = order // probes  # pair -> cell; `order` itself is the pair's row in `found`
+        width = 1 if k == 1 else max(self.sizes)
+        found = torch.full((n * probes, width), float("inf"))
+        where = torch.zeros((n * probes, 1), dtype=torch.long)  # k == 1: the nearest member's position
         start = 0
         for member_list, count in zip(lists.tolist(), counts.tolist(), strict=True):
             pairs = order[start : start + count]
@@ -115,13 +132,19 @@ class NearestReference:
             if size == 0:
                 continue
             members = slice(offset, offset + size)
-            found = min(k, size)
             squared = _squared_distances(queries[rows], self.reference[members], self.norms[members])
-            values, indices = squared.min(dim=1, keepdim=True) if k == 1 else squared.topk(found, dim=1, largest=False)
-            best[pairs, :found] = values
-            where[pairs, :found] = indices + offset
-        values, picked = best.view(n, -1).topk(k, dim=1, largest=False) if k > 1 else best.view(n, -1).min(1, True)
-        indices = where.view(n, -1).gather(1, picked)
+            if k == 1:
+                found[pairs], nearest = squared.min(dim=1, keepdim=True)
+                where[pairs] = nearest + offset
+            else:
+                found[pairs, :size] = squared
+        if k == 1:
+            values, picked = found.view(n, -1).min(dim=1, keepdim=True)
+            indices = where.view(n, -1).gather(1, picked)
+        else:
+            values, picked = found.view(n, -1).topk(k, dim=1, largest=False)
+            offsets = torch.as_tensor(self.offsets)[probed.gather(1, picked // width)]
+            indices = offsets + picked % width
         short = torch.isinf(values).any(1).nonzero().squeeze(1)  # probed lists held fewer than k cells
         if len(short):
             values[short], indices[short] = _squared_distances(queries[short], self.reference, self.norms).topk(
