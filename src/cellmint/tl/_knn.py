@@ -91,18 +91,23 @@ class NearestReference:
         if len(queries) == 0 or k == 0:
             return np.zeros((len(queries), k), dtype=np.int64), np.zeros((len(queries), k), dtype=np.float32)
         if self.exact:
-            found, squared = [], []
-            for block in queries.split(4096):
-                values, indices = _squared_distances(block, self.reference, self.norms).topk(k, dim=1, largest=False)
-                found.append(indices)
-                squared.append(values + (block * block).sum(1, keepdim=True))
-            indices, squared = torch.cat(found), torch.cat(squared)
+            indices, squared = self._exact(queries, k)
         else:
-            indices, squared = self._probe(queries, k)
+            positions, squared = self._probe(queries, k)
+            indices = self.ids[positions]
         return indices.cpu().numpy(), squared.clamp_min_(0).sqrt_().cpu().numpy()
 
+    def _exact(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Positions in :attr:`reference` and squared distances of each cell's k nearest, over every reference cell."""
+        found, squared = [], []
+        for block in queries.split(4096):
+            values, indices = _squared_distances(block, self.reference, self.norms).topk(k, dim=1, largest=False)
+            found.append(indices)
+            squared.append(values + (block * block).sum(1, keepdim=True))
+        return torch.cat(found), torch.cat(squared)
+
     def _probe(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Inverted-list search over the members of each cell's probed lists.
+        """Inverted-list search over the members of each cell's probed lists (positions in the list layout).
 
         For the nearest cell alone, each (cell, probed list) pair keeps its list's nearest member;
         for more, the pairs' distances fill one row per cell (blocks of :data:`PROBE_BLOCK` cells)
@@ -113,8 +118,7 @@ class NearestReference:
             return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
         n, probes = len(queries), self.n_probe
         if k > probes * max(self.sizes):  # more neighbours than any cell's probed lists can hold
-            values, indices = _squared_distances(queries, self.reference, self.norms).topk(k, dim=1, largest=False)
-            return self.ids[indices], values + (queries * queries).sum(1, keepdim=True)
+            return self._exact(queries, k)
         probed = _squared_distances(queries, self.centroids, self.centroid_norms).topk(probes, largest=False).indices
         flat = probed.reshape(-1)
         order = torch.argsort(flat, stable=True)  # (cell, probe) pairs grouped by list
@@ -146,11 +150,10 @@ class NearestReference:
             offsets = torch.as_tensor(self.offsets)[probed.gather(1, picked // width)]
             indices = offsets + picked % width
         short = torch.isinf(values).any(1).nonzero().squeeze(1)  # probed lists held fewer than k cells
+        values += (queries * queries).sum(1, keepdim=True)
         if len(short):
-            values[short], indices[short] = _squared_distances(queries[short], self.reference, self.norms).topk(
-                k, dim=1, largest=False
-            )
-        return self.ids[indices], values + (queries * queries).sum(1, keepdim=True)
+            indices[short], values[short] = self._exact(queries[short], k)
+        return indices, values
 
 
 #: searches built for model objects, per device: a notebook annotating sample after sample builds the lists once
