@@ -302,13 +302,11 @@ def annotate(
     torch_device = resolve_device(device)
     start = logg.info(f"annotating {len(obs):,} cells with {annotator!r}")
     present = np.flatnonzero(columns >= 0)
-    index = None
     if annotator.reference is not None:
         index = reference_search(annotator, torch_device)
-    if index is not None:
         scale, reference_codes, threshold = _open_set_rule(annotator, max_distance)
     else:  # no reference kept with the model: no open-set call, no refinement
-        threshold = float("inf")
+        index, threshold = None, float("inf")
     decide = _Decision(annotator, min_confidence=min_confidence, min_margin=min_margin, unknown=unknown)
     keep_proba = cluster_key is not None or not (return_table or is_path)
     calls = {level: [] for level in annotator.classes}
