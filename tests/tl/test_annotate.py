@@ -175,3 +175,21 @@ def test_forward_returns_arrays_that_own_their_memory(trained):
     latent, proba, _ = model.forward(query.X[:20].toarray(), device="cpu")
     for values in (latent, *proba.values()):
         assert values.flags.owndata
+
+
+def test_a_model_without_a_reference_makes_no_open_set_call_and_no_refinement(trained):
+    model, query = trained
+    query = query.copy()
+    reference, model.reference = model.reference, None
+    try:
+        cm.tl.annotate(query, model, knn="all", progress=False)
+    finally:
+        model.reference = reference
+    assert (query.obs["cellmint_distance"] == 0).all()
+    annotation = query.uns["cellmint"]["annotation"]
+    assert annotation["refined"] == {"cell_type": 0, "cell_subtype": 0}
+    assert annotation["max_distance"] == np.inf
+    # Unknown comes from confidence and margin alone: the same cells as a call with the distance rule off
+    expected = cm.tl.annotate(query, model, max_distance=np.inf, knn="off", return_table=True, progress=False)
+    for level in ("cell_type", "cell_subtype"):
+        assert (query.obs[f"cellmint_{level}_unknown"] == expected[f"cellmint_{level}_unknown"]).all()
