@@ -88,6 +88,19 @@ def test_backed_path_and_in_memory_agree(trained, tmp_path):
     pd.testing.assert_frame_equal(from_path, in_memory)
 
 
+@pytest.mark.parametrize("knn", ["low_confidence", "all"])
+def test_search_batches_spanning_chunks_change_nothing(trained, monkeypatch, knn):
+    """Latents are gathered over chunks and searched SEARCH_BATCH at a time: any split gives the same calls."""
+    from cellmint.tl import _annotate
+
+    model, query = trained
+    whole = cm.tl.annotate(query, model, knn=knn, return_table=True, progress=False)
+    monkeypatch.setattr(_annotate, "SEARCH_BATCH", 50)  # batches of 66 cells over chunks of 33
+    split = cm.tl.annotate(query, model, knn=knn, chunk_size=33, return_table=True, progress=False)
+    assert whole["cellmint_distance"].gt(0).all()  # every cell was searched
+    pd.testing.assert_frame_equal(split, whole, check_exact=False, rtol=1e-5)
+
+
 def test_copy_and_return_table_follow_scanpy(trained, tmp_path):
     model, query = trained
     original = query.copy()

@@ -58,6 +58,11 @@ def align_genes(query: pd.Index, model_genes: pd.Index, *, strip_versions: bool)
 #: tens of MiB allocated and freed per chunk fragment the heap (1M backed cells: peak RSS 1.37 GB at
 #: 32 MiB, 1.12 GB at 8 MiB; benchmarks/annotate.py)
 DENSE_CHUNK_BYTES = 8 * 2**20
+#: cells whose latents are searched together (chunks are gathered until they hold this many): the
+#: inverted lists' many small products run faster on more cells at a time (100,000 cells' nearest
+#: reference cell on 2 cores: 2.7 s in batches of 1,048, 2.0 s in 8,192); the latents held
+#: meanwhile take 8 MiB at 256 dimensions
+SEARCH_BATCH = 8192
 
 
 def _open_set_rule(annotator: Annotator, max_distance: float | str) -> tuple[np.ndarray, np.ndarray, float]:
@@ -204,9 +209,10 @@ def annotate(
     strip_ensembl_versions
         Match ``ENSG….16`` with ``ENSG…``.
     chunk_size
-        Cells read and annotated at a time; ``None`` picks enough for about 8 MiB of dense values
-        over the model's genes (1,048 cells for 2,000 genes). Peak memory grows with this number;
-        on a GPU, larger chunks (e.g. 16,384) feed it better.
+        Cells read and put through the network at a time; ``None`` picks enough for about 8 MiB
+        of dense values over the model's genes (1,048 cells for 2,000 genes). Peak memory grows
+        with this number; on a GPU, larger chunks (e.g. 16,384) feed it better. The latents of
+        consecutive chunks are searched against the reference 8,192 cells at a time.
     knn
         Nearest-neighbour refinement among the reference cells kept with the model, in the model's
         latent space: ``"low_confidence"`` (cells whose network confidence or margin is below
@@ -312,17 +318,13 @@ def annotate(
     calls = {level: [] for level in annotator.classes}
     projections, distances = {}, []
     chunk_size = chunk_size or max(64, DENSE_CHUNK_BYTES // (4 * max(1, len(annotator.genes))))
-    for chunk in iter_row_chunks(adata, layer=layer, chunk_size=chunk_size, fmt="csr", progress=progress,
-                                 desc="annotating"):  # fmt: skip
-        X = chunk.X
-        library = np.asarray(X.sum(axis=1), dtype=np.float64).ravel()
-        dense = np.zeros((X.shape[0], len(annotator.genes)), dtype=np.float32)
-        dense[:, present] = X[:, columns[present]].toarray()
-        latent, proba, projected = annotator.forward(dense, library, device=torch_device)
-        del dense
-        if project:
-            for key, values in projected.items():
-                projections.setdefault(key, []).append(values)
+    pending: list[tuple[np.ndarray, dict[str, np.ndarray]]] = []  # network outputs not yet searched
+
+    def judge() -> None:
+        """Search the pending cells' nearest reference cells and make their calls (one batch, any chunks)."""
+        latent = np.concatenate([part[0] for part in pending])
+        proba = {level: np.concatenate([part[1][level] for part in pending]) for level in annotator.classes}
+        pending.clear()
         distance = np.zeros(len(latent))
         votes, voted = {}, np.zeros(0, dtype=np.int64)
         if index is not None:
@@ -351,6 +353,23 @@ def annotate(
             if not keep_proba:
                 del result["proba"]
             calls[level].append(result)
+
+    for chunk in iter_row_chunks(adata, layer=layer, chunk_size=chunk_size, fmt="csr", progress=progress,
+                                 desc="annotating"):  # fmt: skip
+        X = chunk.X
+        library = np.asarray(X.sum(axis=1), dtype=np.float64).ravel()
+        dense = np.zeros((X.shape[0], len(annotator.genes)), dtype=np.float32)
+        dense[:, present] = X[:, columns[present]].toarray()
+        latent, proba, projected = annotator.forward(dense, library, device=torch_device)
+        del dense
+        if project:
+            for key, values in projected.items():
+                projections.setdefault(key, []).append(values)
+        pending.append((latent, proba))
+        if sum(len(part[0]) for part in pending) >= SEARCH_BATCH:
+            judge()
+    if pending:
+        judge()
     n = len(obs)
     table = pd.DataFrame(index=obs.index)
     info = {"overlap": overlap, "min_confidence": min_confidence, "min_margin": min_margin, "knn": knn,
