@@ -106,7 +106,7 @@ def predict_perturbation(
             n_missing = overlap["n_model_genes"] - overlap["n_found"]
             raise ValueError(f"{n_missing} of the model's {overlap['n_model_genes']} genes are missing from "
                              f"adata, e.g. {list(overlap['missing'][:5])}: it needs its whole panel.")  # fmt: skip
-    if model.use_rep is None:  # the values must be of the kind the model was trained on, either way round
+        # the values must be of the kind the model was trained on, either way round
         found = data.input_kind(adata, layer, "auto")
         if found != model.recipe.kind:
             trained = "raw counts" if model.recipe.kind == "counts" else "log-normalised values"
