@@ -116,3 +116,29 @@ def test_a_model_object_builds_its_search_once_per_device_and_reference():
     rebuilt = _knn.reference_search(model, "cpu")
     assert rebuilt is not first
     assert rebuilt.n_reference == 100
+
+
+def test_exact_is_forced_for_training_calibration_above_the_inverted_list_size():
+    reference, queries = _clustered(12_000, 8, 20, 12), _clustered(300, 8, 20, 13)
+    search = NearestReference(reference, exact=True)
+    assert search.exact
+    indices, distances = search.query(queries, 3)
+    expected_indices, expected_distances = _brute(queries, reference, 3)
+    np.testing.assert_allclose(distances, expected_distances, rtol=1e-4, atol=1e-3)
+    assert (indices[:, 0] == expected_indices[:, 0]).mean() > 0.999
+
+
+def test_training_nearest_other_cell_skips_the_cell_itself():
+    import torch
+
+    from cellmint.tl._train_annotator import _nearest
+
+    reference = _clustered(500, 6, 5, 14)
+    reference[1] = reference[0]  # a duplicated cell: its nearest other cell is at distance 0
+    rows = np.array([0, 1, 7, 42])
+    distance, index = _nearest(torch.as_tensor(reference[rows]), torch.as_tensor(reference), exclude=rows)
+    squared = ((reference[rows, None, :] - reference[None]) ** 2).sum(-1)
+    squared[np.arange(len(rows)), rows] = np.inf
+    assert (index != rows).all()
+    np.testing.assert_allclose(distance, np.sqrt(squared.min(1)), atol=1e-3)
+    np.testing.assert_allclose(distance[:2], 0, atol=1e-2)  # float32 products of equal vectors: not always 0

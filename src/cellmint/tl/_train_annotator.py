@@ -22,6 +22,7 @@ from ..models._network import AnnotatorNet
 from ..models._normalize import InputRecipe, normalize
 from ..store._sampling import BALANCE_EXPONENT
 from ..store._store import Store
+from ._knn import NearestReference
 from ._train_data import TrainingData, from_anndata, from_store
 
 
@@ -67,17 +68,17 @@ def _logits(net, loader, recipe, device, latents: list | None = None) -> tuple[d
 
 
 def _nearest(latent: torch.Tensor, reference: torch.Tensor, *, exclude: np.ndarray | None = None):
-    """Distance to, and index of, each cell's nearest reference cell (``exclude``: the cells' own rows)."""
-    distance, index = [], []
-    for start in range(0, len(latent), 1024):
-        block = torch.cdist(latent[start : start + 1024], reference)
-        if exclude is not None:
-            rows = torch.arange(block.shape[0])
-            block[rows, torch.as_tensor(exclude[start : start + 1024])] = float("inf")
-        values, found = block.min(dim=1)
-        distance.append(values.numpy())
-        index.append(found.numpy())
-    return (np.concatenate(distance), np.concatenate(index)) if distance else (np.zeros(0), np.zeros(0, np.int64))
+    """Exact distance to, and index of, each cell's nearest reference cell (``exclude``: the cells' own rows)."""
+    search = NearestReference(reference, exact=True)  # the open-set rule is calibrated on exact distances
+    if exclude is None:
+        index, distance = search.query(latent, k=1)
+        return distance[:, 0], index[:, 0]
+    index, distance = search.query(latent, k=2)
+    if index.shape[1] < 2:  # a single reference cell: no other cell
+        return np.full(len(index), np.inf, np.float32), np.zeros(len(index), np.int64)
+    other = (index[:, 0] == exclude).astype(np.int64)  # the first neighbour is the cell itself: take the second
+    rows = np.arange(len(index))
+    return distance[rows, other], index[rows, other]
 
 
 def _reference(net, source: TrainingData, train_rows, val_latent: torch.Tensor, recipe, device, rng, prefetch: bool):
