@@ -144,7 +144,23 @@ def cellmint_run(reference, query, seed: int) -> dict:
     every = cm.tl.annotate(query, model, unknown=False, unknown_label=UNASSIGNED, alpha=None, return_table=True,
                            progress=False)  # fmt: skip
     sets = table["cellmint_cell_type_set"].astype(str).to_numpy()
-    return {"labels": table["cellmint_cell_type"].astype(str).to_numpy(),
+    # the open-set rule's ablation: the same model and query, the far call made four ways
+    open_set = model.manifest["open_set"]
+    own, score = table["cellmint_cell_distance"].to_numpy(), table["cellmint_distance"].to_numpy()
+    low = ((table["cellmint_cell_type_confidence"] < 0.5) | (table["cellmint_cell_type_margin"] < 0.1)).to_numpy()
+
+    def adaptive(values):
+        shift = max(1.0, np.quantile(values, open_set["shift_quantile"]) / open_set["reference_q25"])
+        return open_set["floor"] * shift ** open_set["shift_power"]
+
+    variants = {
+        "cell distance, 1.25 x validation q99 (before)": own > 1.25 * open_set["validation_q99"],
+        "cell distance, adaptive threshold": own > adaptive(own),
+        "neighbourhood score, reference floor only": score > open_set["floor"],
+        "neighbourhood score, adaptive threshold (default)": score > adaptive(score),
+    }
+    ablation = {name: far | low for name, far in variants.items()}
+    return {"labels": table["cellmint_cell_type"].astype(str).to_numpy(), "ablation": ablation,
             "every": every["cellmint_cell_type"].astype(str).to_numpy(),
             "reason": table["cellmint_cell_type_unknown_reason"].astype(str).to_numpy(),
             "sets": sets, "train_seconds": seconds, "epochs": model.manifest["resources"]["epochs"]}  # fmt: skip
@@ -222,6 +238,10 @@ def figures(run: dict, truth: np.ndarray, novel: np.ndarray) -> dict:
         out["set_size"] = float(np.mean([len(m) for m in members]))
         out["novel_empty_set"] = float(np.mean([len(m) == 0 for m, n in zip(members, novel, strict=True) if n])) \
             if novel.any() else float("nan")  # fmt: skip
+    if "ablation" in run:
+        for name, unknown in run["ablation"].items():
+            out[f"ablation: {name}: false_unknown"] = float(unknown[known].mean())
+            out[f"ablation: {name}: novel_unknown"] = float(unknown[novel].mean()) if novel.any() else float("nan")
     if "reason" in run:
         for reason in ("distance", "confidence", "margin"):
             out[f"false_unknown_{reason}"] = float(np.mean(run["reason"][known] == reason))
@@ -233,6 +253,13 @@ def print_table(rows: list[dict]) -> None:
     import pandas as pd
 
     frame = pd.DataFrame(rows)
+    ablation = [c for c in frame.columns if c.startswith("ablation: ")]
+    if ablation:
+        table = frame[frame["method"] == "cellmint"].groupby("task", sort=False)[ablation].mean().T
+        table.index = pd.MultiIndex.from_tuples([tuple(c.split(": ")[1:]) for c in table.index])
+        with pd.option_context("display.width", 250, "display.max_columns", 20):
+            print("open-set rule ablation (Unknown shares, confidence and margin calls included):")
+            print((100 * table).round(1).to_string())
     columns = ["f1", "f1_all", "false_unknown", "novel_unknown", "set_coverage", "set_size", "train_seconds"]
     summary = frame.groupby(["task", "method"], sort=False)[columns].mean()
     summary["seeds"] = frame.groupby(["task", "method"], sort=False)["seed"].nunique()
