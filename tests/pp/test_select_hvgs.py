@@ -616,7 +616,7 @@ def test_pearson_refuses_cells_without_counts_and_negative_values():
     X = empty.X.tolil()
     X[[4, 9], :] = 0
     empty.X = X.tocsr()
-    with pytest.raises(ValueError, match=r"2 cells have no counts \(e.g. cell 4\).*filter_cells"):
+    with pytest.raises(ValueError, match=r"Cells without any count: 2 \(e.g. row 4\).*filter_cells"):
         cm.pp.select_hvgs(empty, flavor="pearson_residuals", n_top_genes=20, inplace=False)
     negative = adata.copy()
     negative.X.data[7] = -1.5

@@ -345,7 +345,7 @@ def _pearson(inp: _Input, codes, batches, arithmetic, check, read, *, theta, cli
     empty = totals.result.cell_sums == 0
     if empty.any():
         raise ValueError(
-            f"{int(empty.sum())} cells have no counts (e.g. cell {int(np.argmax(empty))}): their Pearson residuals "
+            f"Cells without any count: {int(empty.sum())} (e.g. row {int(np.argmax(empty))}); their Pearson residuals "
             "are undefined (0/0). Remove them first, e.g. sc.pp.filter_cells(adata, min_counts=1)."
         )
     sums = _hvg_pearson.gene_sums(inp.data, totals.result, codes, dtype, sparse=sparse, **read)
