@@ -18,8 +18,8 @@ pairwise summation (``np.add.reduceat`` over sparse columns). For counts every p
 exact integer while the total is below ``2**24`` (``float32``; ``2**53`` for ``float64``), so
 any order gives scanpy's value. Otherwise — non-integer values allowed by ``check_values=False``,
 or a ``float32`` gene total above ``2**24`` (a mitochondrial gene over a million cells) — an extra
-pass replays numpy's pairwise tree for those genes only: pass 1 counted their values, and the tree
-depends on nothing else.
+pass replays numpy's pairwise tree for those genes only (:mod:`._hvg_pairwise`): pass 1 counted
+their values, and the tree depends on nothing else.
 """
 
 from __future__ import annotations
@@ -33,15 +33,8 @@ import pandas as pd
 import scipy.sparse as sp
 
 from .._utils._chunks import RowChunk, open_matrix
-from ._hvg_stats import _gene_range, prepared_chunks
-
-#: numpy's pairwise summation: leaves of at most this many values, added with 8 accumulators
-_PAIRWISE_BLOCK = 128
-#: integer state of a replayed gene sum: values seen, pairwise length, position, current leaf, stack depth
-_SEEN, _LENGTH, _POS, _LEAF_START, _LEAF_LEN, _RIGHTS, _DEPTH = range(7)
-#: value state: 8 accumulators, the leaf's total, reduceat's first value, then the stack of open subtrees
-_LEAF, _FIRST, _STACK = 8, 9, 10
-_MAX_DEPTH = 64
+from ._hvg_pairwise import replay_sums
+from ._hvg_stats import Arithmetic, ChunkCheck, _gene_range, moments, prepared_chunks
 
 
 def sum_dtype(dtype: np.dtype, *, sparse: bool) -> np.dtype:
@@ -142,97 +135,7 @@ class TotalsPass:
             _cell_totals_dense(X, cells)
 
 
-# ---- optional pass: numpy's pairwise gene sums, replayed in a stream ----------------------------
-
-
-@numba.njit(nogil=True, cache=True)
-def _leaf_at(length, k):
-    """The leaf of numpy's pairwise tree over ``length`` values that starts at ``k``.
-
-    Also how many right turns end the path to it: the subtrees it completes.
-    """
-    start, rights = 0, 0
-    while length > _PAIRWISE_BLOCK:
-        half = length // 2
-        half -= half % 8
-        if k < start + half:
-            length, rights = half, 0
-        else:
-            start, length, rights = start + half, length - half, rights + 1
-    return start, length, rights
-
-
-@numba.njit(nogil=True, cache=True)
-def _start_leaf(ints, vals, s, k):
-    start, length, rights = _leaf_at(ints[s, _LENGTH], k)
-    ints[s, _LEAF_START], ints[s, _LEAF_LEN], ints[s, _RIGHTS] = start, length, rights
-    if length < 8:
-        vals[s, 0] = -0.0
-
-
-@numba.njit(nogil=True, cache=True)
-def _push(ints, vals, s, value, reduceat):
-    """Add the next value of stream ``s`` exactly where numpy's pairwise summation adds it."""
-    if reduceat and ints[s, _SEEN] == 0:  # np.add.reduceat starts from the first value, then adds the rest pairwise
-        ints[s, _SEEN] = 1
-        vals[s, _FIRST] = value
-        return
-    ints[s, _SEEN] += 1
-    k, start, length = ints[s, _POS], ints[s, _LEAF_START], ints[s, _LEAF_LEN]
-    o = k - start
-    if length < 8:
-        vals[s, 0] += value
-    else:
-        body = length - length % 8
-        if o < 8:
-            vals[s, o] = value
-        elif o < body:
-            vals[s, o % 8] += value
-        else:
-            vals[s, _LEAF] += value
-        if o == body - 1:
-            vals[s, _LEAF] = ((vals[s, 0] + vals[s, 1]) + (vals[s, 2] + vals[s, 3])) + (
-                (vals[s, 4] + vals[s, 5]) + (vals[s, 6] + vals[s, 7])
-            )
-    k += 1
-    ints[s, _POS] = k
-    if k == start + length:  # leaf done: close every subtree it completes, left + right
-        total = vals[s, 0] if length < 8 else vals[s, _LEAF]
-        depth = ints[s, _DEPTH]
-        for _ in range(ints[s, _RIGHTS]):
-            depth -= 1
-            total = vals[s, _STACK + depth] + total
-        vals[s, _STACK + depth] = total
-        ints[s, _DEPTH] = depth + 1
-        if k < ints[s, _LENGTH]:
-            _start_leaf(ints, vals, s, k)
-
-
-@numba.njit(parallel=True, nogil=True, cache=True)
-def _replay_csr(data, indices, indptr, codes, stream, ints, vals, n_threads):
-    for t in numba.prange(n_threads):
-        lo, hi = _gene_range(t, n_threads, stream.shape[1])
-        for r in range(len(indptr) - 1):
-            b = codes[r]
-            for j in range(indptr[r], indptr[r + 1]):
-                g = indices[j]
-                if g < lo or g >= hi or data[j] == 0:
-                    continue
-                s = stream[b, g]
-                if s >= 0:
-                    _push(ints, vals, s, data[j], True)
-
-
-@numba.njit(parallel=True, nogil=True, cache=True)
-def _replay_dense(X, codes, stream, ints, vals, n_threads):
-    for t in numba.prange(n_threads):
-        lo, hi = _gene_range(t, n_threads, stream.shape[1])
-        for r in range(X.shape[0]):
-            b = codes[r]
-            for g in range(lo, hi):
-                s = stream[b, g]
-                if s >= 0:
-                    _push(ints, vals, s, np.float64(X[r, g]), False)
+# ---- optional pass: numpy's pairwise gene sums (see :mod:`._hvg_pairwise`) -------------------------
 
 
 def gene_sums(data, totals: Totals, codes: np.ndarray, dtype: np.dtype, *, sparse: bool, **read) -> np.ndarray:
@@ -242,26 +145,10 @@ def gene_sums(data, totals: Totals, codes: np.ndarray, dtype: np.dtype, *, spars
     limit = 2.0 ** (np.finfo(dtype).nmant + 1)  # integers up to here add exactly in any order
     replay = (totals.n_values > 0) & (totals.inexact | (totals.totals >= limit))
     sums = totals.totals.astype(dtype)
-    if not replay.any():
-        return sums
-    stream = np.full(replay.shape, -1, dtype=np.int64)
-    stream[replay] = np.arange(int(replay.sum()))
-    ints = np.zeros((int(replay.sum()), 7), dtype=np.int64)
-    vals = np.zeros((len(ints), _STACK + _MAX_DEPTH), dtype=dtype)
-    batch_of = np.nonzero(replay)[0]
-    # sparse: np.add.reduceat over the gene's values (first, then the rest pairwise); dense: np.sum over every cell
-    ints[:, _LENGTH] = totals.n_values[replay] - 1 if sparse else totals.n_cells[batch_of]
-    for s in np.flatnonzero(ints[:, _LENGTH] > 0):
-        _start_leaf(ints, vals, s, 0)
-    threads = numba.get_num_threads()
-    for chunk in prepared_chunks(data, desc="exact gene sums", **read):
-        chunk_codes = codes[chunk.start : chunk.stop]
-        if sp.issparse(chunk.X):
-            _replay_csr(chunk.X.data, chunk.X.indices, chunk.X.indptr, chunk_codes, stream, ints, vals, threads)
-        else:
-            _replay_dense(np.ascontiguousarray(chunk.X), chunk_codes, stream, ints, vals, threads)
-    root = np.where(ints[:, _LENGTH] > 0, vals[:, _STACK], dtype.type(-0.0)).astype(dtype)
-    sums[replay] = vals[:, _FIRST] + root if sparse else root
+    if replay.any():
+        # sparse: np.add.reduceat over the gene's values; dense: np.sum over every cell of the batch
+        lengths = totals.n_values[replay] if sparse else totals.n_cells[np.nonzero(replay)[0]]
+        sums[replay] = replay_sums(data, codes, replay, lengths, dtype, reduceat=sparse, **read)
     return sums
 
 
@@ -367,10 +254,46 @@ def _residual_pass(data, totals, sums, sum_totals, codes, theta, clip, mean, *, 
     return out
 
 
-# ---- ranking ----------------------------------------------------------------------------------------
+# ---- the flavour ---------------------------------------------------------------------------------------
 
 
 def table(
+    data,
+    var_names: pd.Index,
+    codes: np.ndarray,
+    n_batches: int,
+    *,
+    arithmetic: Arithmetic,
+    check: ChunkCheck | None,
+    theta: float,
+    clip: float | None,
+    n_top_genes: int,
+    batched: bool,
+    **read,
+) -> pd.DataFrame:
+    """The ``pearson_residuals`` table of scanpy for ``data``, in three (or four) passes over its rows."""
+    dtype, sparse = _source_dtype(data, read["layer"])
+    dtype = sum_dtype(dtype, sparse=sparse)
+    totals = TotalsPass(codes, n_batches, len(var_names), dtype)
+    # means and variances over all cells come from the pass that gathers the totals
+    all_cells = np.zeros(len(codes), dtype=np.int64)
+    stats = moments(data, all_cells, 1, arithmetic=arithmetic, check=check, also=totals, **read)
+    empty = totals.result.cell_sums == 0
+    if empty.any():
+        raise ValueError(
+            f"Cells without any count: {int(empty.sum())} (e.g. row {int(np.argmax(empty))}); their Pearson residuals "
+            "are undefined (0/0). Remove them first, e.g. sc.pp.filter_cells(adata, min_counts=1)."
+        )
+    sums = gene_sums(data, totals.result, codes, dtype, sparse=sparse, **read)
+    residual_vars = residual_variances(data, totals.result, sums, codes, theta=theta, clip=clip, **read)
+    means, variances = stats.mean_var(-1)
+    return _ranked(residual_vars, means, variances, var_names, n_top_genes=n_top_genes, batched=batched)
+
+
+# ---- ranking ----------------------------------------------------------------------------------------
+
+
+def _ranked(
     residual_vars: np.ndarray,
     means: np.ndarray,
     variances: np.ndarray,
@@ -408,7 +331,7 @@ def table(
     return df
 
 
-def source_dtype(data, layer: str | None) -> tuple[np.dtype, bool]:
+def _source_dtype(data, layer: str | None) -> tuple[np.dtype, bool]:
     """The stored dtype and whether the matrix is sparse (dask: its blocks)."""
     with open_matrix(data, layer=layer) as source:
         return np.dtype(source.dtype), bool(source.is_sparse)

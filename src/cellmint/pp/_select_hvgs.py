@@ -155,7 +155,7 @@ flavor
     ``"cell_ranger"`` (normalised data; Zheng et al. 2017): dispersion normalised within bins of
     mean expression. ``"pearson_residuals"`` (raw counts; Lause et al. 2021, scanpy's
     ``sc.experimental.pp.highly_variable_genes``): variance of the clipped Pearson residuals of a
-    negative-binomial offset model, the flavour scanpy recommends for UMI counts.""",
+    negative-binomial offset model, which its authors recommend for UMI counts.""",
 )
 def select_hvgs(
     adata: AnnData | str | Path,
@@ -307,8 +307,9 @@ def select_hvgs(
     read = {"layer": layer, "chunk_size": chunk_size, "progress": progress}
 
     if flavor == "pearson_residuals":
-        df = _pearson(inp, codes, batches, arithmetic, check, read, theta=theta, clip=clip, n_top_genes=n_top_genes,
-                      batched=batch_key is not None)  # fmt: skip
+        df = _hvg_pearson.table(inp.data, inp.var_names, codes, len(batches), arithmetic=arithmetic, check=check,
+                                theta=theta, clip=clip, n_top_genes=n_top_genes, batched=batch_key is not None,
+                                **read)  # fmt: skip
     elif flavor in _SEURAT_V3:
         stats = moments(inp.data, codes, len(batches), arithmetic=arithmetic, check=check, **read)
         clip = _hvg_seurat_v3.clip_values(stats, batches, span=span)
@@ -332,28 +333,6 @@ def select_hvgs(
     return _deliver(
         inp, df, flavor=flavor, batch_key=batch_key, key_added=key_added, subset=subset, inplace=inplace, layer=layer
     )
-
-
-def _pearson(inp: _Input, codes, batches, arithmetic, check, read, *, theta, clip, n_top_genes, batched):
-    """The three (or four) passes of ``pearson_residuals`` (see :mod:`._hvg_pearson`)."""
-    dtype, sparse = _hvg_pearson.source_dtype(inp.data, read["layer"])
-    dtype = _hvg_pearson.sum_dtype(dtype, sparse=sparse)
-    totals = _hvg_pearson.TotalsPass(codes, len(batches), len(inp.var_names), dtype)
-    # means and variances over all cells, in the pass that gathers the totals
-    all_cells = np.zeros(len(codes), dtype=np.int64)
-    stats = moments(inp.data, all_cells, 1, arithmetic=arithmetic, check=check, also=totals, **read)
-    empty = totals.result.cell_sums == 0
-    if empty.any():
-        raise ValueError(
-            f"Cells without any count: {int(empty.sum())} (e.g. row {int(np.argmax(empty))}); their Pearson residuals "
-            "are undefined (0/0). Remove them first, e.g. sc.pp.filter_cells(adata, min_counts=1)."
-        )
-    sums = _hvg_pearson.gene_sums(inp.data, totals.result, codes, dtype, sparse=sparse, **read)
-    residual_vars = _hvg_pearson.residual_variances(
-        inp.data, totals.result, sums, codes, theta=theta, clip=clip, **read
-    )
-    means, variances = stats.mean_var(-1)
-    return _hvg_pearson.table(residual_vars, means, variances, inp.var_names, n_top_genes=n_top_genes, batched=batched)
 
 
 def _renamed(df: pd.DataFrame, key_added: str) -> pd.DataFrame:
