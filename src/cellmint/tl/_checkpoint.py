@@ -1,0 +1,194 @@
+"""Training checkpoints: resume an interrupted ``train_annotator`` call where it stopped, with any number of ranks.
+
+A checkpoint is one file, ``training.pt`` in the checkpoint folder, replaced atomically (written
+beside, flushed, renamed) by rank 0 alone — the ranks hold identical weights — so a crash at any
+moment leaves the previous checkpoint or the new one. It holds the network and optimizer state, the
+position (epoch and global step within it), the best weights and score so far, the patience count,
+the history and the running loss of the epoch, and a fingerprint of the call (parameters and data)
+so that it only resumes the same training. It is loaded with ``weights_only=True``: tensors, numbers,
+strings and containers only.
+
+No random state is stored because none is carried from step to step: the draws of step ``s`` of
+epoch ``e`` on rank ``r`` (augmentation and dropout) come from generators seeded with
+``(random_state, e, s, r)`` (:func:`step_seeds`), and the order of the cells from
+``(random_state, e)`` (:mod:`cellmint.store._sampling`, ``distributed="global"``). A run resumed
+with the same number of ranks therefore redoes exactly what the uninterrupted run did; with another
+number of ranks, every step still holds the same cells, but the random draws of augmentation and
+dropout are those of the new ranks.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import math
+import re
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .._utils import _logging as logg
+from .._utils._files import replace_atomically
+from ._distributed import Ranks
+
+CHECKPOINT = "training.pt"
+#: format of the checkpoint file; a checkpoint of another format is not resumed
+CHECKPOINT_VERSION = 1
+_EVERY = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(epochs?|steps?|min|minutes?)\s*$")
+
+
+@dataclass
+class TrainingState:
+    """Where a training run stands: everything the loop carries from one step to the next, besides weights."""
+
+    epoch: int = 0  # the epoch being trained
+    step: int = 0  # global steps of it already done
+    done: bool = False  # training has ended (early stopping or the last epoch); calibration remains
+    best: tuple[float, float] = (-math.inf, math.inf)  # (validation macro-F1, validation loss) of the best epoch
+    best_state: dict | None = None
+    stale: int = 0  # epochs since the last better macro-F1
+    history: list = field(default_factory=list)
+    loss: float = 0.0  # Σ of this epoch's step losses so far
+    batches: int = 0  # steps of this epoch so far
+    resumed: list = field(default_factory=list)  # {"epoch", "step", "world", "from_world"} of every resume
+
+
+def step_seeds(random_state: int, epoch: int, step: int, rank: int) -> tuple[int, int]:
+    """Seeds of step ``step`` of ``epoch`` on ``rank``: one for augmentation, one for dropout."""
+    a, b = np.random.SeedSequence([random_state, epoch, step, rank]).generate_state(2, np.uint64)
+    return int(a >> np.uint64(1)), int(b >> np.uint64(1))
+
+
+def parse_every(every: str) -> tuple[float, str]:
+    """``"2 epochs"``, ``"500 steps"`` or ``"10 min"`` → ``(2.0, "epoch")``, ``(500.0, "step")``, ``(10.0, "min")``."""
+    match = _EVERY.match(str(every))
+    if match is None or float(match[1]) <= 0:
+        raise ValueError(f"checkpoint_every={every!r} is not a positive count with a unit: write e.g. '1 epoch', "
+                         "'500 steps' or '10 min'.")  # fmt: skip
+    unit = match[2]
+    return float(match[1]), "epoch" if unit.startswith("epoch") else "step" if unit.startswith("step") else "min"
+
+
+def fingerprint(params: dict, arrays: dict[str, Any]) -> dict:
+    """What makes two calls the same training: their parameters and a digest of each data array."""
+    digests = {}
+    for key, value in arrays.items():
+        digest = hashlib.sha256()
+        for part in value if isinstance(value, list | tuple) else [value]:
+            digest.update(np.ascontiguousarray(part).tobytes() if isinstance(part, np.ndarray) else str(part).encode())
+        digests[key] = digest.hexdigest()[:16]
+    return {"params": json.loads(json.dumps(params, default=str)), "data": digests}
+
+
+def _cpu(value):
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu().clone()
+    if isinstance(value, dict):
+        return {k: _cpu(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return type(value)(_cpu(v) for v in value)
+    return value
+
+
+class Checkpoints:
+    """The checkpoint of one training call: load it, say when a new one is due, write it, remove it.
+
+    ``folder=None`` turns checkpointing off (every method is then a no-op).
+    """
+
+    def __init__(self, folder: str | Path | None, fingerprint: dict, every: str, ranks: Ranks):
+        self.folder = None if folder is None else Path(folder)
+        self.fingerprint = fingerprint
+        self.every, self.unit = parse_every(every)
+        self.ranks = ranks
+        self.last_time, self.steps, self.epochs = time.monotonic(), 0, 0  # since the last checkpoint
+
+    @property
+    def file(self) -> Path | None:
+        return None if self.folder is None else self.folder / CHECKPOINT
+
+    def resume(self, net: torch.nn.Module, optimizer) -> TrainingState:
+        """The saved state, loaded into ``net`` and ``optimizer``; a fresh state when there is no checkpoint."""
+        # rank 0 reads the file and sends it: the other ranks need not see its folder (other machines)
+        payload = self.file.read_bytes() if self.ranks.main and self.file is not None and self.file.is_file() else None
+        payload = self.ranks.from_main(payload)
+        if payload is None:
+            return TrainingState()
+        try:
+            saved = torch.load(io.BytesIO(payload), map_location="cpu", weights_only=True)
+        except Exception as err:  # any unreadable file gets the same advice
+            raise ValueError(f"The training checkpoint {self.file} cannot be read ({err}). Delete the folder "
+                             f"{self.folder} to train from the start.") from err  # fmt: skip
+        if saved.get("version") != CHECKPOINT_VERSION:
+            raise ValueError(
+                f"The training checkpoint {self.file} has format {saved.get('version')!r}; this "
+                f"cellmint writes {CHECKPOINT_VERSION}. Delete {self.folder} to train from the start."
+            )
+        if saved["fingerprint"] != self.fingerprint:
+            mine, theirs = self.fingerprint, saved["fingerprint"]
+            changed = sorted({k for k in set(mine["params"]) | set(theirs["params"])
+                              if mine["params"].get(k) != theirs["params"].get(k)}
+                             | {f"data:{k}" for k in set(mine["data"]) | set(theirs["data"])
+                                if mine["data"].get(k) != theirs["data"].get(k)})  # fmt: skip
+            raise ValueError(f"The training checkpoint in {self.folder} belongs to another training call (it differs "
+                             f"in {changed}). Rerun the same call to resume it, or delete {self.folder} (or pass "
+                             "another checkpoint_dir) to train from the start.")  # fmt: skip
+        net.load_state_dict(saved["net"])
+        optimizer.load_state_dict(saved["optimizer"])
+        state = TrainingState(**saved["state"])
+        state.best = tuple(state.best)
+        state.resumed = [*state.resumed, {"epoch": state.epoch, "step": state.step, "world": self.ranks.world,
+                                          "from_world": int(saved["world"])}]  # fmt: skip
+        logg.info(f"    resuming from {self.file}: epoch {state.epoch}, step {state.step}"
+                  f"{' (training done)' if state.done else ''}")  # fmt: skip
+        return state
+
+    def due(self, *, epoch_end: bool) -> bool:
+        """Whether a checkpoint is due now (asked after every step, and again at the end of every epoch)."""
+        if self.folder is None:
+            return False
+        if self.unit == "epoch":
+            self.epochs += epoch_end
+            return epoch_end and self.epochs >= self.every
+        if self.unit == "step":
+            self.steps += not epoch_end
+            return not epoch_end and self.steps >= self.every
+        return time.monotonic() - self.last_time >= 60 * self.every
+
+    def save(self, state: TrainingState, net: torch.nn.Module, optimizer) -> None:
+        """Write the checkpoint atomically (rank 0; the other ranks hold the same state)."""
+        self.last_time, self.steps, self.epochs = time.monotonic(), 0, 0
+        if self.folder is None or not self.ranks.main:
+            return
+        self.folder.mkdir(parents=True, exist_ok=True)
+        payload = {"version": CHECKPOINT_VERSION, "fingerprint": self.fingerprint, "world": self.ranks.world,
+                   "state": _cpu(asdict(state)), "net": _cpu(net.state_dict()),
+                   "optimizer": _cpu(optimizer.state_dict())}  # fmt: skip
+        buffer = io.BytesIO()
+        torch.save(payload, buffer)
+        replace_atomically(self.file, buffer.getvalue())
+
+    def clear(self) -> None:
+        """Remove the checkpoint folder once the model it led to is returned (rank 0)."""
+        if self.folder is not None and self.ranks.main and self.folder.is_dir():
+            shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def checkpoint_folder(checkpoint_dir: str | Path | None, model_dir: str | Path | None) -> Path | None:
+    """``checkpoint_dir``; else ``<model_dir>.checkpoint`` beside the model folder; else none.
+
+    Beside, not inside: the model folder is replaced whole when the model is written, and a previous
+    model in it stays untouched (and loadable) while its successor trains.
+    """
+    if checkpoint_dir is not None:
+        return Path(checkpoint_dir)
+    if model_dir is not None:
+        model_dir = Path(model_dir)
+        return model_dir.with_name(f"{model_dir.name}.checkpoint")
+    return None
