@@ -2,11 +2,12 @@
 
 A checkpoint is one file, ``training.pt`` in the checkpoint folder, replaced atomically (written
 beside, flushed, renamed) by rank 0 alone — the ranks hold identical weights — so a crash at any
-moment leaves the previous checkpoint or the new one. It holds the network and optimizer state, the
-position (epoch and global step within it), the best weights and score so far, the patience count,
-the history and the running loss of the epoch, and a fingerprint of the call (parameters and data)
-so that it only resumes the same training. It is loaded with ``weights_only=True``: tensors, numbers,
-strings and containers only.
+moment leaves the previous checkpoint or the new one. Rank 0 also holds the folder's lock for the
+whole run, so that a second run of the same call (restarted while the first still runs) is refused.
+The file holds the network and optimizer state, the position (epoch and global step within it), the
+best weights and score so far, the patience count, the history and the running loss of the epoch,
+and a fingerprint of the call (parameters and data) so that it only resumes the same training.
+It is loaded with ``weights_only=True``: tensors, numbers, strings and containers only.
 
 No random state is stored because none is carried from step to step: the draws of step ``s`` of
 epoch ``e`` on rank ``r`` (augmentation and dropout) come from generators seeded with
@@ -38,6 +39,7 @@ from .._utils._files import replace_atomically
 from ._distributed import Ranks
 
 CHECKPOINT = "training.pt"
+LOCK = "lock"
 #: format of the checkpoint file; a checkpoint of another format is not resumed
 CHECKPOINT_VERSION = 1
 _EVERY = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(epochs?|steps?|min|minutes?)\s*$")
@@ -99,7 +101,8 @@ def _cpu(value):
 class Checkpoints:
     """The checkpoint of one training call: load it, say when a new one is due, write it, remove it.
 
-    ``folder=None`` turns checkpointing off (every method is then a no-op).
+    ``folder=None`` turns checkpointing off (every method is then a no-op). Used as a context manager
+    around the training, so that the folder's lock is let go of however training ends.
     """
 
     def __init__(self, folder: str | Path | None, fingerprint: dict, every: str, ranks: Ranks):
@@ -108,6 +111,7 @@ class Checkpoints:
         self.every, self.unit = parse_every(every)
         self.ranks = ranks
         self.last_time, self.steps, self.epochs = time.monotonic(), 0, 0  # since the last checkpoint
+        self._lock_file = None
 
     @property
     def file(self) -> Path | None:
@@ -116,8 +120,12 @@ class Checkpoints:
     def resume(self, net: torch.nn.Module, optimizer) -> TrainingState:
         """The saved state, loaded into ``net`` and ``optimizer``; a fresh state when there is no checkpoint."""
         # rank 0 reads the file and sends it: the other ranks need not see its folder (other machines)
-        payload = self.file.read_bytes() if self.ranks.main and self.file is not None and self.file.is_file() else None
-        payload = self.ranks.from_main(payload)
+        busy = self._lock()
+        payload = self.file.read_bytes() if self.ranks.main and not busy and self.file.is_file() else None
+        busy, payload = self.ranks.from_main((busy, payload))
+        if busy:
+            raise ValueError(f"Another training run is using the checkpoint folder {self.folder} (it holds its lock). "
+                             "Wait for it to end or stop it, or pass another checkpoint_dir.")  # fmt: skip
         if payload is None:
             return TrainingState()
         try:
@@ -149,6 +157,28 @@ class Checkpoints:
                   f"{' (training done)' if state.done else ''}")  # fmt: skip
         return state
 
+    def _lock(self) -> bool:
+        """Take the folder's advisory lock (rank 0, until :meth:`release`); ``True`` when another run holds it.
+
+        ``fcntl.flock``: released by the system when the process ends, however it ends; on file systems
+        without it (some NFS setups) and on Windows there is no lock.
+        """
+        if self.folder is None or not self.ranks.main:
+            return False
+        try:
+            import fcntl
+        except ImportError:  # Windows
+            return False
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self._lock_file = open(self.folder / LOCK, "a")  # noqa: SIM115 - held open for the whole run
+        try:
+            fcntl.flock(self._lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        except OSError:  # no locks on this file system
+            pass
+        return False
+
     def due(self, *, epoch_end: bool) -> bool:
         """Whether a checkpoint is due now (asked after every step, and again at the end of every epoch)."""
         if self.folder is None:
@@ -176,8 +206,21 @@ class Checkpoints:
 
     def clear(self) -> None:
         """Remove the checkpoint folder once the model it led to is returned (rank 0)."""
+        self.release()
         if self.folder is not None and self.ranks.main and self.folder.is_dir():
             shutil.rmtree(self.folder, ignore_errors=True)
+
+    def release(self) -> None:
+        """Let go of the folder's lock."""
+        if self._lock_file is not None:
+            self._lock_file.close()
+            self._lock_file = None
+
+    def __enter__(self) -> Checkpoints:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()  # however the run ends: a rerun in this process must not find its own lock
 
 
 def checkpoint_folder(checkpoint_dir: str | Path | None, model_dir: str | Path | None) -> Path | None:

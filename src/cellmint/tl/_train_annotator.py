@@ -379,7 +379,7 @@ def train_annotator(
     })  # fmt: skip
     checkpoints = Checkpoints(checkpoint_folder(checkpoint_dir, model_dir), same_call, checkpoint_every, ranks)
     forked = [torch_device.index or 0] if torch_device.type == "cuda" else []
-    with torch.random.fork_rng(devices=forked), ResourceMonitor(device=torch_device) as monitor:
+    with torch.random.fork_rng(devices=forked), ResourceMonitor(device=torch_device) as monitor, checkpoints:
         torch.manual_seed(random_state)  # inside fork_rng: weights and dropout follow the seed, global state untouched
         generator = torch.Generator().manual_seed(random_state)
         n_classes = {level: len(c) for level, c in source.classes.items()}
