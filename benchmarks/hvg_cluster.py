@@ -9,7 +9,10 @@ worker processes attached, two ways:
 - ``submitted ahead``: chunks submitted to the cluster two per worker ahead of the client, which adds
   them up in row order as they arrive (:meth:`cellmint._utils._chunks._Dask.read_all`).
 
-Every run is checked against the in-memory answer (same genes, identical ``variances_norm``).
+Every run is checked against the in-memory answer (same genes, identical ``variances_norm``). Besides
+wall time, the CPU time of the client process and of the workers is recorded: on a busy or small
+machine wall times say little, while ``(client + workers) / client`` CPU is the most speed-up any
+number of workers can give (the client's part is serial).
 Default size is a smoke run (20,000 × 1,000); ``--full`` is 200,000 cells × 2,000 genes. Results:
 ``benchmarks/results/hvg_cluster.json``. Speed-up is relative to the 1-worker run of the same way; on
 a machine with fewer cores than workers + client the extra workers only share the same cores.
@@ -60,21 +63,28 @@ def main() -> None:
         for n_workers in args.workers:
             with (
                 LocalCluster(n_workers=n_workers, threads_per_worker=1, processes=True, dashboard_address=None) as c,
-                Client(c),
+                Client(c) as client,
             ):
                 lazy = read_lazy(path)
                 for way, client_lookup in (("ordered one by one", lambda: None), ("submitted ahead", lookahead)):
                     _chunks._cluster_client = client_lookup
                     try:
-                        start = time.perf_counter()
+                        workers_cpu = sum(client.run(time.process_time).values())
+                        client_cpu, start = time.process_time(), time.perf_counter()
                         got = cm.pp.select_hvgs(lazy, **hvg)
                         seconds = time.perf_counter() - start
+                        client_cpu = time.process_time() - client_cpu
+                        workers_cpu = sum(client.run(time.process_time).values()) - workers_cpu
                     finally:
                         _chunks._cluster_client = lookahead
                     assert set(got.index[got["highly_variable"]]) == set(expected.index[expected["highly_variable"]])
                     np.testing.assert_array_equal(got["variances_norm"], expected["variances_norm"])
-                    rows.append({"workers": n_workers, "way": way, "seconds": seconds, "cells_per_s": n_obs / seconds})
-                    print(f"{n_workers} workers, {way}: {seconds:.1f} s ({n_obs / seconds:,.0f} cells/s), exact")
+                    rows.append({"workers": n_workers, "way": way, "seconds": seconds, "cells_per_s": n_obs / seconds,
+                                 "client_cpu_s": client_cpu, "workers_cpu_s": workers_cpu,
+                                 # Amdahl: the client's serial share bounds the speed-up more workers can give
+                                 "max_speedup": (client_cpu + workers_cpu) / client_cpu})  # fmt: skip
+                    print(f"{n_workers} workers, {way}: {seconds:.1f} s ({n_obs / seconds:,.0f} cells/s), exact; CPU "
+                          f"client {client_cpu:.1f} s, workers {workers_cpu:.1f} s")  # fmt: skip
     for row in rows:
         base = next(r for r in rows if r["way"] == row["way"] and r["workers"] == min(args.workers))
         row["speedup"] = base["seconds"] / row["seconds"]

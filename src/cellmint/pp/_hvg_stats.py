@@ -314,7 +314,12 @@ def _chunk_moments(block, start: int, stop: int, *, codes: np.ndarray, n_batches
         return None
     sums = _MomentSums(n_batches, X.shape[1], Arithmetic(partitions=1, square_in_float64=square_in_float64),
                        with_all=n_batches > 1)  # fmt: skip
-    sums.add(X, codes)
+    threads = numba.get_num_threads()
+    numba.set_num_threads(1)  # for this thread only: the worker runs one task per thread, each on its own core
+    try:
+        sums.add(X, codes)
+    finally:
+        numba.set_num_threads(threads)
     return sums.sums, sums.squares, sums.detected, sums.seen
 
 

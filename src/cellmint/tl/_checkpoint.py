@@ -121,7 +121,8 @@ class Checkpoints:
         """The saved state, loaded into ``net`` and ``optimizer``; a fresh state when there is no checkpoint."""
         # rank 0 reads the file and sends it: the other ranks need not see its folder (other machines)
         busy = self._lock()
-        payload = self.file.read_bytes() if self.ranks.main and not busy and self.file.is_file() else None
+        readable = self.ranks.main and not busy and self.file is not None and self.file.is_file()
+        payload = self.file.read_bytes() if readable else None
         busy, payload = self.ranks.from_main((busy, payload))
         if busy:
             raise ValueError(f"Another training run is using the checkpoint folder {self.folder} (it holds its lock). "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -307,7 +308,6 @@ def train_annotator(
     key_added
         AnnData: key of ``uns`` for the model's metadata.
     {doc_progress}
-
     checkpoint_dir
         Folder for the training checkpoint (``training.pt``): rerunning the same call after a crash or a
         pre-emption resumes from it (:mod:`cellmint.tl._checkpoint`), also with another number of
@@ -317,12 +317,6 @@ def train_annotator(
         How often a checkpoint is written: ``"10 min"``, ``"2 epochs"`` or ``"500 steps"``; one is also
         written when training ends, before calibration.
 
-    Under ``torch.distributed`` (a process group set up by the caller, or ``torchrun``'s environment),
-    every rank runs this same call: each trains on its share of every global batch of ``batch_size``
-    cells with gradients summed across ranks, validation and test cells are divided among ranks and
-    gathered, and every rank returns the same model; only rank 0 writes ``model_dir``
-    (:mod:`cellmint.tl._distributed`, docs page "Scaling out").
-
     Returns
     -------
     The :class:`~cellmint.Annotator`, with ``metrics`` (per level on the test cells, or on the
@@ -331,6 +325,16 @@ def train_annotator(
     When ``data`` is an AnnData, also writes ``adata.uns[key_added]`` (model folder path, label keys,
     classes, gene panel, input recipe, temperatures, parameters, metrics, file checksums; all
     h5ad-writable) and, when the split was made here, ``adata.obs[f"{{key_added}}_split"]``.
+    ``manifest["training"]`` records the number of ranks, the resumes from checkpoints and the
+    training throughput (cells of global batches per second of this process's epoch loop).
+
+    Notes
+    -----
+    Under ``torch.distributed`` (a process group set up by the caller, or ``torchrun``'s environment),
+    every rank runs this same call: each trains on its share of every global batch of ``batch_size``
+    cells with gradients summed across ranks, validation and test cells are divided among ranks and
+    gathered, and every rank returns the same model; only rank 0 writes ``model_dir``
+    (:mod:`cellmint.tl._distributed`, docs page "Scaling out").
     """
     label_keys = [label_keys] if isinstance(label_keys, str) else list(label_keys)
     if not label_keys:
@@ -403,6 +407,7 @@ def train_annotator(
                                      distributed="global")  # fmt: skip
         state = checkpoints.resume(net, optimizer)
         per_epoch = len(train_loader)
+        loop_start, trained = time.perf_counter(), 0  # this process's training steps: cells of global batches / s
         # one bar over every batch of every epoch (ETA for the whole run), the epoch and scores beside it
         with progress_bar(total=max_epochs * per_epoch, desc="training", unit="batch",
                           progress=progress if ranks.main else False) as bar:  # fmt: skip
@@ -425,6 +430,7 @@ def train_annotator(
                     optimizer.step()
                     state.step, state.batches = state.step + 1, state.batches + 1
                     monitor.add_cells(len(batch["global_index"]))
+                    trained += len(batch["global_index"])
                     bar.update(1)
                     if checkpoints.due(epoch_end=False):
                         checkpoints.save(state, net, optimizer)
@@ -452,6 +458,7 @@ def train_annotator(
                 if state.done:
                     break
         history, best = state.history, state.best
+        train_seconds = time.perf_counter() - loop_start
         net.load_state_dict(state.best_state)
         val_latents: list = []  # the best weights' validation pass also gives the latents for the open-set threshold
         val_logits, val_labels, _, _ = _evaluate(net, source, val_rows, recipe, torch_device, ranks, prefetch,
@@ -501,8 +508,14 @@ def train_annotator(
         "history": history,
         "best_epoch": next(h["epoch"] for h in history if (h["val_macro_f1"], h["val_loss"]) == best),
         "resources": {**report.to_dict(), "epochs": len(history)},
-        "training": {"world_size": ranks.world, "resumed": state.resumed},
+        "training": {
+            "world_size": ranks.world,
+            "resumed": state.resumed,
+            "seconds": train_seconds,
+            "cells_per_s": trained / train_seconds if trained else None,
+        },
     }
+    manifest = ranks.from_main(manifest)  # rank 0's timings too: one manifest for every rank's model
     hierarchy = learn_hierarchy({k: v[train_rows] for k, v in source.codes.items()}, source.classes)
     model = Annotator(net.cpu(), genes=list(source.genes), classes=source.classes, hierarchy=hierarchy,
                       recipe=recipe, temperature=temperature, manifest=manifest, reference=reference,
