@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import time
 from collections import Counter
 
@@ -128,3 +131,21 @@ def test_resume_two_ranks_on_one(tmp_path, two_ranks):
     # stated tolerance (docs/scaling.md): after a change of ranks the cells of every step are the same, the
     # random draws of augmentation and dropout are the new ranks' — the model is as good, not bit-equal
     assert abs(resumed["macro_f1"] - two_ranks[1][0]["macro_f1"]) <= 0.02
+
+
+def test_cellmint_train_under_torchrun_on_a_store(tmp_path):
+    """The command line, unchanged, under torchrun: 2 ranks join the group from its environment; one model."""
+    adata = cm.datasets.cellbench()
+    adata = adata[:, adata.var["in_all"].to_numpy()].copy()
+    cm.pp.build_store(adata, tmp_path / "s.zarr", label_keys=["cell_line"], progress=False)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               "-m", "cellmint.cli", "train", str(tmp_path / "s.zarr"), str(tmp_path / "model"),
+               "--label-keys", "cell_line", "--max-epochs", "3", "--no-progress"]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CELLMINT_PROGRESS": "0"}
+    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.count("saved to") == 1  # rank 0 reports
+    model = cm.io.read_model(tmp_path / "model")
+    assert model.manifest["training"]["world_size"] == 2
+    assert model.metrics["cell_line"]["n_cells"] == model.manifest["data"]["n_test"]
+    assert not (tmp_path / "model.checkpoint").exists()
