@@ -149,3 +149,19 @@ def test_cellmint_train_under_torchrun_on_a_store(tmp_path):
     assert model.manifest["training"]["world_size"] == 2
     assert model.metrics["cell_line"]["n_cells"] == model.manifest["data"]["n_test"]
     assert not (tmp_path / "model.checkpoint").exists()
+
+
+def test_a_rank_without_validation_cells_gives_empty_outputs_of_every_level():
+    """A rank whose share of the validation cells is empty (fewer cells than ranks) still has every level."""
+    from cellmint.models._network import AnnotatorNet
+    from cellmint.models._normalize import InputRecipe
+    from cellmint.tl._train_annotator import _logits
+
+    net = AnnotatorNet(30, {"coarse": 3, "fine": 7}, hidden=(16, 8), embeddings={"X_umap": 2})
+    latents = []
+    logits, labels, index, embedded = _logits(net, (), InputRecipe(kind="counts"), "cpu", latents)
+    assert {k: tuple(v.shape) for k, v in logits.items()} == {"coarse": (0, 3), "fine": (0, 7)}
+    assert {k: v.dtype for k, v in labels.items()} == {"coarse": torch.int64, "fine": torch.int64}
+    assert index.shape == (0,)
+    assert embedded["X_umap"].shape == (0, 2)
+    assert torch.cat(latents).shape == (0, 8)

@@ -9,13 +9,13 @@ best weights and score so far, the patience count, the history and the running l
 and a fingerprint of the call (parameters and data) so that it only resumes the same training.
 It is loaded with ``weights_only=True``: tensors, numbers, strings and containers only.
 
-No random state is stored because none is carried from step to step: the draws of step ``s`` of
-epoch ``e`` on rank ``r`` (augmentation and dropout) come from generators seeded with
-``(random_state, e, s, r)`` (:func:`step_seeds`), and the order of the cells from
-``(random_state, e)`` (:mod:`cellmint.store._sampling`, ``distributed="global"``). A run resumed
-with the same number of ranks therefore redoes exactly what the uninterrupted run did; with another
-number of ranks, every step still holds the same cells, but the random draws of augmentation and
-dropout are those of the new ranks.
+The order of the cells follows from ``(random_state, epoch)`` alone (:mod:`cellmint.store._sampling`,
+``distributed="global"``); the random draws of augmentation and dropout come from each rank's
+generators (:class:`RandomStreams`), whose states every rank sends to rank 0 for the checkpoint. A
+run resumed with the same number of ranks therefore continues each rank's draws where they stopped
+and redoes exactly what the uninterrupted run did. With another number of ranks every step still
+holds the same cells, but the old ranks' streams cannot be dealt to the new ones: each new rank's
+generators are seeded from ``(random_state, epoch, step, rank)`` — other draws, as with another seed.
 """
 
 from __future__ import annotations
@@ -61,10 +61,61 @@ class TrainingState:
     resumed: list = field(default_factory=list)  # {"epoch", "step", "world", "from_world"} of every resume
 
 
-def step_seeds(random_state: int, epoch: int, step: int, rank: int) -> tuple[int, int]:
-    """Seeds of step ``step`` of ``epoch`` on ``rank``: one for augmentation, one for dropout."""
-    a, b = np.random.SeedSequence([random_state, epoch, step, rank]).generate_state(2, np.uint64)
+def _seeds(*key: int) -> tuple[int, int]:
+    """Two independent 63-bit seeds from ``key``: one for augmentation, one for dropout."""
+    a, b = np.random.SeedSequence(list(key)).generate_state(2, np.uint64)
     return int(a >> np.uint64(1)), int(b >> np.uint64(1))
+
+
+class RandomStreams:
+    """The generators a training step of this rank draws from: augmentation's and dropout's (torch's own).
+
+    Rank 0 keeps the streams of a single process, seeded by ``random_state``; the other ranks reseed
+    theirs from ``(random_state, rank)`` after the weights are made (identical on every rank).
+    """
+
+    def __init__(self, generator: torch.Generator, device: torch.device, random_state: int, rank: int):
+        self.generator, self.device = generator, device
+        self.pending: torch.Tensor | None = None
+        if rank:
+            self.reseed(random_state, rank)
+
+    def reseed(self, *key: int) -> None:
+        augment, dropout = _seeds(*key)
+        self.generator.manual_seed(augment)
+        torch.manual_seed(dropout)  # inside the training's fork_rng: the caller's state is restored after
+
+    def state(self) -> torch.Tensor:
+        """All the states as one byte vector (the same length on every rank)."""
+        parts = [self.generator.get_state(), torch.get_rng_state()]
+        if self.device.type == "cuda":
+            parts.append(torch.cuda.get_rng_state(self.device))
+        return torch.cat(parts)
+
+    def restore(self, state: torch.Tensor, *, mid_epoch: bool) -> None:
+        """Put saved states back; ``mid_epoch``: once the resumed epoch's loader has started (:meth:`settle`).
+
+        A torch DataLoader draws a seed from torch's generator when an epoch's iteration starts: states
+        saved mid-epoch come after that draw, so they are put back after the resumed epoch's draw.
+        """
+        if mid_epoch:
+            self.pending = state
+        else:
+            self._set(state)
+
+    def settle(self) -> None:
+        """Put back states held by :meth:`restore` (called at every step and at the end of every epoch)."""
+        if self.pending is not None:
+            self._set(self.pending)
+            self.pending = None
+
+    def _set(self, state: torch.Tensor) -> None:
+        n = len(self.generator.get_state())
+        self.generator.set_state(state[:n].clone())
+        m = n + len(torch.get_rng_state())
+        torch.set_rng_state(state[n:m].clone())
+        if self.device.type == "cuda":
+            torch.cuda.set_rng_state(state[m:].clone(), self.device)
 
 
 def parse_every(every: str) -> tuple[float, str]:
@@ -117,8 +168,8 @@ class Checkpoints:
     def file(self) -> Path | None:
         return None if self.folder is None else self.folder / CHECKPOINT
 
-    def resume(self, net: torch.nn.Module, optimizer) -> TrainingState:
-        """The saved state, loaded into ``net`` and ``optimizer``; a fresh state when there is no checkpoint."""
+    def resume(self, net: torch.nn.Module, optimizer, streams: RandomStreams, random_state: int) -> TrainingState:
+        """The saved state, loaded into ``net``, ``optimizer`` and ``streams``; a fresh one without a checkpoint."""
         # rank 0 reads the file and sends it: the other ranks need not see its folder (other machines)
         busy = self._lock()
         readable = self.ranks.main and not busy and self.file is not None and self.file.is_file()
@@ -151,6 +202,11 @@ class Checkpoints:
         net.load_state_dict(saved["net"])
         optimizer.load_state_dict(saved["optimizer"])
         state = TrainingState(**saved["state"])
+        random = saved["random"]
+        if len(random) == self.ranks.world and random.shape[1] == len(streams.state()):
+            streams.restore(random[self.ranks.rank], mid_epoch=state.step > 0)  # each rank continues its draws
+        else:  # another number of ranks (or devices): the same cells per step, new draws (module docstring)
+            streams.reseed(random_state, state.epoch, state.step, self.ranks.rank)
         state.best = tuple(state.best)
         state.resumed = [*state.resumed, {"epoch": state.epoch, "step": state.step, "world": self.ranks.world,
                                           "from_world": int(saved["world"])}]  # fmt: skip
@@ -192,15 +248,21 @@ class Checkpoints:
             return not epoch_end and self.steps >= self.every
         return time.monotonic() - self.last_time >= 60 * self.every
 
-    def save(self, state: TrainingState, net: torch.nn.Module, optimizer) -> None:
-        """Write the checkpoint atomically (rank 0; the other ranks hold the same state)."""
+    def save(self, state: TrainingState, net: torch.nn.Module, optimizer, streams: RandomStreams) -> None:
+        """Write the checkpoint atomically: every rank sends its random states, rank 0 writes the rest.
+
+        Called on every rank at the same step (the ranks hold the same weights and state).
+        """
         self.last_time, self.steps, self.epochs = time.monotonic(), 0, 0
-        if self.folder is None or not self.ranks.main:
+        if self.folder is None:
+            return
+        random = self.ranks.gather(streams.state()[None])
+        if not self.ranks.main:
             return
         self.folder.mkdir(parents=True, exist_ok=True)
         payload = {"version": CHECKPOINT_VERSION, "fingerprint": self.fingerprint, "world": self.ranks.world,
                    "state": _cpu(asdict(state)), "net": _cpu(net.state_dict()),
-                   "optimizer": _cpu(optimizer.state_dict())}  # fmt: skip
+                   "optimizer": _cpu(optimizer.state_dict()), "random": random.cpu()}  # fmt: skip
         buffer = io.BytesIO()
         torch.save(payload, buffer)
         replace_atomically(self.file, buffer.getvalue())

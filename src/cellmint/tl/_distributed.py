@@ -53,12 +53,16 @@ class Ranks:
         return np.array_split(rows, self.world)[self.rank] if self.world > 1 else rows
 
     # -- collectives ---------------------------------------------------------------------------
-    def sum_gradients(self, params: list[torch.nn.Parameter], loss: torch.Tensor) -> float:
-        """Sum every parameter's gradient (and ``loss``) over ranks, in place; returns the summed loss."""
+    def sum_gradients(self, params: list[torch.nn.Parameter], loss: torch.Tensor, flag: bool) -> tuple[float, bool]:
+        """Sum every parameter's gradient over ranks, in place; the summed ``loss``, and whether any rank flagged.
+
+        The loss and the flag travel in the same buffer as the gradients: no extra round trip.
+        """
         if self.world == 1:
-            return loss.item()
+            return loss.item(), flag
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-        flat = torch.cat([g.reshape(-1) for g in grads] + [loss.detach().reshape(1).to(grads[0].dtype)])
+        extra = torch.stack([loss.detach().reshape(()), torch.tensor(float(flag), device=loss.device)])
+        flat = torch.cat([g.reshape(-1) for g in grads] + [extra.to(grads[0].dtype)])
         moved = flat.to(self.device)
         torch.distributed.all_reduce(moved)
         flat = moved.to(flat.device)
@@ -66,7 +70,7 @@ class Ranks:
         for p in params:
             p.grad = flat[offset : offset + p.numel()].view_as(p)
             offset += p.numel()
-        return float(flat[offset])
+        return float(flat[offset]), bool(flat[offset + 1] > 0)
 
     def gather(self, values: torch.Tensor) -> torch.Tensor:
         """Rows of every rank's ``values``, concatenated in rank order (same trailing shape and dtype on all)."""

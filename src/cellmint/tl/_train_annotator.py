@@ -26,7 +26,7 @@ from ..models._normalize import InputRecipe, normalize
 from ..models._optim import AdamW
 from ..store._sampling import BALANCE_EXPONENT
 from ..store._store import Store
-from ._checkpoint import Checkpoints, checkpoint_folder, fingerprint, step_seeds
+from ._checkpoint import Checkpoints, RandomStreams, checkpoint_folder, fingerprint
 from ._distributed import Ranks, join, leave
 from ._knn import NearestReference
 from ._train_data import TrainingData, from_anndata, from_store
@@ -400,12 +400,13 @@ def train_annotator(
         # each cell's loss weight, indexed by row: the denominator of every global batch's mean, on any rank
         cell_weight = {level: weights[level].cpu().numpy()[source.codes[level]] for level in label_keys}
         optimizer = AdamW(net.parameters(), lr=lr, weight_decay=weight_decay)
+        streams = RandomStreams(generator, torch_device, random_state, ranks.rank)  # after the weights: equal on all
         # on the CPU, reading threads would compete with torch's for the same cores (measured: 5x slower)
         prefetch = torch_device.type != "cpu"
         train_loader = source.loader(train_rows, batch_size=batch_size, shuffle=True, balance=balance,
                                      random_state=random_state, num_workers=num_workers, prefetch=prefetch,
                                      distributed="global")  # fmt: skip
-        state = checkpoints.resume(net, optimizer)
+        state = checkpoints.resume(net, optimizer, streams, random_state)
         per_epoch = len(train_loader)
         loop_start, trained = time.perf_counter(), 0  # this process's training steps: cells of global batches / s
         # one bar over every batch of every epoch (ETA for the whole run), the epoch and scores beside it
@@ -416,9 +417,7 @@ def train_annotator(
                 net.train()
                 train_loader.set_epoch(epoch, start_batch=state.step)
                 for batch in train_loader:
-                    augment_seed, dropout_seed = step_seeds(random_state, epoch, state.step, ranks.rank)
-                    generator.manual_seed(augment_seed)
-                    torch.manual_seed(dropout_seed)
+                    streams.settle()  # resumed mid-epoch: the saved draws continue from here
                     X, library = augment_batch(batch["X"], batch["library_size"], settings,
                                                counts=recipe.kind == "counts", generator=generator)  # fmt: skip
                     x = normalize(X.to(torch_device), library.to(torch_device), recipe)
@@ -426,19 +425,23 @@ def train_annotator(
                     loss = _step_loss(logits, embedded, batch, weights, cell_weight, targets, torch_device)
                     optimizer.zero_grad()
                     loss.backward()
-                    state.loss += ranks.sum_gradients(optimizer.params, loss)  # the global batch's loss
+                    # the global batch's loss; a checkpoint is due when any rank says so (rank 0's clock)
+                    step_loss, save = ranks.sum_gradients(optimizer.params, loss, checkpoints.due(epoch_end=False))
+                    state.loss += step_loss
                     optimizer.step()
                     state.step, state.batches = state.step + 1, state.batches + 1
                     monitor.add_cells(len(batch["global_index"]))
                     trained += len(batch["global_index"])
                     bar.update(1)
-                    if checkpoints.due(epoch_end=False):
-                        checkpoints.save(state, net, optimizer)
+                    if save:
+                        checkpoints.save(state, net, optimizer, streams)
+                streams.settle()
                 val_logits, val_labels, val_index, val_embedded = _evaluate(net, source, val_rows, recipe,
                                                                             torch_device, ranks, prefetch)  # fmt: skip
                 score = _macro_f1(val_logits, val_labels, source.classes)
                 val_loss = _validation_loss(val_logits, val_labels, val_embedded, targets, val_index)
-                score, val_loss = ranks.from_main((score, val_loss))  # one decision, taken alike on every rank
+                # one decision, taken alike on every rank
+                score, val_loss, save = ranks.from_main((score, val_loss, checkpoints.due(epoch_end=True)))
                 mean_loss = state.loss / max(1, state.batches)
                 state.history.append({"epoch": epoch, "loss": mean_loss, "val_macro_f1": score, "val_loss": val_loss})
                 bar.set_postfix(epoch=epoch + 1, loss=f"{mean_loss:.3f}", val_f1=f"{score:.3f}")
@@ -453,8 +456,8 @@ def train_annotator(
                 state.stale = 0 if better_f1 else state.stale + 1
                 state.epoch, state.step, state.loss, state.batches = epoch + 1, 0, 0.0, 0
                 state.done = bool(early_stopping and state.stale >= early_stopping) or state.epoch >= max_epochs
-                if checkpoints.due(epoch_end=True) or state.done:  # the last one: a resumed run only calibrates
-                    checkpoints.save(state, net, optimizer)
+                if save or state.done:  # the last one: a resumed run only calibrates
+                    checkpoints.save(state, net, optimizer, streams)
                 if state.done:
                     break
         history, best = state.history, state.best
