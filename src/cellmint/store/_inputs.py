@@ -69,7 +69,9 @@ def open_input(item: Any, index: int) -> Input:
         raise FileNotFoundError(f"Input {index}: no such file or folder: {path}")
     suffix = path.suffix.lower()
     if suffix == ".h5ad":
-        adata = ad.read_h5ad(path, backed="r")
+        from .._utils._chunks import read_h5ad
+
+        adata = read_h5ad(path, backed="r")
         return Input(str(path), adata, adata, _file_identity(path))
     if suffix == ".zarr":
         return Input(str(path), path, _zarr_annotations(path), _file_identity(path))

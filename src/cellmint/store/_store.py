@@ -173,6 +173,10 @@ class Store:
         -------
         AnnData with the split's cells in store order; ``obs["split"]`` names their part when ``split`` is given.
         """
+        if subset not in _split.SPLIT_NAMES:
+            raise ValueError(f"subset must be one of {_split.SPLIT_NAMES}, not {subset!r}.")
+        if split is not None and split not in self.splits:
+            raise KeyError(f"No split {split!r} in this store; splits: {self.splits}. Make one with make_split().")
         X = self.read_rows(0, self.n_obs)
         adata = ad.AnnData(X=X, obs=self.obs(), var=pd.DataFrame(index=self.var_names))
         if split is None:
@@ -435,6 +439,16 @@ class Store:
 
         if balance not in BALANCE_EXPONENT:
             raise ValueError(f"balance must be None, 'sqrt' or 'inverse', not {balance!r}.")
+        for arg, value, minimum in (("batch_size", batch_size, 1), ("block_size", block_size, 1),
+                                    ("fetch_blocks", fetch_blocks, 1), ("start_batch", start_batch, 0),
+                                    ("num_workers", num_workers, 0)):  # fmt: skip
+            if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < minimum:
+                raise ValueError(f"{arg} must be an integer ≥ {minimum}, not {value!r}.")
+        if worker_start_method not in (None, "fork", "spawn", "forkserver"):
+            raise ValueError(f"worker_start_method must be None, 'fork', 'spawn' or 'forkserver', "
+                             f"not {worker_start_method!r}.")  # fmt: skip
+        if label_key is not None and label_key not in self.label_keys:
+            raise KeyError(f"label_key {label_key!r} is not a label key of the store ({self.label_keys}).")
         if rows is not None:
             rows = np.unique(np.asarray(rows, dtype=np.int64))
             if len(rows) and (rows[0] < 0 or rows[-1] >= self.n_obs):
