@@ -15,7 +15,14 @@ from .._utils._lock import writer_lock
 from ..store._append import check_new_inputs
 from ..store._format import LOCK, MANIFEST, read_manifest, write_manifest
 from ..store._ingest import check_inputs, committed_rows_problem, ingest
-from ..store._inputs import Input, check_missing_genes, gene_panel, missing_panel_genes, open_input
+from ..store._inputs import (
+    Input,
+    check_missing_genes,
+    close_inputs,
+    gene_panel,
+    missing_panel_genes,
+    open_input,
+)
 from ..store._split import DEFAULT_SPLIT
 from ..store._store import Store
 from ..store._writer import StoreWriter, create, identity_of, input_record
@@ -171,7 +178,21 @@ def build_store(
         raise ValueError(f"batch_cells must be a positive integer or None, not {batch_cells!r}.")
     if path.exists() and not path.is_dir():
         raise FileExistsError(f"{path} is a file; a store is a folder. Choose another path.")
-    inputs = [open_input(item, i) for i, item in enumerate(_as_list(data))]
+    inputs = []
+    try:
+        for i, item in enumerate(_as_list(data)):
+            inputs.append(open_input(item, i))
+        return _build(inputs, path, layer=layer, genes=genes, label_keys=label_keys, group_key=group_key,
+                      obs_keys=obs_keys, batch_cells=batch_cells, strip_ensembl_versions=strip_ensembl_versions,
+                      missing_genes=missing_genes, allow_duplicates=allow_duplicates, resume=resume,
+                      overwrite=overwrite, random_state=random_state, progress=progress)  # fmt: skip
+    finally:
+        close_inputs(inputs)
+
+
+def _build(inputs: list[Input], path: Path, *, layer, genes, label_keys, group_key, obs_keys, batch_cells,
+           strip_ensembl_versions, missing_genes, allow_duplicates, resume, overwrite, random_state,
+           progress) -> Store:  # fmt: skip
     if not inputs:
         raise ValueError("No input given.")
     check_inputs(inputs, label_keys + obs_keys + ([group_key] if group_key else []))

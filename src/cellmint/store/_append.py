@@ -50,9 +50,8 @@ def check_new_inputs(inputs: list, records: list[dict], existing, *, allow_dupli
 def append(store: Store, data: Any, *, missing_genes: str | None, allow_duplicates: bool,
            progress: bool | None) -> None:  # fmt: skip
     """See :meth:`cellmint.Store.append` (called holding the store's lock, with a current manifest)."""
-    from ._ingest import check_inputs, committed_rows_problem, ingest
-    from ._inputs import check_missing_genes, missing_panel_genes, open_input
-    from ._writer import StoreWriter, identity_of, input_record
+    from ._inputs import close_inputs, open_input
+    from ._writer import StoreWriter
 
     items = list(data) if isinstance(data, list | tuple) else [data]
     if not items:
@@ -67,7 +66,23 @@ def append(store: Store, data: Any, *, missing_genes: str | None, allow_duplicat
     first = m["append"]["n_inputs"] if resuming else len(m["inputs"])
     params = m["params"]
     mode = params.get("missing_genes", "error") if missing_genes is None else missing_genes
-    inputs = [open_input(item, first + i) for i, item in enumerate(items)]
+    inputs = []
+    try:
+        for i, item in enumerate(items):
+            inputs.append(open_input(item, first + i))
+        _append(store, writer, inputs, first=first, resuming=resuming, mode=mode, allow_duplicates=allow_duplicates,
+                progress=progress)  # fmt: skip
+    finally:
+        close_inputs(inputs)
+
+
+def _append(store: Store, writer, inputs: list, *, first: int, resuming: bool, mode: str, allow_duplicates: bool,
+            progress: bool | None) -> None:  # fmt: skip
+    from ._ingest import check_inputs, committed_rows_problem, ingest
+    from ._inputs import check_missing_genes, missing_panel_genes
+    from ._writer import identity_of, input_record
+
+    m, params = writer.manifest, writer.manifest["params"]
     group = [params["group_key"]] if params["group_key"] else []
     check_inputs(inputs, params["label_keys"] + params["obs_keys"] + group)
     missing = missing_panel_genes(inputs, pd.Index(m["genes"]), params["strip_ensembl_versions"])

@@ -86,6 +86,13 @@ def open_input(item: Any, index: int) -> Input:
     return Input(str(path), adata, adata, _file_identity(path))
 
 
+def close_inputs(inputs: list[Input]) -> None:
+    """Close the files :func:`open_input` opened (backed ``.h5ad``), so that the user can rewrite them at once."""
+    for inp in inputs:
+        if inp.identity.get("path") is not None and inp.adata.isbacked:
+            inp.adata.file.close()
+
+
 def _zarr_annotations(path: Path) -> ad.AnnData:
     """The obs and var of a zarr AnnData, without its matrix (which the chunk reader streams)."""
     import zarr

@@ -26,6 +26,7 @@ from ._format import (
     values_checksum,
     write_manifest,
 )
+from ._writer import sync_created
 
 
 class Store:
@@ -346,6 +347,7 @@ class Store:
         written.write(0, codes)
         written.set_length(self.n_obs)
         written.sync()
+        sync_created(self.path, ["splits/zarr.json", "splits"])  # made by zarr: on disk before the commit names them
         parts = pd.Categorical.from_codes(codes, categories=list(_split.SPLIT_NAMES))
         classes = obs[label_key] if label_key else pd.Series(["all"] * self.n_obs, index=obs.index)
         table = pd.crosstab(pd.Series(classes.to_numpy(), name=label_key or "cells"), pd.Series(parts, name="split"))

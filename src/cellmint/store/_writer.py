@@ -58,10 +58,17 @@ def _is_number(column: pd.Series) -> bool:
     return pd.api.types.is_numeric_dtype(column) and not isinstance(column.dtype, pd.CategoricalDtype)
 
 
-def write_file_sync(path: Path) -> None:
-    """Flush a file already written to disk."""
-    with open(path, "rb+") as fh:
-        os.fsync(fh.fileno())
+def sync_created(root: Path, names: list[str]) -> None:
+    """Flush files and folders (relative to the store ``root``) that others (zarr) created, with ``FSYNC``."""
+    if not _format.FSYNC:
+        return
+    for name in names:
+        path = Path(root) / name
+        if path.is_dir():
+            fsync_folder(path)
+        elif path.is_file():
+            with open(path, "rb+") as fh:
+                os.fsync(fh.fileno())
 
 
 def input_record(inp, index: int, missing_genes: list[str]) -> dict:
@@ -127,11 +134,9 @@ def create(path: Path, *, panel: pd.Index, label_keys, group_key, obs_keys, inpu
     }
     indptr = ChunkedArray(Path(path) / "X" / "indptr", name="X/indptr")
     indptr.write(0, np.zeros(1, dtype=np.int64))
-    if _format.FSYNC:  # the folders and zarr.json files zarr just made, before the first commit names them
-        for folder, _, files in os.walk(path):
-            for file in files:
-                write_file_sync(Path(folder) / file)
-            fsync_folder(folder)
+    # the folders and zarr.json files zarr just made are on disk before the first commit names them
+    created = [Path(folder, name) for folder, folders, files in os.walk(path) for name in [*files, "."]]
+    sync_created(path, [str(p.relative_to(path)) for p in created])
     write_manifest(path, manifest)
     return StoreWriter(path)
 
