@@ -207,7 +207,8 @@ def _build(inputs: list[Input], path: Path, *, layer, genes, label_keys, group_k
               "allow_duplicates": allow_duplicates}  # fmt: skip
 
     start = logg.info(f"building store {path}")
-    if path.exists() and not overwrite and not (path / MANIFEST).is_file() and not _is_empty(path):
+    ours = (path / MANIFEST).is_file() or (path / LOCK).is_file()  # a store, or one being created
+    if path.exists() and not overwrite and not ours and not _is_empty(path):
         raise FileExistsError(f"{path} exists and is not a cellmint store; pass overwrite=True to replace it.")
     path.mkdir(parents=True, exist_ok=True)
     with writer_lock(path / LOCK, what=f"the store at {path}"):
@@ -216,9 +217,8 @@ def _build(inputs: list[Input], path: Path, *, layer, genes, label_keys, group_k
         if (path / MANIFEST).is_file():
             writer = _open_existing(path, inputs, params, missing, resume=resume)
             logg.info(f"    resuming after {writer.manifest['n_obs']:,} committed cells")
-        elif not _is_empty(path):
-            raise FileExistsError(f"{path} exists and is not a cellmint store; pass overwrite=True to replace it.")
         else:
+            _clear(path)  # what a build that stopped before its first commit left (we hold its lock now)
             writer = create(path, panel=panel, label_keys=label_keys, group_key=group_key, obs_keys=obs_keys,
                             inputs=inputs, params=params, missing=missing)  # fmt: skip
         try:
