@@ -218,7 +218,7 @@ def test_missing_panel_genes_are_an_error_unless_zero_is_asked_for(tmp_path):
 
 def test_duplicate_cells_and_repeated_inputs_are_refused_unless_allowed(tmp_path):
     adata = sample(100, 30)
-    with pytest.raises(ValueError, match=r"adata\[1\] is the same data as adata\[0\].*allow_duplicates=True"):
+    with pytest.raises(ValueError, match=r"adata\[1\] is the same input as adata\[0\].*allow_duplicates=True"):
         build([adata, adata], tmp_path / "a.zarr")
     twin = adata.copy()
     with warnings.catch_warnings():
@@ -227,7 +227,7 @@ def test_duplicate_cells_and_repeated_inputs_are_refused_unless_allowed(tmp_path
     with pytest.raises(ValueError, match=r"Cell names occur twice \(in adata\[0\]\), e.g. \['c0'\]"):
         build(twin, tmp_path / "b.zarr")
     store = build(adata, tmp_path / "c.zarr")
-    with pytest.raises(ValueError, match=r"adata\[1\] is the same data as adata\[0\]"):
+    with pytest.raises(ValueError, match=r"adata\[1\] is the same input as adata\[0\]"):
         store.append(adata)
     overlapping = sample(50, 30, seed=3, prefix="c")  # c0..c49 are in the store already
     with pytest.raises(ValueError, match=r"Cell names occur twice \(in the store already\), e.g. \['c0', 'c1'"):

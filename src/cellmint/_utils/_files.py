@@ -217,7 +217,7 @@ def read_folder_files(folder: str | Path, names: Callable[[dict], list[str]], ma
         if not folder.exists():
             _recover_for_reading(folder)
         try:
-            directory = os.open(folder, os.O_RDONLY)
+            directory = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
         except FileNotFoundError:
             if attempt + 1 == attempts:
                 raise FileNotFoundError(f"{folder} is not a cellmint {where}: no such folder.") from None

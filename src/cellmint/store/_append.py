@@ -37,8 +37,9 @@ def check_new_inputs(inputs: list, records: list[dict], existing, *, allow_dupli
         return
     if repeated := repeated_input(inputs, records):
         inp, other = repeated
-        raise ValueError(f"{inp.name} is the same data as {other}, already given: its cells would be stored twice. "
-                         "Remove it, or pass allow_duplicates=True to store them again.")  # fmt: skip
+        same = "file content" if inp.identity.get("path") else "cell and gene names, same shape"
+        raise ValueError(f"{inp.name} is the same input as {other} ({same}), already given: its cells would be stored "
+                         "twice. Remove it, or pass allow_duplicates=True to store them again.")  # fmt: skip
     if clash := duplicate_names(inputs, existing):
         examples, where = clash
         raise ValueError(f"Cell names occur twice ({where}), e.g. {examples}: the store's obs index would not be "
