@@ -311,3 +311,22 @@ def test_readers_during_replacements_always_load_a_whole_model(two_models, tmp_p
     assert not errors, errors[:3]
     assert loads
     assert set(loads) <= digests
+
+
+def test_a_half_swapped_folder_in_a_read_only_place_is_read_from_the_new_one(two_models, tmp_path, monkeypatch):
+    _, first, second, old, new = two_models
+    target = tmp_path / "model"
+    shutil.copytree(first, tmp_path / ".model.cellmint-old")  # a crash between the two renames
+    shutil.copytree(second, tmp_path / ".model.cellmint-new")
+    from cellmint._utils import _lock
+
+    def read_only(*args, **kwargs):
+        raise PermissionError("read-only file system")
+
+    monkeypatch.setattr(_lock, "writer_lock", read_only)
+    assert _weights_digest(cm.io.read_model(target)) == _weights_digest(new)
+    assert not target.exists()  # nothing was written
+    monkeypatch.undo()
+    assert _weights_digest(cm.io.read_model(target)) == _weights_digest(new)  # recovered in place
+    assert target.is_dir()
+    assert not (tmp_path / ".model.cellmint-old").exists()

@@ -214,10 +214,9 @@ def read_folder_files(folder: str | Path, names: Callable[[dict], list[str]], ma
     """
     folder = Path(folder)
     for attempt in range(attempts):
-        if not folder.exists():
-            _recover_for_reading(folder)
+        source = folder if folder.exists() else _recover_for_reading(folder)
         try:
-            directory = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+            directory = os.open(source, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
         except FileNotFoundError:
             if attempt + 1 == attempts:
                 raise FileNotFoundError(f"{folder} is not a cellmint {where}: no such folder.") from None
@@ -232,7 +231,7 @@ def read_folder_files(folder: str | Path, names: Callable[[dict], list[str]], ma
             error = err
         finally:
             try:
-                same = os.stat(folder).st_ino == os.fstat(directory).st_ino
+                same = os.stat(source).st_ino == os.fstat(directory).st_ino
             except FileNotFoundError:
                 same = False
             os.close(directory)
@@ -264,17 +263,24 @@ def _read_snapshot(directory: int, names: Callable[[dict], list[str]], manifest_
     return manifest, files
 
 
-def _recover_for_reading(folder: Path) -> None:
-    """A reader found ``folder`` missing: finish an interrupted swap if no writer holds the lock."""
+def _recover_for_reading(folder: Path) -> Path:
+    """A reader found ``folder`` missing: finish an interrupted swap if no writer holds the lock.
+
+    Returns the folder to read: ``folder``, or — where the reader may not write (a read-only location)
+    and a crash left the swap half done — the complete new folder beside it.
+    """
     from ._lock import LockBusyError, writer_lock
 
     new, old, lock = _siblings(folder.absolute())
     if not (new.exists() or old.exists()):
-        return
+        return folder
     try:
         with writer_lock(lock, what=f"the folder {folder}"):
             recover_folder(folder)
     except LockBusyError:
         time.sleep(0.05)  # a writer is swapping it right now
     except PermissionError:  # a read-only location: read the complete new folder where it is
-        pass
+        if old.exists() and new.exists():
+            return new
+        return old if old.exists() else folder
+    return folder
