@@ -314,7 +314,7 @@ def test_readers_during_replacements_always_load_a_whole_model(two_models, tmp_p
 
 
 def test_a_half_swapped_folder_in_a_read_only_place_is_read_from_the_new_one(two_models, tmp_path, monkeypatch):
-    _, first, second, old, new = two_models
+    _, first, second, _, new = two_models
     target = tmp_path / "model"
     shutil.copytree(first, tmp_path / ".model.cellmint-old")  # a crash between the two renames
     shutil.copytree(second, tmp_path / ".model.cellmint-new")
