@@ -159,8 +159,11 @@ def committed_rows_problem(writer: StoreWriter, inp: Input, index: int) -> str |
             start, stop = batch["input_start"], batch["input_stop"]
             if stop > inp.n_obs:
                 return f"it has {inp.n_obs} cells, but rows up to {stop} were committed from it"
-            chunk = next(iter_row_chunks(inp.data, layer=params["layer"], chunk_size=stop - start, fmt="csr",
-                                         start=start))  # fmt: skip
+            chunks = iter_row_chunks(inp.data, layer=params["layer"], chunk_size=stop - start, fmt="csr", start=start)
+            try:
+                chunk = next(chunks)
+            finally:
+                chunks.close()  # closes the file it opened
             try:
                 indptr, indices, data, library_size, n_genes = prepare_chunk(
                     chunk.X, columns, len(panel), where=where, first_row=start
