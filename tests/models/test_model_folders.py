@@ -276,7 +276,8 @@ def test_retraining_killed_mid_training_leaves_the_old_model(two_models, tmp_pat
         if pid == 0:  # pragma: no cover - the child trains on one thread, then would save
             try:
                 torch.set_num_threads(1)
-                cm.tl.train_annotator(adata, "cell_type", model_dir=target, **{**SMALL, "max_epochs": 50})
+                cm.tl.train_annotator(adata, "cell_type", model_dir=target,
+                                      **{**SMALL, "max_epochs": 5000, "early_stopping": None})  # minutes  # fmt: skip
             finally:
                 os._exit(0)
         time.sleep(delay)

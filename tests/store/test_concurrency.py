@@ -41,7 +41,7 @@ ARGS = {"label_keys": ["cell_type"], "group_key": "donor", "batch_cells": 100, "
 def source(tmp_path_factory):
     folder = tmp_path_factory.mktemp("concurrency")
     path = folder / "input.h5ad"
-    cm.datasets.synthetic(12_000, 300, random_state=5, path=path, progress=False).file.close()
+    cm.datasets.synthetic(8_000, 300, random_state=5, path=path, progress=False).file.close()
     reference = cm.pp.build_store(path, folder / "reference.zarr", **ARGS)
     return path, reference.to_adata()
 
