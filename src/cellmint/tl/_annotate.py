@@ -294,9 +294,11 @@ def annotate(
             var = ad.io.read_elem(root["var"])
     else:
         obs, var = target.obs, target.var
-    names = pd.Index(var[gene_key].astype(str)) if gene_key is not None else pd.Index(var.index.astype(str))
     if gene_key is not None and gene_key not in var.columns:
-        raise KeyError(f"var has no column {gene_key!r}.")
+        raise KeyError(f"gene_key={gene_key!r} is not a column of the query's var (columns: {list(var.columns)}); "
+                       "pass the column holding the gene names the model uses, or gene_key=None for "
+                       "var_names.")  # fmt: skip
+    names = pd.Index(var[gene_key].astype(str)) if gene_key is not None else pd.Index(var.index.astype(str))
     columns, overlap = align_genes(names, annotator.genes, strip_versions=strip_ensembl_versions)
     if overlap["fraction"] < MIN_OVERLAP:
         raise ValueError(f"Only {overlap['n_found']} of the model's {overlap['n_model_genes']} genes "
