@@ -190,20 +190,30 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     tl.annotate(query, model, progress=False)
     truth, labels = query.obs["cell_line"].astype(str), query.obs["cellmint_cell_line"].astype(str)
     unknown = query.obs["cellmint_cell_line_unknown"].to_numpy()
+    reason = query.obs["cellmint_cell_line_unknown_reason"].astype(str)
     raw = np.asarray(model.classes["cell_line"])[query.obsm["cellmint_cell_line_proba"].to_numpy().argmax(1)]
+    sets = query.obs["cellmint_cell_line_set"].astype(str)
+    covered = [t in s.split("|") for t, s in zip(truth, sets, strict=True)]
     table = pd.DataFrame({
-        "cells": [len(truth)],
-        "accuracy (Unknown counted wrong)": [(labels == truth).mean()],
-        "accuracy of labelled cells": [(labels[~unknown] == truth[~unknown]).mean() if (~unknown).any() else np.nan],
-        "macro-F1 (model's labels)": [f1_score(truth, raw, average="macro")],
-        "Unknown": [unknown.mean()],
-        "median confidence": [query.obs["cellmint_cell_line_confidence"].median()],
-    }, index=["Drop-seq query"]).round(3)  # fmt: skip
+        "cells": [f"{len(truth):,}"],
+        "accuracy (Unknown counted wrong)": [f"{(labels == truth).mean():.3f}"],
+        "accuracy of labelled cells": [f"{(labels[~unknown] == truth[~unknown]).mean():.3f}" if (~unknown).any()
+                                       else "-"],
+        "macro-F1 (model's labels)": [f"{f1_score(truth, raw, average='macro'):.3f}"],
+        "Unknown": [f"{unknown.mean():.3f}"],
+        "  of which: far from the reference": [f"{(reason == 'distance').mean():.3f}"],
+        "  of which: low confidence or margin": [f"{reason.isin(['confidence', 'margin']).mean():.3f}"],
+        "prediction sets (alpha 0.1): coverage": [f"{np.mean(covered):.3f}"],
+        "prediction sets: mean size": [f"{query.obs['cellmint_cell_line_set_size'].mean():.2f}"],
+        "median confidence": [f"{query.obs['cellmint_cell_line_confidence'].median():.3f}"],
+    }, index=["Drop-seq query"])  # fmt: skip
     print(table.T.to_string())
     table.to_csv(out / "metrics.csv")
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    pl.confidence(query, kind="reliability", truth_key="cell_line", ax=axes[0], show=False)
-    pl.confidence(query, kind="confusion", truth_key="cell_line", ax=axes[1], show=False)
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
+    pl.confidence(query, kind="unknown", ax=axes[0], show=False)
+    pl.confidence(query, kind="reliability", truth_key="cell_line", ax=axes[1], show=False)
+    pl.confidence(query, kind="confusion", truth_key="cell_line", ax=axes[2], show=False)
+    fig.suptitle(f"CellBench: {reference.n_obs:,} CEL-seq2 reference cells → {query.n_obs:,} Drop-seq query cells")
     fig.tight_layout()
     fig.savefig(out / "confidence.png", dpi=100)
     plt.close(fig)
