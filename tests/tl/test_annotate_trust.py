@@ -122,7 +122,7 @@ def test_bad_query_values_are_refused_naming_the_problem_and_the_cell(cellbench,
     assert as_is.recipe.kind == "lognorm"
     with pytest.raises(ValueError, match="holds raw counts, but the model was trained on log-normalised values"):
         cm.tl.annotate(query, as_is, progress=False)
-    with pytest.raises(KeyError, match="no column gene_key='symbol'"):
+    with pytest.raises(KeyError, match="gene_key='symbol' is not a column of the query's var"):
         cm.tl.annotate(query, small_model, gene_key="symbol", progress=False)
 
 

@@ -26,8 +26,9 @@ from ._normalize import InputRecipe, normalize
 KIND = "cellmint.Annotator"
 REFERENCE = "reference.npz"  # latent + labels of reference cells (nearest-neighbour refinement, open set)
 CALIBRATION = "calibration.npz"  # conformal scores and classes of held-out reference cells, per level
-#: 1: manifest + weights.pt; encoder/heads/regressors as in ``_network``
-FORMAT_VERSION = 1
+#: 1: manifest + weights.pt; encoder/heads/regressors as in ``_network``; 2: the manifest carries its own
+#: checksum (``_artifact``). Version 1 folders are still read.
+FORMAT_VERSION = 2
 
 
 def learn_hierarchy(codes: dict[str, np.ndarray], classes: dict[str, list[str]]) -> dict[str, dict]:
@@ -161,7 +162,7 @@ class Annotator:
     @classmethod
     def load(cls, path: str | Path) -> Annotator:
         """Read a model folder, refusing damaged, modified or newer-format folders."""
-        manifest, state = read_artifact(path, kind=KIND, format_version=FORMAT_VERSION)
+        manifest, state, files = read_artifact(path, kind=KIND, format_version=FORMAT_VERSION, with_files=True)
         arch = manifest["architecture"]
         net = AnnotatorNet(len(manifest["genes"]), {level: len(c) for level, c in manifest["classes"].items()},
                            hidden=tuple(arch["hidden"]), dropout=arch["dropout"],
@@ -172,12 +173,12 @@ class Annotator:
             raise ValueError(f"The weights in {path} do not fit the architecture in its manifest: {err}") from err
         reference = None
         if REFERENCE in manifest["files"]:  # checksum verified by read_artifact; plain arrays only
-            with np.load(Path(path) / REFERENCE, allow_pickle=False) as stored:
+            with np.load(io.BytesIO(files[REFERENCE]), allow_pickle=False) as stored:
                 reference = {"latent": stored["latent"],
                              "codes": {level: stored[f"codes/{level}"] for level in manifest["classes"]}}  # fmt: skip
         calibration = None
         if CALIBRATION in manifest["files"]:
-            with np.load(Path(path) / CALIBRATION, allow_pickle=False) as stored:
+            with np.load(io.BytesIO(files[CALIBRATION]), allow_pickle=False) as stored:
                 calibration = {level: {name: stored[f"{name}/{level}"] for name in ("score", "class")}
                                for level in manifest["classes"]}  # fmt: skip
         model = cls(net, genes=manifest["genes"], classes=manifest["classes"], hierarchy=manifest["hierarchy"],

@@ -33,8 +33,9 @@ from ._artifact import read_artifact, write_artifact
 from ._normalize import InputRecipe
 
 KIND = "cellmint.PerturbationModel"
-#: 1: manifest + weights.pt (network, average effects, optional decoder)
-FORMAT_VERSION = 1
+#: 1: manifest + weights.pt (network, average effects, optional decoder); 2: the manifest carries its own
+#: checksum (``_artifact``). Version 1 folders are still read.
+FORMAT_VERSION = 2
 
 
 class PerturbationNet(nn.Module):

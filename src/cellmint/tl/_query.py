@@ -85,7 +85,9 @@ class QueryRows:
         else:
             self.obs, var = target.obs, target.var
         if gene_key is not None and gene_key not in var.columns:
-            raise KeyError(f"The query's var has no column gene_key={gene_key!r}; its columns: {list(var.columns)}.")
+            raise KeyError(f"gene_key={gene_key!r} is not a column of the query's var (columns: {list(var.columns)}); "
+                           "pass the column holding the gene names the model uses, or gene_key=None for "
+                           "var_names.")  # fmt: skip
         names = pd.Index(var[gene_key].astype(str)) if gene_key is not None else pd.Index(var.index.astype(str))
         self.columns, self.overlap = align_genes(names, genes, strip_versions=strip_versions)
         if self.overlap["fraction"] < MIN_OVERLAP:
