@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import cellmint as cm
+from cellmint.store import LockBusyError
 from cellmint.tl import _train_annotator
 from cellmint.tl._checkpoint import parse_every
 
@@ -67,7 +68,7 @@ def test_a_checkpoint_of_another_call_or_in_use_is_refused(adata, tmp_path, monk
         cm.tl.train_annotator(adata[:-5].copy(), "cell_line", checkpoint_dir=folder, **RUN)
     with open(folder / "lock", "a") as other:  # another process's run holds the folder
         fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        with pytest.raises(ValueError, match="Another training run is using the checkpoint folder"):
+        with pytest.raises(LockBusyError, match="checkpoint folder .* is being written by another process"):
             cm.tl.train_annotator(adata, "cell_line", checkpoint_dir=folder, **RUN)
     model = cm.tl.train_annotator(adata, "cell_line", checkpoint_dir=folder, **RUN)  # the same call: resumed
     assert model.manifest["training"]["resumed"][0]["epoch"] == 1

@@ -27,6 +27,7 @@ import math
 import re
 import shutil
 import time
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,6 +37,7 @@ import torch
 
 from .._utils import _logging as logg
 from .._utils._files import replace_atomically
+from .._utils._lock import LockBusyError, writer_lock
 from ._distributed import Ranks
 
 CHECKPOINT = "training.pt"
@@ -162,7 +164,7 @@ class Checkpoints:
         self.every, self.unit = parse_every(every)
         self.ranks = ranks
         self.last_time, self.steps, self.epochs = time.monotonic(), 0, 0  # since the last checkpoint
-        self._lock_file = None
+        self._held: ExitStack | None = None  # the folder's writer lock, while held
 
     @property
     def file(self) -> Path | None:
@@ -172,12 +174,11 @@ class Checkpoints:
         """The saved state, loaded into ``net``, ``optimizer`` and ``streams``; a fresh one without a checkpoint."""
         # rank 0 reads the file and sends it: the other ranks need not see its folder (other machines)
         busy = self._lock()
-        readable = self.ranks.main and not busy and self.file is not None and self.file.is_file()
+        readable = self.ranks.main and busy is None and self.file is not None and self.file.is_file()
         payload = self.file.read_bytes() if readable else None
         busy, payload = self.ranks.from_main((busy, payload))
-        if busy:
-            raise ValueError(f"Another training run is using the checkpoint folder {self.folder} (it holds its lock). "
-                             "Wait for it to end or stop it, or pass another checkpoint_dir.")  # fmt: skip
+        if busy is not None:  # on every rank: none goes on training alone
+            raise LockBusyError(f"{busy} (Another checkpoint_dir would train from the start.)")
         if payload is None:
             return TrainingState()
         try:
@@ -202,8 +203,8 @@ class Checkpoints:
         net.load_state_dict(saved["net"])
         optimizer.load_state_dict(saved["optimizer"])
         state = TrainingState(**saved["state"])
-        random = saved["random"]
-        if len(random) == self.ranks.world and random.shape[1] == len(streams.state()):
+        random = saved.get("random")
+        if random is not None and len(random) == self.ranks.world and random.shape[1] == len(streams.state()):
             streams.restore(random[self.ranks.rank], mid_epoch=state.step > 0)  # each rank continues its draws
         else:  # another number of ranks (or devices): the same cells per step, new draws (module docstring)
             streams.reseed(random_state, state.epoch, state.step, self.ranks.rank)
@@ -214,27 +215,22 @@ class Checkpoints:
                   f"{' (training done)' if state.done else ''}")  # fmt: skip
         return state
 
-    def _lock(self) -> bool:
-        """Take the folder's advisory lock (rank 0, until :meth:`release`); ``True`` when another run holds it.
+    def _lock(self) -> str | None:
+        """Take the folder's writer lock (rank 0, until :meth:`release`); the refusal's message when another holds it.
 
-        ``fcntl.flock``: released by the system when the process ends, however it ends; on file systems
-        without it (some NFS setups) and on Windows there is no lock.
+        The lock of :mod:`cellmint._utils._lock`, as for stores and model folders: released by the
+        system when the process ends, however it ends.
         """
         if self.folder is None or not self.ranks.main:
-            return False
-        try:
-            import fcntl
-        except ImportError:  # Windows
-            return False
+            return None
         self.folder.mkdir(parents=True, exist_ok=True)
-        self._lock_file = open(self.folder / LOCK, "a")  # noqa: SIM115 - held open for the whole run
+        held = ExitStack()
         try:
-            fcntl.flock(self._lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return True
-        except OSError:  # no locks on this file system
-            pass
-        return False
+            held.enter_context(writer_lock(self.folder / LOCK, what=f"the training checkpoint folder {self.folder}"))
+        except LockBusyError as err:
+            return str(err)
+        self._held = held
+        return None
 
     def due(self, *, epoch_end: bool) -> bool:
         """Whether a checkpoint is due now (asked after every step, and again at the end of every epoch)."""
@@ -275,9 +271,9 @@ class Checkpoints:
 
     def release(self) -> None:
         """Let go of the folder's lock."""
-        if self._lock_file is not None:
-            self._lock_file.close()
-            self._lock_file = None
+        if self._held is not None:
+            self._held.close()
+            self._held = None
 
     def __enter__(self) -> Checkpoints:
         return self
