@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -13,11 +14,13 @@ import torch
 from .._utils import _logging as logg
 from .._utils._device import resolve_device
 from .._utils._docs import doc_params
-from .._utils._progress import progress_bar
+from .._utils._progress import format_duration, progress_bar
 from .._utils._resources import ResourceMonitor
 from ..models import _conformal as conformal
 from ..models import _open_set as open_set_rule
-from ..models._annotator import Annotator, learn_hierarchy
+from ..models._annotator import UNKNOWN as UNKNOWN_DEFAULT
+from ..models._annotator import Annotator, choose_unknown_label, learn_hierarchy
+from ..models._artifact import check_writable
 from ..models._augment import Augmentation, augment_batch
 from ..models._metrics import classification_report, expected_calibration_error, fit_temperature
 from ..models._network import AnnotatorNet
@@ -44,6 +47,47 @@ def _validation_rows(data: TrainingData, rng: np.random.Generator) -> tuple[np.n
     if not len(val):  # classes too small for 10%: one cell still validates early stopping and calibration
         val = rng.choice(train, 1)
     return np.setdiff1d(train, val), val, "10% of the training cells (the split has no validation part)"
+
+
+#: ``max_epochs=None``: this many epochs up to FULL_EPOCHS_CELLS training cells; above, as many as make the
+#: same number of cell presentations (3 million: 167,000 cells 18 epochs, 1 million 3), at least MIN_EPOCHS.
+#: Larger references give more optimiser steps per epoch and need fewer epochs; the rule bounds a CPU run
+#: (scvi-tools bounds its default the same way, ``get_max_epochs_heuristic``)
+MAX_EPOCHS, FULL_EPOCHS_CELLS, MIN_EPOCHS = 60, 50_000, 3
+#: a run estimated to take longer than this on a CPU is announced with a warning (and how to shorten it)
+LONG_RUN_S = 600
+#: batches of the first epoch timed for the estimate of the whole run, after WARMUP_BATCHES untimed ones (the
+#: first batches pay one-off costs: 6x the later ones on CBMC; an epoch shorter than both is timed whole)
+WARMUP_BATCHES, TIMED_BATCHES = 5, 20
+
+
+def default_max_epochs(n_train: int) -> int:
+    """The epochs of ``max_epochs=None`` for ``n_train`` training cells (see :data:`MAX_EPOCHS`)."""
+    if n_train <= FULL_EPOCHS_CELLS:
+        return MAX_EPOCHS
+    return max(MIN_EPOCHS, round(MAX_EPOCHS * FULL_EPOCHS_CELLS / n_train))
+
+
+def _announce_estimate(seconds_per_batch: float, per_epoch: int, max_epochs: int, n_train: int, device) -> None:
+    """Log how long training will take at most, as a warning for a long run on a CPU."""
+    total = seconds_per_batch * per_epoch * max_epochs
+    what = f"{max_epochs} epochs of {n_train:,} cells"
+    if device.type == "cpu" and total > LONG_RUN_S:
+        logg.warning(f"training will take up to about {format_duration(total)} on this CPU ({what}; early stopping "
+                     "may end it sooner): pass device='cuda' on a machine with a GPU, or fewer max_epochs")  # fmt: skip
+    else:
+        logg.info(f"    about {format_duration(total)} at most on {device} ({what})")
+
+
+def _log_epoch(epoch: int, max_epochs: int, loss: float, score: float, started: float, quiet: bool) -> None:
+    """One line per epoch (info when no progress bar is drawn): loss, validation score, time left at most."""
+    elapsed = time.perf_counter() - started
+    left = elapsed / (epoch + 1) * (max_epochs - epoch - 1)
+    eta = time.strftime("%H:%M", time.localtime(time.time() + left))
+    (logg.debug if quiet else logg.info)(
+        f"    epoch {epoch + 1}/{max_epochs}: loss {loss:.4f}, validation macro-F1 {score:.4f}, "
+        f"{format_duration(elapsed / (epoch + 1))} per epoch, at most {format_duration(left)} left (ETA {eta})"
+    )
 
 
 #: reference cells kept with the model (latent + labels) for nearest-neighbour refinement and open-set distances
@@ -188,13 +232,15 @@ def train_annotator(
     balance: str | None = "sqrt",
     class_weight: bool = False,
     embedding_keys: Sequence[str] = (),
-    max_epochs: int = 60,
+    max_epochs: int | None = None,
     early_stopping: int | None = 10,
     lr: float = 1e-3,
     weight_decay: float = 1e-4,
     batch_size: int = 256,
     device: str = "auto",
     num_workers: int = 0,
+    unknown_label: str | None = None,
+    overwrite: bool = False,
     random_state: int = 0,
     key_added: str = "cellmint",
     progress: bool | None = None,
@@ -217,7 +263,8 @@ def train_annotator(
         stopping and calibration. The test part is only evaluated.
     model_dir
         Folder to save the model to (``manifest.json`` + ``weights.pt``); ``None`` keeps it in memory
-        (save it later with :meth:`Annotator.save`).
+        (save it later with :meth:`Annotator.save`). An existing folder is an error (checked before
+        training) unless ``overwrite=True``.
     {doc_layer} AnnData only.
     genes
         AnnData only: the gene panel — ``None`` (all genes), a list, or a boolean ``var`` column
@@ -249,7 +296,10 @@ def train_annotator(
         regression heads learn to predict from the latent (mean squared error on standardised
         coordinates), so that queries can be projected into the reference's embedding.
     max_epochs
-        Passes over the training cells.
+        Passes over the training cells. ``None``: 60 up to 50,000 training cells, and above as many
+        as make 3 million cell presentations (100,000 cells: 30; 1 million: 3). Before a run estimated
+        at more than 10 minutes on a CPU, a warning says how long and how to shorten it; with
+        ``sc.settings.verbosity = "info"`` each epoch logs its loss, validation score and the time left.
     early_stopping
         Stop after this many epochs without a better validation macro-F1 (mean over levels; with
         ``embedding_keys``, or a lower validation loss) and keep the best weights (highest macro-F1,
@@ -264,6 +314,13 @@ def train_annotator(
     {doc_device}
     num_workers
         torch DataLoader workers reading batches.
+    unknown_label
+        The label ``cm.tl.annotate`` gives untrusted cells with this model, recorded in it. ``None``:
+        ``"Unknown"``, or ``"Unassigned"`` when the reference has a class called ``"Unknown"`` (such
+        cells are then a class like any other).
+    overwrite
+        Replace an existing model folder at ``model_dir`` (as a whole: a crash leaves the old model or
+        the new one).
     {doc_random_state}
     key_added
         AnnData: key of ``uns`` for the model's metadata.
@@ -284,8 +341,8 @@ def train_annotator(
     label_keys = [label_keys] if isinstance(label_keys, str) else list(label_keys)
     if not label_keys:
         raise ValueError("label_keys is empty: give at least one obs/label column.")
-    for name, value, minimum in (("batch_size", batch_size, 1), ("max_epochs", max_epochs, 1),
-                                 ("num_workers", num_workers, 0)):  # fmt: skip
+    for name, value, minimum in (("batch_size", batch_size, 1), ("max_epochs", 1 if max_epochs is None else max_epochs,
+                                  1), ("num_workers", num_workers, 0)):  # fmt: skip
         if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < minimum:
             raise ValueError(f"{name} must be an integer ≥ {minimum}, not {value!r}.")
     if early_stopping is not None and (isinstance(early_stopping, bool) or not isinstance(early_stopping, int)
@@ -303,6 +360,8 @@ def train_annotator(
         raise ValueError(f"balance must be None, 'sqrt' or 'inverse', not {balance!r}.")
     if input not in ("auto", "counts", "lognorm"):
         raise ValueError(f"input must be 'auto', 'counts' or 'lognorm', not {input!r}.")
+    if model_dir is not None:
+        check_writable(model_dir, overwrite=overwrite)
     torch_device = resolve_device(device)
     settings = Augmentation.from_arg(augment)
     start = logg.info(f"training an annotator for {label_keys} on {torch_device}")
@@ -321,8 +380,12 @@ def train_annotator(
 
             data.obs[f"{key_added}_split"] = pd.Categorical.from_codes(source.parts, ["train", "val", "test"])
     recipe = InputRecipe(kind=source.kind, transform=input_transform)
+    unknown_label = choose_unknown_label(source.classes, unknown_label)
+    if unknown_label != UNKNOWN_DEFAULT:
+        logg.info(f"    untrusted cells will be labelled {unknown_label!r} (the reference has a class 'Unknown')")
     rng = np.random.default_rng(random_state)
     train_rows, val_rows, val_source = _validation_rows(source, rng)
+    max_epochs = default_max_epochs(len(train_rows)) if max_epochs is None else max_epochs
     test_rows = np.flatnonzero(source.parts == 2)
     for level, classes in source.classes.items():
         absent = sorted(set(range(len(classes))) - set(np.unique(source.codes[level][train_rows])))
@@ -334,7 +397,7 @@ def train_annotator(
         "hidden": list(hidden), "dropout": dropout, "linear": linear, "augment": settings.to_dict(), "balance": balance,
         "class_weight": class_weight, "max_epochs": max_epochs, "early_stopping": early_stopping, "lr": lr,
         "weight_decay": weight_decay, "batch_size": batch_size, "random_state": random_state,
-        "device": str(torch_device), "validation": val_source,
+        "device": str(torch_device), "validation": val_source, "unknown_label": unknown_label,
     }  # fmt: skip
     with torch.random.fork_rng(devices=[]), ResourceMonitor(device=torch_device) as monitor:
         torch.manual_seed(random_state)  # inside fork_rng: weights and dropout follow the seed, global state untouched
@@ -358,8 +421,9 @@ def train_annotator(
         val_loader = source.loader(val_rows, batch_size=1024, shuffle=False, balance=None, random_state=0,
                                    prefetch=prefetch)  # fmt: skip
         best, best_state, stale, history = (-np.inf, np.inf), None, 0, []
-        per_epoch = len(train_loader)
-        # one bar over every batch of every epoch (ETA for the whole run), the epoch and scores beside it
+        per_epoch, started = len(train_loader), time.perf_counter()
+        # one bar over every batch of every epoch (ETA for the whole run), the epoch and scores beside it;
+        # without a bar (a log, a pipeline) one line per epoch at info level
         with progress_bar(total=max_epochs * per_epoch, desc="training", unit="batch", progress=progress) as bar:
             for epoch in range(max_epochs):
                 net.train()
@@ -382,13 +446,21 @@ def train_annotator(
                     total, n_batches = total + loss.item(), n_batches + 1
                     monitor.add_cells(len(X))
                     bar.update(1)
+                    if epoch == 0 and n_batches == WARMUP_BATCHES:
+                        warm = time.perf_counter()
+                    if epoch == 0 and n_batches == WARMUP_BATCHES + TIMED_BATCHES:
+                        _announce_estimate((time.perf_counter() - warm) / TIMED_BATCHES, per_epoch, max_epochs,
+                                           len(train_rows), torch_device)  # fmt: skip
                 val_logits, val_labels, val_index, val_embedded = _logits(net, val_loader, recipe, torch_device)
+                if epoch == 0 and per_epoch < WARMUP_BATCHES + TIMED_BATCHES:  # a short epoch: timed whole
+                    _announce_estimate((time.perf_counter() - started) / per_epoch, per_epoch, max_epochs,
+                                       len(train_rows), torch_device)  # fmt: skip
                 score = _macro_f1(val_logits, val_labels, source.classes)
                 val_loss = _validation_loss(val_logits, val_labels, val_embedded, targets, val_index)
                 history.append({"epoch": epoch, "loss": total / max(1, n_batches), "val_macro_f1": score,
                                 "val_loss": val_loss})  # fmt: skip
                 bar.set_postfix(epoch=epoch + 1, loss=f"{total / max(1, n_batches):.3f}", val_f1=f"{score:.3f}")
-                logg.debug(f"    epoch {epoch}: loss {total / max(1, n_batches):.4f}, validation macro-F1 {score:.4f}")
+                _log_epoch(epoch, max_epochs, total / max(1, n_batches), score, started, quiet=not bar.disable)
                 # the best epoch: highest validation macro-F1; among equal ones (often all 1.0 on easy
                 # data), the lowest validation loss, which also covers the embedding heads. Patience
                 # counts epochs without a better macro-F1: the loss of a model that is already right
@@ -423,6 +495,7 @@ def train_annotator(
     report = monitor.report
     evaluated = metrics.get("test", metrics["validation"])
     manifest = {
+        "unknown_label": unknown_label,
         "params": params,
         "architecture": {"hidden": list(hidden), "dropout": dropout, "embeddings": dims, "linear": linear},
         "embedding_scale": {key: {"mean": m.tolist(), "std": s.tolist()} for key, (m, s) in scale.items()},
@@ -454,7 +527,7 @@ def train_annotator(
                       recipe=recipe, temperature=temperature, manifest=manifest, reference=reference,
                       calibration=calibration)  # fmt: skip
     if model_dir is not None:
-        model.save(model_dir)
+        model.save(model_dir, overwrite=overwrite)
     if not isinstance(data, Store):
         data.uns[key_added] = model.uns_summary()
     summary = ", ".join(f"{k} macro-F1 {r['macro_f1']:.3f}" for k, r in model.metrics.items())
