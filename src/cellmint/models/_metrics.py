@@ -30,8 +30,12 @@ def classification_report(truth: np.ndarray, predicted: np.ndarray, classes: lis
     }
 
 
-def expected_calibration_error(confidence: np.ndarray, correct: np.ndarray, n_bins: int = 15) -> float:
-    """ECE: the cell-weighted mean gap between confidence and accuracy over equal-width bins."""
+#: equal-width confidence bins of the ECE, everywhere in cellmint (model metrics, reliability plots, demo)
+ECE_BINS = 15
+
+
+def expected_calibration_error(confidence: np.ndarray, correct: np.ndarray, n_bins: int = ECE_BINS) -> float:
+    """ECE: the cell-weighted mean gap between confidence and accuracy over ``n_bins`` equal-width bins."""
     if len(confidence) == 0:
         return 0.0
     bins = np.minimum((confidence * n_bins).astype(int), n_bins - 1)
