@@ -68,7 +68,7 @@ def check_writable(folder: str | Path, *, overwrite: bool) -> None:
     """
     folder = Path(folder)
     if folder.is_file():
-        raise FileExistsError(f"{folder} is a file; a model is saved as a folder. Choose another path.")
+        raise NotADirectoryError(f"{folder} is a file; a model is saved to a folder. Choose another path.")
     if not overwrite and folder.is_dir() and any(folder.iterdir()):
         what = "a model folder" if (folder / MANIFEST).is_file() else "a folder that is not empty"
         raise FileExistsError(f"{folder} is {what}; pass overwrite=True to replace it (the old model stays whole "
