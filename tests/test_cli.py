@@ -22,6 +22,8 @@ def test_datasets_command_verifies_and_summarises_bundled_data(capsys, tmp_path)
     assert table.loc["papalexi_crispr", "genes"] == 299
     assert table["integer_counts"].all()  # bundled files hold raw counts
     assert (table["median_counts"] > 0).all()
+    assert main(["datasets", "cellbench", "--out", str(out)]) == 2  # never replaced silently
+    assert main(["datasets", "cellbench", "--out", str(out), "--overwrite"]) == 0
 
 
 def test_datasets_command_reports_missing_files(capsys, tmp_path, monkeypatch):

@@ -64,6 +64,8 @@ def _cmd_datasets(args: argparse.Namespace) -> int:
 
     from .datasets import available
 
+    if args.out:
+        _output_folder(args.out, "summary CSV", overwrite=args.overwrite)
     table = available()
     names = args.names or [n for n, row in table.iterrows() if row["bundled"] or args.data_dir]
     rows, missing = [], []
@@ -388,6 +390,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("names", nargs="*", help="dataset names (default: all bundled, or all when --data-dir is given)")
     p.add_argument("--data-dir", help="folder holding the larger, non-bundled dataset files")
     p.add_argument("--out", type=Path, help="also write the summary table to this CSV file")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     p.set_defaults(func=_cmd_datasets)
 
     p = sub.add_parser("synthetic", help="stream a synthetic counts matrix to an .h5ad file")
