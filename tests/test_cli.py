@@ -213,3 +213,17 @@ def test_cbmc_pipeline_with_a_class_named_unknown(shared_data, tmp_path, capsys)
                  "--no-progress", "-q"]) == 0  # fmt: skip
     assert "the order STORE INPUT... is deprecated" in capsys.readouterr().err
     assert (old / "manifest.json").is_file()
+
+
+def test_label_keys_typed_first_do_not_swallow_the_paths(tmp_path):
+    from cellmint.cli import _give_back_paths, build_parser
+
+    parser = build_parser()
+    args = parser.parse_args(["train", "--label-keys", "level1,level2", str(tmp_path / "ref.zarr"), "model/"])
+    _give_back_paths(args, args.n_paths)
+    assert args.label_keys == ["level1", "level2"]
+    assert args.paths == [str(tmp_path / "ref.zarr"), "model/"]
+    args = parser.parse_args(["build-store", "--label-keys", "cell_type", "a.h5ad", "b.h5ad", "out.zarr"])
+    _give_back_paths(args, args.n_paths)
+    assert args.label_keys == ["cell_type"]
+    assert args.paths == ["a.h5ad", "b.h5ad", "out.zarr"]
