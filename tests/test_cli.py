@@ -93,6 +93,19 @@ def test_build_store_train_annotate_pipeline(tmp_path, capsys):
     assert np.isfinite(table["cellmint_cell_type_confidence"]).all()
     assert main(["annotate", str(tmp_path / "query.h5ad"), str(tmp_path / "nothing"), str(tmp_path / "x.csv")]) == 2
     assert "not a cellmint model folder" in capsys.readouterr().err
+    # an annotated .h5ad annotated again: the new annotation replaces the old one's obsm, obs and uns
+    first = tmp_path / "annotated.h5ad"
+    assert main(["annotate", str(tmp_path / "query.h5ad"), str(model), "-o", str(first), "--no-progress"]) == 0
+    import h5py
+
+    with h5py.File(first, "r+") as f:  # a stale earlier annotation: probabilities all 0
+        frame = f["obsm/cellmint_cell_type_proba"]  # a DataFrame: one dataset per class
+        for column in frame.attrs["column-order"]:
+            frame[column][...] = 0
+    again = tmp_path / "again.h5ad"
+    assert main(["annotate", str(first), str(model), "-o", str(again), "--no-progress"]) == 0
+    proba = ad.read_h5ad(again).obsm["cellmint_cell_type_proba"]
+    assert np.allclose(np.asarray(proba).sum(axis=1), 1, atol=1e-4)
 
 
 def test_pipeline_commands_have_help():

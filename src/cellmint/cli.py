@@ -215,8 +215,11 @@ def _annotate_outputs(args: argparse.Namespace) -> tuple[Path | None, Path]:
     return adata_path, table
 
 
-def _write_annotated(query: Path, adata, out: Path) -> None:
-    """The query file with the annotation's ``obs``, ``obsm`` and ``uns`` written into a copy (X never loaded)."""
+def _write_annotated(query: Path, adata, out: Path, key: str) -> None:
+    """The query file with the annotation's ``obs``, ``obsm`` and ``uns`` written into a copy (X never loaded).
+
+    ``obsm`` entries of the annotation (``{key}_...``, ``X_{key}_...``) replace those of an earlier one.
+    """
     import shutil
 
     import h5py
@@ -228,9 +231,11 @@ def _write_annotated(query: Path, adata, out: Path) -> None:
         shutil.copyfile(query, tmp)
         with h5py.File(tmp, "r+") as f:
             write_elem(f, "obs", adata.obs)
-            for key, value in adata.obsm.items():
-                if key not in f.get("obsm", {}):
-                    write_elem(f, f"obsm/{key}", value)
+            for name, value in adata.obsm.items():
+                if name.startswith((f"{key}_", f"X_{key}_")) and f"obsm/{name}" in f:
+                    del f[f"obsm/{name}"]  # an earlier annotation's, replaced
+                if f"obsm/{name}" not in f:
+                    write_elem(f, f"obsm/{name}", value)
             write_elem(f, "uns", dict(adata.uns))
 
     write_file_via(out, fill)
@@ -261,7 +266,7 @@ def _cmd_annotate(args: argparse.Namespace) -> int:
         columns = [c for c in query.obs.columns if c == args.key or c.startswith(f"{args.key}_")]
         table = query.obs[columns]
         if adata_path is not None:
-            _write_annotated(Path(args.query), query, adata_path)
+            _write_annotated(Path(args.query), query, adata_path, args.key)
     finally:
         query.file.close()
     table.to_csv(table_path, sep=_TABLES[table_path.suffix.lower()])
