@@ -14,6 +14,7 @@ exits with status 1.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import traceback
 from collections.abc import Sequence
@@ -163,7 +164,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
                             genes=args.genes, group_key=args.group_key, max_epochs=args.max_epochs,
                             early_stopping=args.early_stopping or None, batch_size=args.batch_size,
                             device=args.device, unknown_label=args.unknown_label, overwrite=args.overwrite,
-                            random_state=args.seed, progress=args.progress)  # fmt: skip
+                            random_state=args.seed, progress=args.progress, checkpoint_dir=args.checkpoint_dir,
+                            checkpoint_every=args.checkpoint_every)  # fmt: skip
+    if os.environ.get("RANK", "0") != "0":  # under torchrun every rank trains; rank 0 reports
+        return 0
     print(model)
     for level, report in model.metrics.items():
         print(f"{level}: accuracy {report['accuracy']:.3f}, macro-F1 {report['macro_f1']:.3f}, "
@@ -459,6 +463,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", **device)
     p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing model folder (atomically)")
+    p.add_argument(
+        "--checkpoint-dir",
+        type=Path,
+        help="training checkpoint folder (default: MODEL.checkpoint); rerun the command to resume",
+    )
+    p.add_argument("--checkpoint-every", default="10 min", help="'10 min', '2 epochs' or '500 steps' (default: 10 min)")
     p.add_argument("--progress", **progress)
     p.set_defaults(func=_cmd_train, n_paths=2)
 
