@@ -73,3 +73,15 @@ def bench(session: nox.Session) -> None:
     for script in sorted((ROOT / "benchmarks").glob("*.py")):
         if not script.name.startswith("_"):
             session.run("python", str(script), *session.posargs)
+
+
+@nox.session
+def release(session: nox.Session) -> None:
+    """The release path: build sdist + wheel, ``twine check``, install the wheel in a clean venv and use it.
+
+    Not part of CI (installing every dependency into a fresh venv takes minutes); run it before tagging a
+    release. ``-- --recipe`` also writes the version and the sdist's sha256 into recipe/recipe.yaml
+    (see tools/release.py).
+    """
+    session.install("build>=1.2", "twine>=6.1")
+    session.run("python", "tools/release.py", "all", *session.posargs, env={"TORCH_SPEC": TORCH_SPEC})

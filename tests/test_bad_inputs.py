@@ -688,13 +688,13 @@ def test_bad_input_is_a_clear_error(env, call, error, pattern):
 
 # -- command line ----------------------------------------------------------------------------------------
 CLI_CASES = [
-    pytest.param(lambda e: ["build-store", str(e.fresh("s.zarr")), str(e.text_h5ad)], r"is not a readable .h5ad",
+    pytest.param(lambda e: ["build-store", str(e.text_h5ad), str(e.fresh("s.zarr"))], r"is not a readable .h5ad",
                  id="build-store: a text file"),
-    pytest.param(lambda e: ["build-store", str(e.fresh("s.zarr")), str(e.truncated_h5ad)], r"truncated",
+    pytest.param(lambda e: ["build-store", str(e.truncated_h5ad), str(e.fresh("s.zarr"))], r"truncated",
                  id="build-store: a truncated file"),
-    pytest.param(lambda e: ["build-store", str(e.fresh("s.zarr")), str(e.plain_dir)], r"cannot read .*plain_folder",
+    pytest.param(lambda e: ["build-store", str(e.plain_dir), str(e.fresh("s.zarr"))], r"cannot read .*plain_folder",
                  id="build-store: a plain folder"),
-    pytest.param(lambda e: ["build-store", str(e.fresh("s.zarr")), str(e.h5ad), "--label-keys", "tissue"],
+    pytest.param(lambda e: ["build-store", str(e.h5ad), str(e.fresh("s.zarr")), "--label-keys", "tissue"],
                  r"has no obs column \['tissue'\]", id="build-store: a missing label column"),
     pytest.param(lambda e: ["build-store", str(e.h5ad), str(e.h5ad)], r"good.h5ad is a file; a store is a folder",
                  id="build-store: the store path is a file"),
@@ -707,7 +707,7 @@ CLI_CASES = [
     pytest.param(lambda e: ["train", str(e.store), str(e.fresh("m")), "--label-keys", "cell_type", "--max-epochs",
                             "0"], r"max_epochs must be an integer ≥ 1", id="train: zero epochs"),
     pytest.param(lambda e: ["annotate", str(e.h5ad), str(e.model), str(e.root / "no_folder" / "out.csv")],
-                 r"The folder of the output CSV .*no_folder/out.csv does not exist", id="annotate: missing out folder"),
+                 r"folder of the output table .*no_folder/out.csv does not exist", id="annotate: missing out folder"),
     pytest.param(lambda e: ["annotate", str(e.h5ad), str(e.model), str(e.root)], r"is a folder; give a file name",
                  id="annotate: output is a folder"),
     pytest.param(lambda e: ["annotate", str(e.text_h5ad), str(e.model), str(e.fresh("o.csv"))],
@@ -731,7 +731,7 @@ def test_the_command_line_prints_one_line_and_exits_2(env, capsys, argv, pattern
 
 
 def test_the_command_line_shows_the_traceback_with_debug(env, capsys):
-    assert main(["--debug", "build-store", str(env.fresh("s.zarr")), str(env.text_h5ad)]) == 2
+    assert main(["--debug", "build-store", str(env.text_h5ad), str(env.fresh("s.zarr"))]) == 2
     err = capsys.readouterr().err
     assert "Traceback (most recent call last)" in err
     assert err.strip().splitlines()[-1].startswith("cellmint build-store: error: ")
@@ -746,7 +746,7 @@ def test_an_unexpected_error_is_reported_as_a_bug(env, capsys, monkeypatch):
         raise AttributeError("'NoneType' object has no attribute 'obs'")
 
     monkeypatch.setattr(cellmint.pp, "build_store", broken)
-    assert main(["build-store", str(env.fresh("s.zarr")), str(env.h5ad)]) == 1
+    assert main(["build-store", str(env.h5ad), str(env.fresh("s.zarr"))]) == 1
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1
     assert "internal error (AttributeError" in err

@@ -93,7 +93,15 @@ def test_noarch_python_build(recipe):
     build = recipe["build"]
     assert build["noarch"] == "python"
     assert build["script"] == "${{ PYTHON }} -m pip install . -vv --no-deps --no-build-isolation"
-    assert recipe["source"] == {"path": ".."}
+
+
+def test_feedstock_source_is_the_pypi_sdist(recipe):
+    """The feedstock form: the sdist on PyPI, its sha256 written by tools/release.py (a placeholder before)."""
+    assert recipe["source"] == {
+        "url": "https://pypi.org/packages/source/${{ name[0] }}/${{ name }}/${{ name }}-${{ version }}.tar.gz",
+        "sha256": "${{ sha256 }}",
+    }
+    assert re.fullmatch(r"[0-9a-f]{64}", recipe["context"]["sha256"])
 
 
 def test_entry_points_match_project_scripts(pyproject, recipe):
@@ -101,10 +109,16 @@ def test_entry_points_match_project_scripts(pyproject, recipe):
     assert recipe["build"]["python"]["entry_points"] == scripts
 
 
-def test_version_matches_package(recipe):
-    init = (ROOT / "src" / "cellmint" / "__init__.py").read_text(encoding="utf-8")
-    version = re.search(r'^__version__ = "([^"]+)"', init, flags=re.MULTILINE).group(1)
+def test_version_matches_package(pyproject, recipe):
+    """One place for the version: pyproject.toml; the package reads its metadata, the recipe a copy."""
+    import cellmint
+
+    version = pyproject["project"]["version"]
+    assert "version" not in pyproject["project"].get("dynamic", [])
     assert recipe["context"]["version"] == version
+    assert cellmint.__version__ == version  # stale only if the editable install was not refreshed
+    init = (ROOT / "src" / "cellmint" / "__init__.py").read_text(encoding="utf-8")
+    assert not re.search(r"^__version__ = \"", init, flags=re.MULTILINE)  # no second copy
     assert recipe["package"] == {"name": "${{ name }}", "version": "${{ version }}"}
     assert recipe["context"]["name"] == "cellmint"
 
@@ -115,7 +129,29 @@ def test_package_tests(recipe):
     assert len(python_tests) == 1
     assert {"cellmint", "cellmint.datasets"} <= set(python_tests[0]["imports"])
     assert python_tests[0]["pip_check"] is True
-    assert "cellmint --help" in scripts
+    assert {"cellmint --help", "cellmint --version"} <= set(scripts)
+
+
+def test_release_script_fills_the_recipe(tmp_path, monkeypatch):
+    """tools/release.py writes the version and the sdist's sha256 into a copy of the recipe."""
+    import hashlib
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("release", ROOT / "tools" / "release.py")
+    release = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(release)
+    version = release.project_version()
+    monkeypatch.setattr(release, "DIST", tmp_path)
+    sdist = tmp_path / f"cellmint-{version}.tar.gz"
+    sdist.write_bytes(b"not really an sdist")
+    (tmp_path / f"cellmint-{version}-py3-none-any.whl").write_bytes(b"")
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text((ROOT / "recipe" / "recipe.yaml").read_text(encoding="utf-8"), encoding="utf-8")
+    digest = release.fill_recipe(recipe)
+    assert digest == hashlib.sha256(b"not really an sdist").hexdigest()
+    filled = yaml.safe_load(recipe.read_text(encoding="utf-8"))
+    assert filled["context"]["sha256"] == digest
+    assert filled["context"]["version"] == version
 
 
 def test_about(pyproject, recipe):

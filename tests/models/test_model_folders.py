@@ -177,7 +177,10 @@ def test_saving_over_a_model_keeps_files_that_are_not_part_of_it(two_models, tmp
     target = tmp_path / "m"
     shutil.copytree(first, target)
     (target / "README.txt").write_text("trained for the lab's atlas")
-    model.save(target)
+    with pytest.raises(FileExistsError, match="is a model folder; pass overwrite=True"):
+        model.save(target)  # never silently
+    assert _weights_digest(cm.io.read_model(target)) != _weights_digest(model)
+    model.save(target, overwrite=True)
     assert (target / "README.txt").read_text() == "trained for the lab's atlas"
     assert _weights_digest(cm.io.read_model(target)) == _weights_digest(model)
     assert sorted(p.name for p in tmp_path.iterdir()) == [".m.cellmint-lock", "m"]  # no half-swapped leftovers
@@ -192,7 +195,7 @@ def test_saving_over_a_model_keeps_files_that_are_not_part_of_it(two_models, tmp
 
 def _try_save(model, target):
     try:
-        model.save(target)
+        model.save(target, overwrite=True)
     except LockBusyError as err:
         return err
     return None
@@ -242,7 +245,7 @@ def test_sigkill_at_every_step_of_replacing_a_model_leaves_a_loadable_model(two_
     old_digest, new_digest = _weights_digest(old), _weights_digest(new)
     target = tmp_path / "model"
     shutil.copytree(first, target)
-    total = _fork_and_kill(0, lambda: new.save(target))
+    total = _fork_and_kill(0, lambda: new.save(target, overwrite=True))
     assert total >= 10
     assert _weights_digest(cm.io.read_model(target)) == new_digest
     seen = set()
@@ -251,11 +254,11 @@ def test_sigkill_at_every_step_of_replacing_a_model_leaves_a_loadable_model(two_
         for leftover in tmp_path.glob(".model.cellmint-*"):
             shutil.rmtree(leftover) if leftover.is_dir() else leftover.unlink()
         shutil.copytree(first, target)
-        _fork_and_kill(point, lambda: new.save(target))
+        _fork_and_kill(point, lambda: new.save(target, overwrite=True))
         digest = _weights_digest(cm.io.read_model(target))  # always loadable, recovering a half-done swap
         assert digest in (old_digest, new_digest), point
         seen.add(digest)
-        new.save(target)  # the next save works from whatever state the crash left
+        new.save(target, overwrite=True)  # the next save works from whatever state the crash left
         assert _weights_digest(cm.io.read_model(target)) == new_digest
         assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".model")) == [".model.cellmint-lock"]
     assert seen == {old_digest, new_digest}  # the kills fell before and after the switch
@@ -305,7 +308,7 @@ def test_readers_during_replacements_always_load_a_whole_model(two_models, tmp_p
     reader.start()
     try:
         for i in range(12):
-            (new if i % 2 == 0 else old).save(target)
+            (new if i % 2 == 0 else old).save(target, overwrite=True)
     finally:
         stop.set()
         reader.join()

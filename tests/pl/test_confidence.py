@@ -33,8 +33,11 @@ def test_every_kind_draws(annotated, kind):
     assert ax.has_data()
     if kind == "reliability":
         assert ax.get_title().startswith("cell_type: ECE ")
+        assert ax.get_title().endswith("(15 bins, 600 cells)")  # the bins of the model's ECE, and how many cells
     if kind == "confusion":
         assert [t.get_text() for t in ax.get_yticklabels()] == sorted(annotated.obs["cell_type"].astype(str).unique())
+        boxes = [t.get_text().split("\n") for t in ax.texts]  # each box: the row's share, then its cells
+        assert sum(int(n.replace(",", "")) for _, n in boxes) == annotated.n_obs
     if kind == "unknown":  # one point per cell, split by reason; the legend counts add up to every cell
         assert sum(len(c.get_offsets()) for c in ax.collections) == annotated.n_obs
         counts = [int(t.get_text().rsplit("(", 1)[1].rstrip(")").replace(",", "")) for t in ax.get_legend().get_texts()]

@@ -220,6 +220,8 @@ def test_split_context_and_perturbation_holdout_with_state_toml(tmp_path):
     toml = tomllib.loads((tmp_path / "split.toml").read_text())
     assert toml["zeroshot"] == {"screen.d1": "test"}
     assert toml["training"] == {"screen": "train"}
+    with pytest.raises(FileExistsError, match="split.toml exists; pass overwrite=True"):
+        cm.tl.perturbation_split(adata, "perturbation", "control", context_key="donor", toml=tmp_path / "split.toml")
 
     split = cm.tl.perturbation_split(adata, "perturbation", "control", context_key="donor", holdout="perturbation",
                                      contexts=["d0", "d2"], perturbations={"d0": ["KO_A"], "d2": ["KO_B"]},

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import anndata as ad
 import numpy as np
@@ -199,3 +200,52 @@ def test_progress_bar_counts_batches(capsys):
     assert "training" in err
     assert "batch" in err
     assert "epoch=2" in err
+
+
+def test_progress_without_a_bar_is_one_info_line_per_epoch_and_an_estimate(monkeypatch):
+    """stderr not a terminal (no bar): each epoch logs loss, validation score and time left; the run is estimated,
+    as a warning with how to shorten it when it would be long on a CPU."""
+    import io
+
+    import scanpy as sc
+
+    from cellmint.tl import _train_annotator as module
+
+    adata = cm.datasets.synthetic(300, 60, n_cell_types=3, random_state=0, progress=False)
+    old_verbosity, old_file = sc.settings.verbosity, sc.settings.logfile
+    buffer = io.StringIO()
+    sc.settings.logfile, sc.settings.verbosity = buffer, "info"
+    monkeypatch.setattr(module, "LONG_RUN_S", 0)  # every run is "long": the warning must appear
+    try:
+        cm.tl.train_annotator(adata, "cell_type", max_epochs=3, early_stopping=None, progress=False)
+    finally:
+        sc.settings.verbosity, sc.settings.logfile = old_verbosity, old_file
+    text = buffer.getvalue()
+    for epoch in (1, 2, 3):
+        assert re.search(rf"epoch {epoch}/3: loss \d\.\d{{4}}, validation macro-F1 \d\.\d{{4}}, .* left \(ETA", text)
+    assert re.search(r"training will take up to about \d+ s on this CPU \(3 epochs of \d+ cells", text)
+    assert "pass device='cuda'" in text
+
+
+def test_default_epochs_bound_large_references():
+    from cellmint.tl._train_annotator import default_max_epochs
+
+    assert default_max_epochs(1_000) == default_max_epochs(50_000) == 60
+    assert default_max_epochs(100_000) == 30
+    assert default_max_epochs(167_000) == 18  # the README's old 167k-cell atlas: 24 min -> about 7 on that CPU
+    assert default_max_epochs(10_000_000) == 3
+
+
+def test_a_class_named_unknown_gets_another_unknown_label(tmp_path):
+    adata = cm.datasets.synthetic(300, 60, n_cell_types=3, random_state=0, progress=False)
+    adata.obs["cell_type"] = adata.obs["cell_type"].cat.rename_categories({"type_0": "Unknown"})
+    model = cm.tl.train_annotator(adata, "cell_type", max_epochs=2, model_dir=tmp_path / "m", progress=False)
+    assert model.unknown_label == "Unassigned"
+    assert cm.io.read_model(tmp_path / "m").unknown_label == "Unassigned"  # recorded in the model folder
+    cm.tl.annotate(adata, model, progress=False)
+    assert adata.uns["cellmint"]["annotation"]["unknown_label"] == "Unassigned"
+    assert set(adata.obs["cellmint_cell_type"].cat.categories) >= {"Unknown", "Unassigned"}
+    with pytest.raises(ValueError, match="is a class of the reference"):
+        cm.tl.train_annotator(adata, "cell_type", max_epochs=1, unknown_label="Unknown", progress=False)
+    with pytest.raises(FileExistsError, match="pass overwrite=True"):  # checked before training
+        cm.tl.train_annotator(adata, "cell_type", max_epochs=1, model_dir=tmp_path / "m", progress=False)

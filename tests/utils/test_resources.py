@@ -71,3 +71,35 @@ def test_gpu_peak_reported_on_cuda():
         x = torch.ones(64 * 2**20 // 4, device="cuda:0")
         del x
     assert monitor.report.gpu_peak_bytes >= 64 * 2**20
+
+
+def test_an_abandoned_monitor_does_not_linger():
+    """start() without stop() (an exception in between): once unreferenced, it leaves the active set."""
+    import gc
+
+    from cellmint._utils import _resources
+
+    monitor = ResourceMonitor().start()
+    assert monitor in _resources._ACTIVE
+    del monitor
+    gc.collect()
+    assert len(_resources._ACTIVE) == 0
+    with ResourceMonitor(n_cells=10) as monitor:
+        pass
+    assert monitor.report.n_cells == 10
+
+
+def test_select_hvgs_and_build_store_report_their_resources(tmp_path):
+    import cellmint as cm
+
+    adata = cm.datasets.synthetic(400, 80, random_state=0, progress=False)
+    cm.pp.select_hvgs(adata, n_top_genes=20, flavor="seurat_v3")
+    report = adata.uns["cellmint_resources"]["select_hvgs"]
+    assert report["n_cells"] == 400
+    assert report["wall_time_s"] > 0
+    assert report["cells_per_s"] > 0
+    assert set(adata.uns["hvg"]) == {"flavor"}  # scanpy's entry stays as scanpy writes it
+    store = cm.pp.build_store(adata, tmp_path / "s.zarr", label_keys=["cell_type"], progress=False)
+    built = store.manifest["build_resources"]
+    assert built["n_cells"] == 400
+    assert built["peak_rss_bytes"] > 0

@@ -56,3 +56,25 @@ def test_stopping_early_stops_the_producer():
     assert closed.wait(2)
     with pytest.raises(ValueError, match="depth must be at least 1"):
         next(background([], depth=0))
+
+
+def test_default_threads_follow_scanpy_n_jobs():
+    """sc.settings.n_jobs chooses cellmint's threads when set (-1: every core); scanpy's default 1 leaves cellmint's."""
+    import os
+
+    import scanpy as sc
+
+    from cellmint._utils._threads import default_threads
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    before = sc.settings.n_jobs
+    try:
+        sc.settings.n_jobs = 1
+        assert default_threads() == max(1, min(4, cores))
+        assert default_threads(cap=1) == 1
+        sc.settings.n_jobs = 7
+        assert default_threads() == 7
+        sc.settings.n_jobs = -1
+        assert default_threads() == cores
+    finally:
+        sc.settings.n_jobs = before

@@ -63,6 +63,29 @@ def replace_atomically(path: Path, payload: bytes, *, durable: bool = True, sync
         fsync_folder(path.parent)
 
 
+def write_file_via(path: str | Path, fill: Callable[[Path], None], *, durable: bool = True) -> Path:
+    """Make the file ``path`` by ``fill(temporary path)``, then rename it into place: never a partial file.
+
+    For files written by another library (h5py, anndata): ``fill`` writes the whole file under a
+    temporary name beside ``path``; it is flushed to disk (``durable``) and renamed over ``path``. An
+    exception or a crash leaves the old file (or none), and the temporary file is removed.
+    """
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        fill(tmp)
+        if durable:
+            with open(tmp, "rb") as fh:
+                os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    if durable:
+        fsync_folder(path.absolute().parent)
+    return path
+
+
 # -- sealed manifests ----------------------------------------------------------------------------
 def _canonical(manifest: dict[str, Any]) -> bytes:
     body = {k: v for k, v in manifest.items() if k != SEAL}

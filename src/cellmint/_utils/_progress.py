@@ -78,3 +78,14 @@ def _tqdm_class():
         except ImportError:
             pass
     return _plain_tqdm()
+
+
+def format_duration(seconds: float) -> str:
+    """A duration for people: ``"40 s"``, ``"12 min"``, ``"1 h 20 min"``."""
+    seconds = max(0.0, float(seconds))
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    minutes = round(seconds / 60)
+    if minutes < 90:
+        return f"{minutes} min"
+    return f"{minutes // 60} h {minutes % 60} min"

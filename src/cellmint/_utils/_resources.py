@@ -11,13 +11,15 @@ from __future__ import annotations
 
 import sys
 import time
+import weakref
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 _PROC_STATUS = Path("/proc/self/status")
 _PROC_CLEAR_REFS = Path("/proc/self/clear_refs")
-_ACTIVE: list[ResourceMonitor] = []
+#: monitors measuring now; weak, so that one abandoned by an exception between start() and stop() goes away
+_ACTIVE: weakref.WeakSet[ResourceMonitor] = weakref.WeakSet()
 
 
 def _read_status_kib(key: str) -> int | None:
@@ -136,6 +138,13 @@ class ResourceMonitor:
         return torch if torch.cuda.is_available() else None
 
     def __enter__(self) -> ResourceMonitor:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def start(self) -> ResourceMonitor:
+        """Start measuring (what ``with`` does); returns the monitor. For code that cannot be indented in a block."""
         hwm = _hwm_bytes()
         if hwm is not None and _reset_hwm():
             for outer in _ACTIVE:
@@ -144,13 +153,14 @@ class ResourceMonitor:
             self._scope = "process"
         if (torch := self._cuda()) is not None:
             torch.cuda.reset_peak_memory_stats(self.device)
-        _ACTIVE.append(self)
+        _ACTIVE.add(self)
         self._t0 = time.perf_counter()
         return self
 
-    def __exit__(self, *exc: object) -> None:
+    def stop(self) -> ResourceReport:
+        """Stop measuring; returns the report (also in ``.report``)."""
         wall = time.perf_counter() - self._t0
-        _ACTIVE.remove(self)
+        _ACTIVE.discard(self)
         if self._scope == "window":
             peak = max(self._peak_before_reset, _hwm_bytes() or 0)
         else:
@@ -169,3 +179,4 @@ class ResourceMonitor:
             peak_rss_scope=self._scope,
             gpu_peak_bytes=gpu_peak,
         )
+        return self.report

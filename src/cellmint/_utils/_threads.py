@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import queue
+import sys
 import threading
 from collections.abc import Iterable, Iterator
 from typing import TypeVar
@@ -60,3 +62,21 @@ def background(items: Iterable[T], *, depth: int = 1, name: str = "cellmint-back
     finally:
         stop.set()
         thread.join()
+
+
+def default_threads(cap: int = 4) -> int:
+    """Threads cellmint uses where it chooses their number itself (chunk codecs, synthetic data).
+
+    ``sc.settings.n_jobs`` when it is set to something else than scanpy's default, 1: ``-1`` means every
+    core this process may use, ``k > 1`` means ``k``. Otherwise up to ``cap``, as many as there are
+    cores. (1 being scanpy's default, it cannot be told from "unset"; functions that take ``n_jobs``
+    accept 1 for a single thread.)
+    """
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    scanpy = sys.modules.get("scanpy")  # never imported for this: a process without scanpy has no setting
+    n_jobs = getattr(getattr(scanpy, "settings", None), "n_jobs", 1)
+    if isinstance(n_jobs, int) and n_jobs == -1:
+        return cores
+    if isinstance(n_jobs, int) and n_jobs > 1:
+        return n_jobs
+    return max(1, min(cap, cores))

@@ -16,6 +16,7 @@ import scipy.sparse as sp
 
 from .._utils._h5ad import write_h5ad_streamed
 from .._utils._progress import progress_bar
+from .._utils._threads import default_threads
 from ._synthetic_model import (
     _STREAM_LABELS,
     _STREAM_MODEL,
@@ -208,8 +209,8 @@ def synthetic(
     compression
         HDF5 compression of ``X`` in the file: ``None`` (fastest, the default), ``"gzip"`` or ``"lzf"``.
     n_jobs
-        Threads drawing blocks of cells; ``None`` uses up to 4, as many as there are CPU cores. The
-        counts do not depend on it.
+        Threads drawing blocks of cells; ``None``: ``sc.settings.n_jobs`` when set (``-1``: every core),
+        else up to 4, as many as there are CPU cores. The counts do not depend on it.
     random_state
         Seed (a non-negative integer) of the local random number generators; recorded in ``uns``.
     progress
@@ -300,7 +301,7 @@ def synthetic(
     if compression not in (None, "gzip", "lzf"):
         raise ValueError(f"`compression` must be None, 'gzip' or 'lzf', got {compression!r}.")
     if n_jobs is None:
-        n_jobs = min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+        n_jobs = default_threads()
     n_jobs = _check_int("n_jobs", n_jobs, 1)
     target = None
     if path is not None:

@@ -37,7 +37,7 @@ def read_model(path: str | Path) -> Any:
     return _KINDS[kind].load(path)
 
 
-def write_model(model: Any, path: str | Path) -> Path:
+def write_model(model: Any, path: str | Path, *, overwrite: bool = False) -> Path:
     """Save a model to a folder (``manifest.json`` with the sha256 of every file, weights); returns the folder.
 
     Parameters
@@ -46,10 +46,17 @@ def write_model(model: Any, path: str | Path) -> Path:
         A trained model, e.g. from :func:`cellmint.tl.train_annotator`.
     path
         The folder to write (created if needed).
+    overwrite
+        Replace an existing model folder (as a whole: a crash leaves the old model or the new one);
+        without it an existing folder is an error.
+
+    Returns
+    -------
+    The folder written.
     """
     if not isinstance(model, tuple(_KINDS.values())):
         raise TypeError(f"write_model saves cellmint models, not {type(model).__name__}.")
-    return model.save(path)
+    return model.save(path, overwrite=overwrite)
 
 
 def resolve_model(adata: Any, model: Any, key_added: str, kind: type):

@@ -31,6 +31,30 @@ CALIBRATION = "calibration.npz"  # conformal scores and classes of held-out refe
 FORMAT_VERSION = 2
 
 
+#: the label of cells annotate does not trust; when a reference has a class of that name (CBMC's unassigned
+#: cells are called "Unknown"), the first of the others that is no class becomes the model's label instead
+UNKNOWN = "Unknown"
+_UNKNOWN_FALLBACKS = ("Unassigned", "Unknown (cellmint)", "cellmint: Unknown")
+
+
+def choose_unknown_label(classes: dict[str, list[str]], requested: str | None = None) -> str:
+    """The label of untrusted cells for a model with these ``classes``: ``requested``, or chosen automatically.
+
+    ``None``: ``"Unknown"``, or ``"Unassigned"`` (then another name) when some level has a class called
+    so. A ``requested`` label that is a class name is an error: untrusted cells would be indistinguishable.
+    """
+    names = {str(c) for level in classes.values() for c in level}
+    if requested is not None:
+        if not isinstance(requested, str) or not requested:
+            raise TypeError(f"unknown_label must be a non-empty string, not {requested!r}.")
+        if requested in names:
+            level = next(level for level, c in classes.items() if requested in map(str, c))
+            raise ValueError(f"unknown_label={requested!r} is a class of the reference (level {level!r}): untrusted "
+                             "cells would be indistinguishable from it. Pass another name.")  # fmt: skip
+        return requested
+    return next(name for name in (UNKNOWN, *_UNKNOWN_FALLBACKS) if name not in names)
+
+
 def learn_hierarchy(codes: dict[str, np.ndarray], classes: dict[str, list[str]]) -> dict[str, dict]:
     """For each level after the first, the parent (at the level before) of every class and how pure it is.
 
@@ -89,6 +113,11 @@ class Annotator:
         return list(self.classes)
 
     @property
+    def unknown_label(self) -> str:
+        """The label annotate gives untrusted cells by default (recorded at training; chosen for older models)."""
+        return self.manifest.get("unknown_label") or choose_unknown_label(self.classes)
+
+    @property
     def metrics(self) -> dict:
         """Holdout metrics per level (accuracy, macro-F1, recall per class, confusion, ECE)."""
         return self.manifest.get("metrics", {})
@@ -141,8 +170,12 @@ class Annotator:
             "temperature": self.temperature,
         }
 
-    def save(self, path: str | Path) -> Path:
-        """Write the model folder (``manifest.json`` with checksums, ``weights.pt``); returns its path."""
+    def save(self, path: str | Path, *, overwrite: bool = False) -> Path:
+        """Write the model folder (``manifest.json`` with checksums, ``weights.pt``); returns its path.
+
+        An existing folder is replaced only with ``overwrite=True``, as a whole: a crash leaves the
+        old model or the new one.
+        """
         extra = {}
         if self.reference is not None:
             buffer = io.BytesIO()
@@ -155,7 +188,7 @@ class Annotator:
                                 for name in ("score", "class")})  # fmt: skip
             extra[CALIBRATION] = buffer.getvalue()
         self.manifest = write_artifact(path, self._manifest(), self.net.state_dict(), extra, kind=KIND,
-                                       format_version=FORMAT_VERSION)  # fmt: skip
+                                       format_version=FORMAT_VERSION, overwrite=overwrite)  # fmt: skip
         self.path = Path(path)
         return self.path
 
@@ -194,6 +227,7 @@ class Annotator:
             "model_dir": str(self.path) if self.path is not None else "",
             "cellmint_version": m.get("cellmint_version", ""),
             "label_keys": self.label_keys,
+            "unknown_label": self.unknown_label,
             "classes": {level: np.asarray(c, dtype=object) for level, c in self.classes.items()},
             "genes": np.asarray(self.genes, dtype=object),
             "recipe": self.recipe.to_dict(),

@@ -61,9 +61,26 @@ def _listed_files(folder: Path) -> set[str]:
         return set()
 
 
+def check_writable(folder: str | Path, *, overwrite: bool) -> None:
+    """Refuse to replace an existing model folder (or any file or non-empty folder there) without ``overwrite``.
+
+    Called before training too, so that a long run never ends in this error.
+    """
+    folder = Path(folder)
+    if folder.is_file():
+        raise NotADirectoryError(f"{folder} is a file; a model is saved to a folder. Choose another path.")
+    if not overwrite and folder.is_dir() and any(folder.iterdir()):
+        what = "a model folder" if (folder / MANIFEST).is_file() else "a folder that is not empty"
+        raise FileExistsError(f"{folder} is {what}; pass overwrite=True to replace it (the old model stays whole "
+                              "until the new one is complete), or choose another path.")  # fmt: skip
+
+
 def write_artifact(folder: str | Path, manifest: dict[str, Any], state_dict: dict[str, torch.Tensor],
-                   extra: dict[str, bytes] | None = None, *, kind: str, format_version: int) -> dict:  # fmt: skip
+                   extra: dict[str, bytes] | None = None, *, kind: str, format_version: int,
+                   overwrite: bool = False) -> dict:  # fmt: skip
     """Write a model folder: weights, ``extra`` files and the sealed manifest naming their checksums.
+
+    An existing folder is replaced only with ``overwrite`` (:func:`check_writable`).
 
     The folder is replaced as a whole (:func:`cellmint._utils._files.replace_folder`): the new model is
     written and flushed to disk beside the old one, then swapped in by renames, under the folder's
@@ -71,6 +88,7 @@ def write_artifact(folder: str | Path, manifest: dict[str, Any], state_dict: dic
     that are not part of a model are carried over. Returns the manifest as written.
     """
     folder = Path(folder)
+    check_writable(folder, overwrite=overwrite)
     buffer = io.BytesIO()
     torch.save(state_dict, buffer)
     files = {WEIGHTS: buffer.getvalue(), **(extra or {})}
@@ -147,7 +165,7 @@ def read_artifact(folder: str | Path, *, kind: str, format_version: int, with_fi
             _warned_unsealed.add(str(folder))
             logg.warning(f"the model at {folder} was written by cellmint {manifest.get('cellmint_version', '?')}, "
                          "whose manifests carry no checksum of their own; save it again "
-                         "(cm.io.write_model(cm.io.read_model(path), path)) to add one")  # fmt: skip
+                         "(cm.io.write_model(cm.io.read_model(path), path, overwrite=True)) to add one")  # fmt: skip
     for name, expected in manifest["files"].items():
         if files[name] is None:
             raise FileNotFoundError(f"The model at {folder} is incomplete: {name} is missing.")

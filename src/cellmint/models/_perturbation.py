@@ -216,12 +216,16 @@ class PerturbationModel:
             "use_rep": self.use_rep,
         }
 
-    def save(self, path: str | Path) -> Path:
-        """Write the model folder (``manifest.json`` with checksums, ``weights.pt``); returns its path."""
+    def save(self, path: str | Path, *, overwrite: bool = False) -> Path:
+        """Write the model folder (``manifest.json`` with checksums, ``weights.pt``); returns its path.
+
+        An existing folder is replaced only with ``overwrite=True`` (as a whole).
+        """
         state = dict(self.net.state_dict())
         if self.decoder is not None:
             state |= {f"decoder.{k}": torch.as_tensor(v) for k, v in self.decoder.items()}
-        self.manifest = write_artifact(path, self._manifest(), state, kind=KIND, format_version=FORMAT_VERSION)
+        self.manifest = write_artifact(path, self._manifest(), state, kind=KIND, format_version=FORMAT_VERSION,
+                                       overwrite=overwrite)  # fmt: skip
         self.path = Path(path)
         return self.path
 

@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 
 from .._utils._docs import doc_params
-from ..models._metrics import expected_calibration_error
+from ..models._metrics import ECE_BINS, expected_calibration_error
 from ._figure import finish
 
 KINDS = ("violin", "hist", "reliability", "confusion", "embedding", "unknown")
@@ -69,8 +69,9 @@ def confidence(
         confidence, split by correct/wrong when ``truth_key`` is given, else by Unknown; ``"reliability"``:
         accuracy of the model's most probable class against its calibrated probability
         (``obsm[f"{{key}}_{{level}}_proba"]``, before nearest-neighbour refinement and Unknown calls) in
-        10 bins, with the ECE (needs ``truth_key``); ``"confusion"``: true
-        against predicted labels, each row normalised (needs ``truth_key``); ``"embedding"``: cells in
+        15 equal-width bins, with the ECE over the same bins (the definition of the model's metrics;
+        needs ``truth_key``); ``"confusion"``: true against predicted labels, each row normalised,
+        with the share and the number of cells in each box (needs ``truth_key``); ``"embedding"``: cells in
         ``obsm[f"X_{{basis}}"]`` coloured by confidence; ``"unknown"``: why cells are Unknown — each cell's
         open-set score (``obs[f"{{key}}_distance"]``, log scale) against its confidence, coloured by
         the reason of its Unknown call, with the thresholds annotate used as lines.
@@ -129,18 +130,23 @@ def confidence(
         top = np.asarray(proba.columns.astype(str))[proba.to_numpy().argmax(axis=1)]
         top_conf = proba.to_numpy().max(axis=1)
         correct = top == truth
-        bins = np.minimum((top_conf * 10).astype(int), 9)
+        bins = np.minimum((top_conf * ECE_BINS).astype(int), ECE_BINS - 1)
         table = pd.DataFrame({"bin": bins, "confidence": top_conf, "correct": correct}).groupby("bin").mean()
         ax.plot([0, 1], [0, 1], ls="--", color="grey", lw=1)
-        ax.bar((table.index + 0.5) / 10, table["correct"], width=0.1, edgecolor="black", alpha=0.7, label="accuracy")
+        ax.bar((table.index + 0.5) / ECE_BINS, table["correct"], width=1 / ECE_BINS, edgecolor="black", alpha=0.7,
+               label="accuracy")  # fmt: skip
         ax.plot(table["confidence"], table["correct"], "o", color="black", label="mean confidence")
-        ece = expected_calibration_error(top_conf, correct, n_bins=10)
-        ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="confidence", ylabel="accuracy", title=f"{level}: ECE {ece:.3f}")
+        ece = expected_calibration_error(top_conf, correct)  # the definition of the model's metrics
+        ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="confidence", ylabel="accuracy",
+               title=f"{level}: ECE {ece:.3f} ({ECE_BINS} bins, {len(correct):,} cells)")  # fmt: skip
         ax.legend(loc="upper left", frameon=False)
     elif kind == "confusion":
         truth = obs[truth_key].astype(str)
-        table = pd.crosstab(truth, pd.Series(predicted, index=obs.index, name="predicted"), normalize="index")
-        sns.heatmap(table, vmin=0, vmax=1, cmap="Blues", annot=len(table) <= 15, fmt=".2f", ax=ax,
+        counts = pd.crosstab(truth, pd.Series(predicted, index=obs.index, name="predicted"))
+        table = counts.div(counts.sum(axis=1), axis=0)
+        # each cell: the share of its row (colour) and the number of cells behind it
+        annot = table.map(lambda v: f"{v:.2f}") + "\n" + counts.map(lambda n: f"{n:,}") if len(table) <= 15 else False
+        sns.heatmap(table, vmin=0, vmax=1, cmap="Blues", annot=annot, fmt="", ax=ax, annot_kws={"fontsize": "small"},
                     cbar_kws={"label": "share of true cells"})  # fmt: skip
         ax.set(xlabel=f"predicted {level}", ylabel=truth_key)
     elif kind == "unknown":

@@ -12,6 +12,7 @@ from typing import Any
 from .._utils import _logging as logg
 from .._utils._docs import doc_params
 from .._utils._lock import writer_lock
+from .._utils._resources import ResourceMonitor
 from ..store._append import check_new_inputs
 from ..store._format import LOCK, MANIFEST, read_manifest, write_manifest
 from ..store._ingest import check_inputs, committed_rows_problem, ingest
@@ -167,7 +168,9 @@ def build_store(
     The :class:`cellmint.Store`. Per cell it holds the counts over the panel, ``library_size`` and
     ``n_genes`` computed over **all** genes of the cell's input (before the panel is applied), the
     labels, group and ``obs_keys``; its manifest records the inputs (size, fingerprint, missing
-    genes), every committed batch (row range and the crc32 of every array), and the parameters.
+    genes), every committed batch (row range and the crc32 of every array), the parameters, and
+    ``build_resources``: what the build that completed the store cost (``wall_time_s``, ``n_cells``
+    added, ``cells_per_s``, ``peak_rss_bytes``, ``peak_rss_scope``, ``device``; also logged).
     """
     path = Path(path)
     label_keys, obs_keys = _keys(label_keys, "label_keys"), _keys(obs_keys, "obs_keys")
@@ -207,6 +210,7 @@ def _build(inputs: list[Input], path: Path, *, layer, genes, label_keys, group_k
               "allow_duplicates": allow_duplicates}  # fmt: skip
 
     start = logg.info(f"building store {path}")
+    monitor = ResourceMonitor().start()
     ours = (path / MANIFEST).is_file() or (path / LOCK).is_file()  # a store, or one being created
     if path.exists() and not overwrite and not ours and not _is_empty(path):
         raise FileExistsError(f"{path} exists and is not a cellmint store; pass overwrite=True to replace it.")
@@ -221,6 +225,7 @@ def _build(inputs: list[Input], path: Path, *, layer, genes, label_keys, group_k
             _clear(path)  # what a build that stopped before its first commit left (we hold its lock now)
             writer = create(path, panel=panel, label_keys=label_keys, group_key=group_key, obs_keys=obs_keys,
                             inputs=inputs, params=params, missing=missing)  # fmt: skip
+        first_rows = writer.manifest["n_obs"]
         try:
             ingest(writer, inputs, first_index=0, progress=progress)
         except Exception as err:
@@ -230,6 +235,9 @@ def _build(inputs: list[Input], path: Path, *, layer, genes, label_keys, group_k
                          "overwrite=True.")  # fmt: skip
             raise
         if writer.manifest["state"] != "complete":
+            monitor.n_cells = writer.manifest["n_obs"] - first_rows
+            # what this build (or its resumption) cost, kept with the store: wall time, cells/s, peak RSS
+            writer.manifest["build_resources"] = monitor.stop().to_dict()
             writer.finish()
         store = Store(path)
         if DEFAULT_SPLIT not in store.splits:
@@ -238,5 +246,6 @@ def _build(inputs: list[Input], path: Path, *, layer, genes, label_keys, group_k
                 store.make_split(DEFAULT_SPLIT, test_fraction=0.1, val_fraction=0.1, random_state=random_state)
             for warning in caught:
                 logg.warning(f"default split: {warning.message}")
-    logg.info(f"    finished: {store!r}", time=start)
+    report = monitor.report or monitor.stop()
+    logg.info(f"    finished: {store!r}; {report}", time=start)
     return store

@@ -19,6 +19,7 @@ from anndata import AnnData
 from .._utils import _logging as logg
 from .._utils._chunks import RowChunk, open_matrix, open_root
 from .._utils._docs import doc_params
+from .._utils._resources import ResourceMonitor
 from .._utils._values import validate_chunk
 from . import _hvg_dispersion, _hvg_pearson, _hvg_seurat_v3
 from ._hvg_stats import arithmetic_for, clipped_sums, moments, scanpy_aggregates_batches
@@ -268,6 +269,9 @@ def select_hvgs(
     ``adata.uns["hvg"]``
         ``{{"flavor": flavor}}``, as scanpy; ``pearson_residuals`` adds ``"computed_on"`` (the layer's
         name, or ``"adata.X"``).
+    ``adata.uns["cellmint_resources"]["select_hvgs"]``
+        What the run cost: ``wall_time_s``, ``n_cells``, ``cells_per_s``, ``peak_rss_bytes``,
+        ``peak_rss_scope`` and ``device`` (also logged on the ``finished`` line).
 
     Examples
     --------
@@ -278,6 +282,7 @@ def select_hvgs(
     500
     """
     start = logg.info("extracting highly variable genes")
+    monitor = ResourceMonitor().start()
     inp = _read_input(adata, batch_key)
     if inp.adata is None and inplace:
         raise ValueError(
@@ -329,10 +334,15 @@ def select_hvgs(
             n_top_genes=n_top_genes,
             cutoffs=cutoffs,
         )
-    logg.info("    finished", time=start)
-    return _deliver(
+    monitor.n_cells = int(inp.obs.shape[0]) if inp.obs is not None else None
+    report = monitor.stop()
+    logg.info(f"    finished: {report}", time=start)
+    out = _deliver(
         inp, df, flavor=flavor, batch_key=batch_key, key_added=key_added, subset=subset, inplace=inplace, layer=layer
     )
+    if inplace:  # beside scanpy's uns["hvg"], which stays as scanpy writes it
+        inp.adata.uns.setdefault("cellmint_resources", {})["select_hvgs"] = report.to_dict()
+    return out
 
 
 def _renamed(df: pd.DataFrame, key_added: str) -> pd.DataFrame:

@@ -32,6 +32,7 @@ import numcodecs
 import numpy as np
 
 from .._utils._files import fsync_folder, replace_atomically, write_file
+from .._utils._threads import default_threads
 from . import _format
 
 _pools: dict[int, ThreadPoolExecutor] = {}
@@ -50,11 +51,13 @@ def _scratch(size: int, dtype: np.dtype) -> np.ndarray:
 def _pool() -> ThreadPoolExecutor:
     """Threads that encode or decode chunks in parallel (blosc and zstd release the GIL).
 
-    One pool per process: a pool inherited through ``fork`` (torch DataLoader workers) has no threads.
+    One pool per process: a pool inherited through ``fork`` (torch DataLoader workers) has no threads. Its
+    size (:func:`~cellmint._utils._threads.default_threads`: ``sc.settings.n_jobs``, or up to 4) is fixed at
+    the process's first use.
     """
     pid = os.getpid()
     if pid not in _pools:
-        _pools[pid] = ThreadPoolExecutor(max_workers=max(1, min(4, len(os.sched_getaffinity(0)))),
+        _pools[pid] = ThreadPoolExecutor(max_workers=default_threads(),
                                          thread_name_prefix="cellmint-chunks")  # fmt: skip
     return _pools[pid]
 

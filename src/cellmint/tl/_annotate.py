@@ -20,17 +20,16 @@ import pandas as pd
 from .._utils import _logging as logg
 from .._utils._device import resolve_device
 from .._utils._docs import doc_params
+from .._utils._resources import ResourceMonitor
 from ..io._models import resolve_model
 from ..models import _conformal as conformal
 from ..models import _open_set as open_set_rule
-from ..models._annotator import Annotator
+from ..models._annotator import UNKNOWN, Annotator
 from ._calls import REASONS, Decision, final_calls, vote
 from ._knn import NearestReference, reference_search
 from ._query import MIN_OVERLAP, WARN_OVERLAP, QueryRows, align_genes
 
 __all__ = ["MIN_OVERLAP", "UNKNOWN", "WARN_OVERLAP", "align_genes", "annotate"]
-
-UNKNOWN = "Unknown"
 
 
 #: with ``chunk_size=None``, cells per chunk such that the chunk densified over the model's genes takes about
@@ -194,7 +193,7 @@ def annotate(
     class_conditional: bool = False,
     project: bool = True,
     cluster_key: str | None = None,
-    unknown_label: str = UNKNOWN,
+    unknown_label: str | None = None,
     device: str = "auto",
     copy: bool = False,
     return_table: bool = False,
@@ -261,8 +260,9 @@ def annotate(
         majority vote — the class with the largest summed probability over the cluster's cells — in
         ``obs[f"{{key_added}}_{{level}}_majority"]``.
     unknown_label
-        The label of cells not trusted at a level; it must differ from every class of the model (some
-        references have a class of unassigned cells called "Unknown": pass another name then).
+        The label of cells not trusted at a level; it must differ from every class of the model.
+        ``None``: the model's (:attr:`~cellmint.Annotator.unknown_label`, recorded at training):
+        ``"Unknown"``, or ``"Unassigned"`` for a reference with a class called ``"Unknown"``.
     {doc_device}
     {doc_copy}
     return_table
@@ -290,8 +290,9 @@ def annotate(
     ``obs[f"{{key_added}}_cell_distance"]`` (the cell's own relative distance),
     ``obsm[f"X_{{key_added}}_{{name}}"]`` for each projected embedding, and
     ``uns[key_added]["annotation"]`` (model folder, gene overlap, the input scale detected, thresholds
-    and how the open-set one was set, counts of Unknown cells per level and reason, of refined cells,
-    and the prediction sets' alpha, calibration and mean size).
+    and how the open-set one was set, the label of untrusted cells (``unknown_label``), counts of
+    them per level and reason, of refined cells, the prediction sets' alpha, calibration and mean
+    size, and ``resources``: wall time, cells/s, peak RSS and GPU peak of the run).
     """
     if cluster_key is not None and (isinstance(adata, str | Path) or cluster_key not in adata.obs.columns):
         raise KeyError(f"adata.obs has no cluster column {cluster_key!r}.")
@@ -299,6 +300,8 @@ def annotate(
         raise ValueError(f"knn must be 'low_confidence', 'all' or 'off', not {knn!r}.")
     is_path = isinstance(adata, str | Path)
     annotator = resolve_model(adata if not is_path else None, model, key_added, Annotator)
+    if unknown_label is None:
+        unknown_label = annotator.unknown_label
     clashes = [level for level, classes in annotator.classes.items() if unknown_label in classes]
     if clashes:
         raise ValueError(f"The model has a class named {unknown_label!r} (level {clashes[0]!r}); pass another "
@@ -310,6 +313,7 @@ def annotate(
     obs = rows.obs
     torch_device = resolve_device(device)
     start = logg.info(f"annotating {len(obs):,} cells with {annotator!r}")
+    monitor = ResourceMonitor(n_cells=len(obs), device=torch_device).start()
     search = _Search.of(annotator, torch_device)
     decide = Decision(annotator, min_confidence=min_confidence, min_margin=min_margin, unknown=unknown)
     keep_proba = cluster_key is not None or not (return_table or is_path)
@@ -335,12 +339,13 @@ def annotate(
                                                             max_distance)  # fmt: skip
     else:  # no reference kept with the model: no open-set call, no refinement
         threshold, open_set = float("inf"), {"rule": "none (the model keeps no reference cells)"}
+    monitor.stop()
     far = score > threshold
     table = pd.DataFrame(index=obs.index)
     info = {"overlap": rows.overlap, "input": rows.scale.to_dict() if rows.scale is not None else {},
             "min_confidence": min_confidence, "min_margin": min_margin, "knn": knn, "max_distance": float(threshold),
             "open_set": open_set, "n_neighbors": n_neighbors, "unknown": {}, "unknown_reasons": {}, "refined": {},
-            "prediction_sets": {}}  # fmt: skip
+            "prediction_sets": {}, "unknown_label": unknown_label, "resources": monitor.report.to_dict()}  # fmt: skip
     probabilities = {}
     for level, classes in annotator.classes.items():
         column = found.level(level)
@@ -371,7 +376,8 @@ def annotate(
             table[f"{key}_majority"] = pd.Categorical(clusters.map(winner).to_numpy(), categories=classes)
     table[f"{key_added}_distance"] = score
     table[f"{key_added}_cell_distance"] = distance
-    logg.info(f"    finished: {', '.join(f'{k}: {v:,} Unknown' for k, v in info['unknown'].items())}", time=start)
+    unknowns = ", ".join(f"{k}: {v:,} {unknown_label}" for k, v in info["unknown"].items())
+    logg.info(f"    finished: {unknowns}; {monitor.report}", time=start)
     if return_table or is_path:
         return table
     for column in table.columns:

@@ -42,6 +42,7 @@ def perturbation_split(
     toml: str | Path | None = None,
     dataset_name: str = "cellmint",
     dataset_path: str | Path | None = None,
+    overwrite: bool = False,
 ) -> pd.Series:
     """Split cells to ask how a model generalises: to unseen contexts, or to unseen perturbations in a context.
 
@@ -77,6 +78,8 @@ def perturbation_split(
         The dataset's name in the TOML.
     dataset_path
         The dataset's data folder in the TOML (default ``"."``).
+    overwrite
+        Replace an existing ``toml`` file; without it an existing file is an error (checked first).
 
     Returns
     -------
@@ -88,6 +91,8 @@ def perturbation_split(
         raise ValueError(f"holdout must be 'context' or 'perturbation', not {holdout!r}.")
     if not 0 < fraction < 1:
         raise ValueError(f"fraction must be between 0 and 1, not {fraction}.")
+    if toml is not None:  # before any work
+        _check_new_file(Path(toml), overwrite)
     perturbation = data.labels(adata, perturbation_key, what="Perturbation").to_numpy()
     context = data.labels(adata, context_key, what="Context").to_numpy()
     control = str(control)
@@ -140,7 +145,7 @@ def perturbation_split(
     logg.info(f"perturbation split ({holdout}): {counts}")
     if toml is not None:
         write_state_toml(toml, holdout=holdout, held=held, dataset_name=dataset_name,
-                         dataset_path=dataset_path or ".")  # fmt: skip
+                         dataset_path=dataset_path or ".", overwrite=overwrite)  # fmt: skip
     return result
 
 
@@ -149,8 +154,8 @@ def _quote(value: str) -> str:
 
 
 def write_state_toml(path: str | Path, *, holdout: str, held: Mapping[str, Sequence[str]], dataset_name: str,
-                     dataset_path: str | Path) -> Path:  # fmt: skip
-    """Write a split as a State / cell-load TOML file.
+                     dataset_path: str | Path, overwrite: bool = False) -> Path:  # fmt: skip
+    """Write a split as a State / cell-load TOML file (an existing file only with ``overwrite=True``).
 
     Held-out contexts go to ``[zeroshot]`` as ``"test"``; perturbations held out within a context go
     to ``[fewshot."dataset.context"]`` as ``test = [...]``; everything else trains.
@@ -165,5 +170,11 @@ def write_state_toml(path: str | Path, *, holdout: str, held: Mapping[str, Seque
             items = ", ".join(_quote(p) for p in perts)
             lines += [f"[fewshot.{_quote(f'{dataset_name}.{c}')}]", "val = []", f"test = [{items}]"]
     path = Path(path)
+    _check_new_file(path, overwrite)
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+def _check_new_file(path: Path, overwrite: bool) -> None:
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} exists; pass overwrite=True to replace it, or choose another path.")

@@ -14,11 +14,13 @@ import torch
 from .._utils import _logging as logg
 from .._utils._device import resolve_device
 from .._utils._docs import doc_params
-from .._utils._progress import progress_bar
+from .._utils._progress import format_duration, progress_bar
 from .._utils._resources import ResourceMonitor
 from ..models import _conformal as conformal
 from ..models import _open_set as open_set_rule
-from ..models._annotator import Annotator, learn_hierarchy
+from ..models._annotator import UNKNOWN as UNKNOWN_DEFAULT
+from ..models._annotator import Annotator, choose_unknown_label, learn_hierarchy
+from ..models._artifact import check_writable
 from ..models._augment import Augmentation, augment_batch
 from ..models._metrics import classification_report, expected_calibration_error, fit_temperature
 from ..models._network import AnnotatorNet
@@ -47,6 +49,47 @@ def _validation_rows(data: TrainingData, rng: np.random.Generator) -> tuple[np.n
     if not len(val):  # classes too small for 10%: one cell still validates early stopping and calibration
         val = rng.choice(train, 1)
     return np.setdiff1d(train, val), val, "10% of the training cells (the split has no validation part)"
+
+
+#: ``max_epochs=None``: this many epochs up to FULL_EPOCHS_CELLS training cells; above, as many as make the
+#: same number of cell presentations (3 million: 167,000 cells 18 epochs, 1 million 3), at least MIN_EPOCHS.
+#: Larger references give more optimiser steps per epoch and need fewer epochs; the rule bounds a CPU run
+#: (scvi-tools bounds its default the same way, ``get_max_epochs_heuristic``)
+MAX_EPOCHS, FULL_EPOCHS_CELLS, MIN_EPOCHS = 60, 50_000, 3
+#: a run estimated to take longer than this on a CPU is announced with a warning (and how to shorten it)
+LONG_RUN_S = 600
+#: batches of the first epoch timed for the estimate of the whole run, after WARMUP_BATCHES untimed ones (the
+#: first batches pay one-off costs: 6x the later ones on CBMC; an epoch shorter than both is timed whole)
+WARMUP_BATCHES, TIMED_BATCHES = 5, 20
+
+
+def default_max_epochs(n_train: int) -> int:
+    """The epochs of ``max_epochs=None`` for ``n_train`` training cells (see :data:`MAX_EPOCHS`)."""
+    if n_train <= FULL_EPOCHS_CELLS:
+        return MAX_EPOCHS
+    return max(MIN_EPOCHS, round(MAX_EPOCHS * FULL_EPOCHS_CELLS / n_train))
+
+
+def _announce_estimate(seconds_per_batch: float, per_epoch: int, max_epochs: int, n_train: int, device) -> bool:
+    """Log how long training will take at most (``max_epochs`` more epochs), as a warning for a long CPU run."""
+    total = seconds_per_batch * per_epoch * max_epochs
+    what = f"{max_epochs} epochs of {n_train:,} cells"
+    if device.type == "cpu" and total > LONG_RUN_S:
+        logg.warning(f"training will take up to about {format_duration(total)} on this CPU ({what}; early stopping "
+                     "may end it sooner): pass device='cuda' on a machine with a GPU, or fewer max_epochs")  # fmt: skip
+    else:
+        logg.info(f"    about {format_duration(total)} at most on {device} ({what})")
+    return True
+
+
+def _log_epoch(epoch: int, max_epochs: int, loss: float, score: float, per_epoch_s: float, quiet: bool) -> None:
+    """One line per epoch (info when no progress bar is drawn): loss, validation score, time left at most."""
+    left = per_epoch_s * (max_epochs - epoch - 1)
+    eta = time.strftime("%H:%M", time.localtime(time.time() + left))
+    (logg.debug if quiet else logg.info)(
+        f"    epoch {epoch + 1}/{max_epochs}: loss {loss:.4f}, validation macro-F1 {score:.4f}, "
+        f"{format_duration(per_epoch_s)} per epoch, at most {format_duration(left)} left (ETA {eta})"
+    )
 
 
 #: reference cells kept with the model (latent + labels) for nearest-neighbour refinement and open-set distances
@@ -232,13 +275,15 @@ def train_annotator(
     balance: str | None = "sqrt",
     class_weight: bool = False,
     embedding_keys: Sequence[str] = (),
-    max_epochs: int = 60,
+    max_epochs: int | None = None,
     early_stopping: int | None = 10,
     lr: float = 1e-3,
     weight_decay: float = 1e-4,
     batch_size: int = 256,
     device: str = "auto",
     num_workers: int = 0,
+    unknown_label: str | None = None,
+    overwrite: bool = False,
     random_state: int = 0,
     key_added: str = "cellmint",
     progress: bool | None = None,
@@ -263,7 +308,8 @@ def train_annotator(
         stopping and calibration. The test part is only evaluated.
     model_dir
         Folder to save the model to (``manifest.json`` + ``weights.pt``); ``None`` keeps it in memory
-        (save it later with :meth:`Annotator.save`).
+        (save it later with :meth:`Annotator.save`). An existing folder is an error (checked before
+        training) unless ``overwrite=True``.
     {doc_layer} AnnData only.
     genes
         AnnData only: the gene panel — ``None`` (all genes), a list, or a boolean ``var`` column
@@ -295,7 +341,10 @@ def train_annotator(
         regression heads learn to predict from the latent (mean squared error on standardised
         coordinates), so that queries can be projected into the reference's embedding.
     max_epochs
-        Passes over the training cells.
+        Passes over the training cells. ``None``: 60 up to 50,000 training cells, and above as many
+        as make 3 million cell presentations (100,000 cells: 30; 1 million: 3). Before a run estimated
+        at more than 10 minutes on a CPU, a warning says how long and how to shorten it; with
+        ``sc.settings.verbosity = "info"`` each epoch logs its loss, validation score and the time left.
     early_stopping
         Stop after this many epochs without a better validation macro-F1 (mean over levels; with
         ``embedding_keys``, or a lower validation loss) and keep the best weights (highest macro-F1,
@@ -310,6 +359,13 @@ def train_annotator(
     {doc_device}
     num_workers
         torch DataLoader workers reading batches.
+    unknown_label
+        The label ``cm.tl.annotate`` gives untrusted cells with this model, recorded in it. ``None``:
+        ``"Unknown"``, or ``"Unassigned"`` when the reference has a class called ``"Unknown"`` (such
+        cells are then a class like any other).
+    overwrite
+        Replace an existing model folder at ``model_dir`` (as a whole: a crash leaves the old model or
+        the new one).
     {doc_random_state}
     key_added
         AnnData: key of ``uns`` for the model's metadata.
@@ -348,8 +404,8 @@ def train_annotator(
     label_keys = [label_keys] if isinstance(label_keys, str) else list(label_keys)
     if not label_keys:
         raise ValueError("label_keys is empty: give at least one obs/label column.")
-    for name, value, minimum in (("batch_size", batch_size, 1), ("max_epochs", max_epochs, 1),
-                                 ("num_workers", num_workers, 0)):  # fmt: skip
+    for name, value, minimum in (("batch_size", batch_size, 1), ("max_epochs", 1 if max_epochs is None else max_epochs,
+                                  1), ("num_workers", num_workers, 0)):  # fmt: skip
         if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < minimum:
             raise ValueError(f"{name} must be an integer ≥ {minimum}, not {value!r}.")
     if early_stopping is not None and (isinstance(early_stopping, bool) or not isinstance(early_stopping, int)
@@ -367,6 +423,8 @@ def train_annotator(
         raise ValueError(f"balance must be None, 'sqrt' or 'inverse', not {balance!r}.")
     if input not in ("auto", "counts", "lognorm"):
         raise ValueError(f"input must be 'auto', 'counts' or 'lognorm', not {input!r}.")
+    if model_dir is not None:
+        check_writable(model_dir, overwrite=overwrite)
     ranks, torch_device = join(resolve_device(device))
     settings = Augmentation.from_arg(augment)
     start = logg.info(f"training an annotator for {label_keys} on {torch_device}")
@@ -385,8 +443,12 @@ def train_annotator(
 
             data.obs[f"{key_added}_split"] = pd.Categorical.from_codes(source.parts, ["train", "val", "test"])
     recipe = InputRecipe(kind=source.kind, transform=input_transform)
+    unknown_label = choose_unknown_label(source.classes, unknown_label)
+    if unknown_label != UNKNOWN_DEFAULT:
+        logg.info(f"    untrusted cells will be labelled {unknown_label!r} (the reference has a class 'Unknown')")
     rng = np.random.default_rng(random_state)
     train_rows, val_rows, val_source = _validation_rows(source, rng)
+    max_epochs = default_max_epochs(len(train_rows)) if max_epochs is None else max_epochs
     test_rows = np.flatnonzero(source.parts == 2)
     for level, classes in source.classes.items():
         absent = sorted(set(range(len(classes))) - set(np.unique(source.codes[level][train_rows])))
@@ -398,7 +460,7 @@ def train_annotator(
         "hidden": list(hidden), "dropout": dropout, "linear": linear, "augment": settings.to_dict(), "balance": balance,
         "class_weight": class_weight, "max_epochs": max_epochs, "early_stopping": early_stopping, "lr": lr,
         "weight_decay": weight_decay, "batch_size": batch_size, "random_state": random_state,
-        "device": str(torch_device), "validation": val_source,
+        "device": str(torch_device), "validation": val_source, "unknown_label": unknown_label,
     }  # fmt: skip
     same_call = fingerprint({k: v for k, v in params.items() if k != "device"}, {
         "genes": list(source.genes), "classes": [source.classes[k] for k in label_keys],
@@ -433,7 +495,9 @@ def train_annotator(
         state = checkpoints.resume(net, optimizer, streams, random_state)
         per_epoch = len(train_loader)
         loop_start, trained = time.perf_counter(), 0  # this process's training steps: cells of global batches / s
-        # one bar over every batch of every epoch (ETA for the whole run), the epoch and scores beside it
+        first_epoch, run_batches, estimated = state.epoch, 0, not ranks.main  # the estimate: rank 0, once
+        # one bar over every batch of every epoch (ETA for the whole run), the epoch and scores beside it;
+        # without a bar (a log, a pipeline) one line per epoch at info level
         with progress_bar(total=max_epochs * per_epoch, desc="training", unit="batch",
                           progress=progress if ranks.main else False) as bar:  # fmt: skip
             bar.update(min(state.epoch, max_epochs) * per_epoch + state.step)
@@ -457,9 +521,19 @@ def train_annotator(
                     monitor.add_cells(len(batch["global_index"]))
                     trained += len(batch["global_index"])
                     bar.update(1)
+                    run_batches += 1
+                    if run_batches == WARMUP_BATCHES:
+                        warm = time.perf_counter()
+                    if not estimated and run_batches == WARMUP_BATCHES + TIMED_BATCHES:
+                        per_batch = (time.perf_counter() - warm) / TIMED_BATCHES
+                        estimated = _announce_estimate(per_batch, per_epoch, max_epochs - first_epoch, len(train_rows),
+                                                       torch_device)  # fmt: skip
                     if save:
                         checkpoints.save(state, net, optimizer, streams)
                 streams.settle()
+                if not estimated and run_batches:  # epochs shorter than the warm-up and timed batches: timed whole
+                    estimated = _announce_estimate((time.perf_counter() - loop_start) / run_batches, per_epoch,
+                                                   max_epochs - first_epoch, len(train_rows), torch_device)  # fmt: skip
                 val_logits, val_labels, val_index, val_embedded = _evaluate(net, source, val_rows, recipe,
                                                                             torch_device, ranks, prefetch)  # fmt: skip
                 score = _macro_f1(val_logits, val_labels, source.classes)
@@ -469,7 +543,9 @@ def train_annotator(
                 mean_loss = state.loss / max(1, state.batches)
                 state.history.append({"epoch": epoch, "loss": mean_loss, "val_macro_f1": score, "val_loss": val_loss})
                 bar.set_postfix(epoch=epoch + 1, loss=f"{mean_loss:.3f}", val_f1=f"{score:.3f}")
-                logg.debug(f"    epoch {epoch}: loss {mean_loss:.4f}, validation macro-F1 {score:.4f}")
+                if ranks.main:
+                    _log_epoch(epoch, max_epochs, mean_loss, score, (time.perf_counter() - loop_start)
+                               / (epoch - first_epoch + 1), quiet=not bar.disable)  # fmt: skip
                 # the best epoch: highest validation macro-F1; among equal ones (often all 1.0 on easy
                 # data), the lowest validation loss, which also covers the embedding heads. Patience
                 # counts epochs without a better macro-F1: the loss of a model that is already right
@@ -513,6 +589,7 @@ def train_annotator(
     report = monitor.report
     evaluated = metrics.get("test", metrics["validation"])
     manifest = {
+        "unknown_label": unknown_label,
         "params": params,
         "architecture": {"hidden": list(hidden), "dropout": dropout, "embeddings": dims, "linear": linear},
         "embedding_scale": {key: {"mean": m.tolist(), "std": s.tolist()} for key, (m, s) in scale.items()},
@@ -552,7 +629,7 @@ def train_annotator(
                       calibration=calibration)  # fmt: skip
     if model_dir is not None:
         if ranks.main:
-            model.save(model_dir)
+            model.save(model_dir, overwrite=overwrite)
         model.manifest, model.path = ranks.from_main(model.manifest), Path(model_dir)
     checkpoints.clear()
     ranks.barrier()  # every rank returns once the model folder is written

@@ -16,6 +16,7 @@ from .._utils._device import resolve_device
 from .._utils._docs import doc_params
 from .._utils._progress import progress_bar
 from .._utils._resources import ResourceMonitor
+from ..models._artifact import check_writable
 from ..models._normalize import InputRecipe
 from ..models._perturbation import PerturbationModel, PerturbationNet, energy_distance
 from . import _perturbation_data as data
@@ -175,6 +176,7 @@ def train_perturbation(
     lr: float = 1e-3,
     weight_decay: float = 1e-4,
     model_dir: str | Path | None = None,
+    overwrite: bool = False,
     device: str = "auto",
     random_state: int = 0,
     key_added: str = "cellmint_perturbation",
@@ -259,6 +261,8 @@ def train_perturbation(
         AdamW weight decay.
     model_dir
         Folder to save the model to (``manifest.json`` + ``weights.pt``); ``None`` keeps it in memory.
+    overwrite
+        Replace an existing model folder at ``model_dir`` (checked before training; replaced as a whole).
     {doc_device}
     {doc_random_state}
     key_added
@@ -278,6 +282,8 @@ def train_perturbation(
     if not 1 <= effect_bins <= set_size:
         raise ValueError(f"effect_bins must be between 1 and set_size ({set_size}), not {effect_bins}.")
     torch_device = resolve_device(device)
+    if model_dir is not None:
+        check_writable(model_dir, overwrite=overwrite)
     start = logg.info(f"training a perturbation model on {torch_device}")
     rows = np.arange(adata.n_obs)
     if split_key is not None:
@@ -420,7 +426,7 @@ def train_perturbation(
                               perturbation_key=perturbation_key, context_key=context_key, recipe=recipe,
                               use_rep=use_rep, decoder=decoder, manifest=manifest)  # fmt: skip
     if model_dir is not None:
-        model.save(model_dir)
+        model.save(model_dir, overwrite=overwrite)
     adata.uns[key_added] = model.uns_summary()
     logg.info(f"    finished after {len(history)} epochs (best {manifest['best_epoch']}); {report}", time=start)
     return model
