@@ -267,6 +267,51 @@ def print_table(rows: list[dict]) -> None:
         print(summary.round(3).to_string())
 
 
+def markdown_tables(rows: list[dict]) -> str:
+    """The documented tables (docs/unknown.md, docs/benchmarks.md): means ± standard deviation over seeds."""
+    import pandas as pd
+
+    frame = pd.DataFrame(rows)
+
+    def cell(values: pd.Series, digits: int = 3, percent: bool = False) -> str:
+        values = values.dropna()
+        if values.empty:
+            return "–"
+        scale = 100 if percent else 1
+        text = f"{scale * values.mean():.{1 if percent else digits}f}"
+        if len(values) > 1:
+            text += f" ± {scale * values.std():.{1 if percent else digits}f}"
+        return text + (" %" if percent else "")
+
+    lines = [
+        "| task | method | seeds | macro-F1 (Unknown wrong) | macro-F1 (every cell labelled) | false Unknown "
+        "| new types called Unknown | set coverage | train s |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for (task, method), group in frame.groupby(["task", "method"], sort=False):
+        lines.append(
+            f"| {task} | {method} | {group['seed'].nunique()} | {cell(group.get('f1', pd.Series(dtype=float)))} "
+            f"| {cell(group['f1_all'])} | {cell(group.get('false_unknown', pd.Series(dtype=float)), percent=True)} "
+            f"| {cell(group.get('novel_unknown', pd.Series(dtype=float)), percent=True)} "
+            f"| {cell(group.get('set_coverage', pd.Series(dtype=float)), 2)} | {group['train_seconds'].mean():.0f} |"
+        )
+    ablation = [c for c in frame.columns if c.startswith("ablation: ")]
+    if ablation:
+        mint = frame[frame["method"] == "cellmint"]
+        tasks = list(dict.fromkeys(mint["task"]))
+        rules = list(dict.fromkeys(c.split(": ")[1] for c in ablation))
+        lines += ["", "| open-set rule | " + " | ".join(tasks) + " |", "|---|" + "---|" * len(tasks)]
+        for rule in rules:
+            cells = []
+            for task in tasks:
+                group = mint[mint["task"] == task]
+                false = group[f"ablation: {rule}: false_unknown"].mean()
+                novel = group[f"ablation: {rule}: novel_unknown"].mean()
+                cells.append(f"{100 * false:.1f} / {100 * novel:.1f}" if novel == novel else f"{100 * false:.1f} / –")
+            lines.append(f"| {rule} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data-dir", type=Path, default=Path(os.environ.get("CELLMINT_DATA_DIR", DEFAULT_DATA)))
@@ -275,10 +320,14 @@ def main() -> None:
     parser.add_argument("--tasks", nargs="*", default=TASKS)
     parser.add_argument("--methods", nargs="*", default=["cellmint", "celltypist", "logistic"])
     parser.add_argument("--fresh", action="store_true", help="ignore earlier results")
+    parser.add_argument("--markdown", action="store_true", help="print the documented tables from stored results")
     parser.add_argument("--celltypist-worker", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.celltypist_worker is not None:
         celltypist_worker(args.celltypist_worker)
+        return
+    if args.markdown:
+        print(markdown_tables(json.loads(RESULTS.read_text())))
         return
     if not args.data_dir.is_dir():
         sys.exit(f"{args.data_dir} not found: pass --data-dir or set CELLMINT_DATA_DIR (see docs/data.md).")

@@ -14,6 +14,7 @@ exits with status 1.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import traceback
 from collections.abc import Sequence
@@ -128,7 +129,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
     data = Store(source) if source.is_dir() else read_h5ad(source, backed="r")
     model = train_annotator(data, args.label_keys, split=args.split, model_dir=args.model, layer=args.layer,
                             max_epochs=args.max_epochs, device=args.device, random_state=args.seed,
-                            progress=args.progress)  # fmt: skip
+                            progress=args.progress, checkpoint_dir=args.checkpoint_dir,
+                            checkpoint_every=args.checkpoint_every)  # fmt: skip
+    if os.environ.get("RANK", "0") != "0":  # under torchrun every rank trains; rank 0 reports
+        return 0
     print(model)
     for level, report in model.metrics.items():
         print(f"{level}: accuracy {report['accuracy']:.3f}, macro-F1 {report['macro_f1']:.3f}, "
@@ -277,6 +281,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-epochs", type=int, default=60, help="passes over the training cells (default: 60)")
     p.add_argument("--device", default="auto", help="torch device (default: auto)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    p.add_argument(
+        "--checkpoint-dir",
+        type=Path,
+        help="training checkpoint folder (default: MODEL.checkpoint); rerun the command to resume",
+    )
+    p.add_argument("--checkpoint-every", default="10 min", help="'10 min', '2 epochs' or '500 steps' (default: 10 min)")
     p.add_argument("--progress", **progress)
     p.set_defaults(func=_cmd_train)
 

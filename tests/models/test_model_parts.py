@@ -74,6 +74,22 @@ def test_gene_dropout_range_from_zero_and_masking():
     assert (masked[X > 0] == 0).float().mean().item() == pytest.approx(0.2, abs=0.02)
 
 
+def test_gene_scale_multiplies_each_gene_by_one_factor_and_the_library_follows():
+    X = _counts(n_cells=50, n_genes=2000)
+    library = X.sum(1) + 100.0  # genes outside the panel count in the library size too
+    settings = Augmentation(thinning=None, gene_dropout=None, masking=0.0, gene_scale=0.5)
+    out, new_library = augment_batch(X, library, settings, counts=True, generator=torch.Generator().manual_seed(3))
+    expressed = X.sum(0) > 0
+    ratio = out[:, expressed] / X[:, expressed].clamp_min(1e-9)
+    factor = ratio.max(0).values
+    torch.testing.assert_close(ratio[X[:, expressed] > 0], factor.expand_as(ratio)[X[:, expressed] > 0])  # per gene
+    assert np.log(factor.numpy()).std() == pytest.approx(0.5, abs=0.03)
+    torch.testing.assert_close(new_library, library + (out.sum(1) - X.sum(1)).double().to(library.dtype), rtol=1e-5,
+                               atol=1e-3)  # fmt: skip
+    with pytest.raises(ValueError, match="gene_scale must be in"):
+        Augmentation(gene_scale=-1.0)
+
+
 def test_log_values_skip_count_transforms_and_seeds_repeat():
     X = torch.log1p(_counts())
     settings = Augmentation(thinning=(0.2, 0.5), gene_dropout=None, masking=0.0, poisson=0.5)

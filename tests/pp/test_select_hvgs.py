@@ -425,6 +425,53 @@ def test_lazy_anndata_with_a_batch_column(tmp_path):
         assert set(result.index[result["highly_variable"]]) == set(expected.index[expected["highly_variable"]])
 
 
+def test_dask_distributed_cluster_computes_chunks_concurrently_with_the_exact_answer(tmp_path, monkeypatch):
+    """A LocalCluster of 2 worker processes computes the row chunks ahead; the client adds them up in row order."""
+    pytest.importorskip("distributed")
+    from anndata.experimental import read_lazy
+    from distributed import Client, LocalCluster
+
+    from cellmint._utils import _chunks
+    from cellmint.pp import _hvg_stats
+
+    counts = counts_with_batches(n_obs=2000, n_vars=300)
+    counts.write_h5ad(tmp_path / "counts.h5ad")
+    logs = lognorm(counts_with_batches(n_obs=2000, n_vars=300, seed=1))
+    logs.write_h5ad(tmp_path / "logs.h5ad")
+    halves = counts.copy()
+    halves.X = halves.X * 0.5  # not integers: the order of additions decides the last bits
+    halves.write_h5ad(tmp_path / "halves.h5ad")
+    used, summed = [], []
+    lookup, on_cluster = _chunks._cluster_client, _hvg_stats._moments_on_cluster
+    monkeypatch.setattr(_chunks, "_cluster_client", lambda: used.append(lookup()) or used[-1])
+    monkeypatch.setattr(
+        _hvg_stats, "_moments_on_cluster", lambda *a, **k: summed.append(on_cluster(*a, **k)) or summed[-1]
+    )
+    cases = [(counts, "counts", {"flavor": "seurat_v3", "batch_key": "batch"}),
+             (counts, "counts", {"flavor": "pearson_residuals"}),
+             (logs, "logs", {"flavor": "seurat", "batch_key": "batch"}),
+             (halves, "halves", {"flavor": "seurat_v3", "check_values": False})]  # fmt: skip
+    answers = [cm.pp.select_hvgs(adata, n_top_genes=50, inplace=False, **kwargs) for adata, _, kwargs in cases]
+    summed.clear()
+    with (
+        LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster,
+        Client(cluster),
+    ):
+        for (adata, name, kwargs), expected in zip(cases, answers, strict=True):
+            lazy = read_lazy(tmp_path / f"{name}.h5ad")
+            lazy.obs = adata.obs.copy()
+            got = cm.pp.select_hvgs(lazy, n_top_genes=50, inplace=False, chunk_size=250, **kwargs)
+            assert used[-1] is not None  # the chunks went to the cluster
+            pd.testing.assert_frame_equal(got, expected, check_names=False, check_exact=True)
+    # counts: the first pass was added up by the workers, chunk by chunk (integers: exact in any order);
+    # pearson_residuals needs more from its first pass; log values and halves are summed in row order
+    assert [s is not None for s in summed] == [True, False]
+    used.clear()
+    cm.pp.select_hvgs(read_lazy(tmp_path / "counts.h5ad"), n_top_genes=50, inplace=False)
+    assert used
+    assert all(client is None for client in used)  # without a client, dask's own scheduler computes each chunk
+
+
 def test_key_added_cannot_clobber_statistics_and_float16_works():
     adata = counts_with_batches(n_obs=200, n_vars=100)
     with pytest.raises(ValueError, match="would overwrite a statistics column"):

@@ -103,9 +103,3 @@ def test_batches_hold_the_stored_counts(store):
     adata = store.to_adata()
     for batch in store.loader(256, split=None, random_state=2, dense=True):
         np.testing.assert_array_equal(batch["X"].numpy(), adata.X[batch["index"].numpy()].toarray())
-
-
-def test_ranges():
-    starts, stops = np.array([5, 0, 9, 3]), np.array([8, 2, 9, 4])
-    expected = np.concatenate([np.arange(a, b) for a, b in zip(starts, stops, strict=True)])
-    np.testing.assert_array_equal(_sampling._ranges(starts, stops), expected)

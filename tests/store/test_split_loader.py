@@ -129,6 +129,43 @@ def test_resume_mid_epoch(store):
         np.testing.assert_array_equal(a, b)
 
 
+def test_global_batches_do_not_depend_on_the_number_of_ranks(store):
+    """Each step holds the same cells with 1, 2 or 3 ranks; each rank reads only its own blocks."""
+    rows = store.split_rows("default", "train")
+    loader = store.loader(100, rows=rows, balance="sqrt", label_key="cell_type", random_state=3,
+                          block_size=32, fetch_blocks=4, distributed="global")  # fmt: skip
+    dataset = loader.dataset
+    dataset.set_epoch(2)
+    single = [whole for _, _, wholes in dataset.plan_global(0, 1) for whole in wholes]
+    assert [len(b) for b in single] == [len(b) for _, batches in dataset.plan(0, 1) for b in batches]
+    for world in (2, 3):
+        plans = [dataset.plan_global(rank, world) for rank in range(world)]
+        steps = [[part for _, parts, _ in plan for part in parts] for plan in plans]
+        wholes = [whole for _, _, w in plans[0] for whole in w]
+        assert len(wholes) == len(single)
+        for step, whole in enumerate(wholes):
+            np.testing.assert_array_equal(whole, single[step])
+            together = np.concatenate([steps[rank][step] for rank in range(world)])
+            np.testing.assert_array_equal(np.sort(together), np.sort(whole))
+        for plan in plans:  # reads: the rank's own blocks (and a few carried cells), not the others'
+            read = np.concatenate([rows for rows, _, _ in plan])
+            assert len(read) < 1.3 * len(np.concatenate(single)) / world
+    assert len(loader) == len(single)
+
+
+def test_global_batches_keep_their_order_with_workers(store):
+    """With DataLoader workers, whole fetches go to workers in turn and the steps still come in planned order."""
+    kwargs = {"split": None, "random_state": 1, "block_size": 64, "fetch_blocks": 2, "distributed": "global"}
+    alone = [b["index"].numpy() for b in store.loader(100, **kwargs)]
+    workers = [b["index"].numpy() for b in store.loader(100, num_workers=2, **kwargs)]
+    assert len(alone) == len(workers) == 30
+    for a, b in zip(alone, workers, strict=True):
+        np.testing.assert_array_equal(a, b)
+    resumed = store.loader(100, start_batch=7, **kwargs)
+    np.testing.assert_array_equal(np.concatenate([b["global_index"].numpy() for b in resumed]),
+                                  np.concatenate(alone[7:]))  # fmt: skip
+
+
 def test_sparse_batches_and_unshuffled_order(store):
     batch = next(iter(store.loader(batch_size=50, split=None, shuffle=False, dense=False)))
     assert batch["X"].layout == __import__("torch").sparse_csr

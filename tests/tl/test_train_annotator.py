@@ -100,7 +100,8 @@ def test_hierarchy_of_two_label_levels(shared_data):
     model = cm.tl.train_annotator(adata, ["level1_class", "level2_class"], **{**SMALL, "max_epochs": 3})
     # Zeisel's values are log1p of counts: detected, and turned back into counts (count-space augmentation)
     assert model.recipe.kind == "counts"
-    assert model.manifest["data"]["input"]["kind"] == "log" and model.manifest["data"]["input"]["base"] == "e"
+    assert model.manifest["data"]["input"]["kind"] == "log"
+    assert model.manifest["data"]["input"]["base"] == "e"
     tree = model.hierarchy["level2_class"]
     truth = pd.crosstab(adata.obs["level2_class"], adata.obs["level1_class"])
     expected = {str(fine): str(row.idxmax()) for fine, row in truth.iterrows()}

@@ -9,8 +9,10 @@ in-memory arrays (dense, CSR, CSC), on-disk arrays and compressed-sparse groups 
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterator
+from collections import deque
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
+from itertools import islice
 from pathlib import Path
 from typing import Any, Literal, NamedTuple, Protocol
 
@@ -186,8 +188,30 @@ class _OnDiskCompressed:
         return coo.tocsr()
 
 
+def _cluster_client():
+    """The ``dask.distributed`` client dask computes with now (the default client, if it is the active scheduler)."""
+    try:
+        from distributed import default_client
+    except ImportError:
+        return None
+    try:
+        client = default_client()
+    except ValueError:  # no client
+        return None
+    import dask
+
+    return client if dask.base.get_scheduler() == client.get else None
+
+
 class _Dask:
-    """A dask array; each chunk is computed with the active dask scheduler."""
+    """A dask array; each chunk is computed with the active dask scheduler.
+
+    On a ``dask.distributed`` cluster, :meth:`read_all` submits chunks ahead (two per worker thread),
+    so the workers read, decompress and compute them concurrently while the caller takes them in
+    order — whatever the caller adds up, it adds up in row order, exactly as from one machine.
+    :func:`map_on_cluster` runs a function on each chunk where it is computed, for results smaller
+    than the chunk.
+    """
 
     storage = "dask"
 
@@ -207,6 +231,69 @@ class _Dask:
 
     def native_chunk_rows(self) -> int:
         return int(self.X.chunks[0][0]) if self.X.chunks[0] else 1
+
+    def read_all(self, starts: range, size: int) -> Iterator:
+        """The blocks of ``size`` rows from each of ``starts``, in order (computed ahead on a cluster)."""
+        client = _cluster_client()
+        if client is None:
+            n_obs = self.shape[0]
+            for start in starts:
+                yield self.read(start, min(n_obs, start + size))
+            return
+        for block in self.compute_all(client, starts, size):
+            yield sp.csr_matrix(block) if sp.issparse(block) else np.asarray(block)
+
+    def compute_all(self, client, starts: range, size: int, task: Callable | None = None,
+                    per_chunk: Callable | None = None) -> Iterator:  # fmt: skip
+        """``task(block, start, stop, **per_chunk(start, stop))`` (or the block) per row block, in order.
+
+        Blocks are submitted two per worker thread ahead of the one being handed out, so the
+        workers run concurrently while the caller takes the results in row order.
+        """
+        import dask
+
+        n_obs = self.shape[0]
+
+        def submit(start: int):
+            stop = min(n_obs, start + size)
+            if task is None:
+                return client.compute(self.X[start:stop])
+            extra = per_chunk(start, stop) if per_chunk is not None else {}
+            return client.compute(dask.delayed(task)(self.X[start:stop], start, stop, **extra))
+
+        todo = iter(starts)
+        pending = deque(submit(start) for start in islice(todo, max(2, 2 * sum(client.nthreads().values()))))
+        try:
+            while pending:
+                result = pending.popleft().result()
+                pending.extend(submit(start) for start in islice(todo, 1))
+                yield result
+        finally:
+            for future in pending:  # the caller stopped early (or failed): free the workers
+                future.cancel()
+
+
+def map_on_cluster(data: Any, task: Callable, *, layer: str | None = None, chunk_size: int | None = None,
+                   per_chunk: Callable | None = None) -> Iterator[tuple[int, int, Any]] | None:  # fmt: skip
+    """``(start, stop, task(block, start, stop, **per_chunk(start, stop)))`` per row chunk, on a cluster, in order.
+
+    Each chunk's ``task`` runs on the worker that computed the chunk; ``per_chunk`` gives its own
+    arguments (e.g. that chunk's slice of a per-cell vector).
+
+    ``None`` unless ``data`` is dask-backed and a ``dask.distributed`` client is the active scheduler:
+    then the caller reads chunks itself (:func:`iter_row_chunks`).
+    """
+    client = _cluster_client()
+    if client is None:
+        return None
+    with open_matrix(data, layer=layer) as source:
+        if not isinstance(source, _Dask):
+            return None
+        size = int(chunk_size) if chunk_size is not None else auto_chunk_size(source)
+        starts = range(0, source.shape[0], size)
+        n_obs = source.shape[0]
+        results = source.compute_all(client, starts, size, task, per_chunk)
+    return ((start, min(n_obs, start + size), result) for start, result in zip(starts, results, strict=True))
 
 
 class _RowSubset:
@@ -476,9 +563,8 @@ def iter_row_chunks(
             raise ValueError(f"start={start} is outside 0..{n_obs}.")
         starts = range(start, n_obs, size)
 
-        def read(first: int) -> RowChunk:
+        def checked(first: int, block) -> RowChunk:
             stop = min(n_obs, first + size)
-            block = source.read(first, stop)
             if block.shape != (stop - first, source.shape[1]):
                 raise ValueError(
                     f"Rows {first}:{stop} came back with shape {block.shape}; the matrix is corrupted or "
@@ -487,7 +573,11 @@ def iter_row_chunks(
             return RowChunk(first, stop, _convert(block, fmt))
 
         with progress_bar(total=n_obs - start, desc=desc, unit="cells", progress=progress) as bar:
-            chunks = map(read, starts)
+            if isinstance(source, _Dask):
+                blocks = source.read_all(starts, size)
+            else:
+                blocks = (source.read(first, min(n_obs, first + size)) for first in starts)
+            chunks = map(checked, starts, blocks)
             for chunk in background(chunks, depth=1, name="cellmint-prefetch") if prefetch else chunks:
                 yield chunk
                 bar.update(chunk.stop - chunk.start)

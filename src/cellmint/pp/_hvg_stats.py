@@ -13,20 +13,28 @@ close numbers, the chunked sums must be added in the same order and precision as
 The second seurat_v3 pass (values clipped at a per-gene maximum) is a single ordered float64 sum
 for every layout, as in scanpy. scanpy >= 1.12 takes seurat_v3's per-batch moments from
 ``sc.get.aggregate`` (Welford's recurrence); that is reproduced too when that scanpy is installed.
-Dask arrays: dask computes each row block (reading, decompressing, lazy steps — on a cluster if one
-is attached) and the blocks are added here in order, so the sums are exact as well.
+Dask arrays: dask computes each row block (reading, decompressing, lazy steps) and the blocks are
+added here in order, so the sums are exact as well. On a ``dask.distributed`` cluster the blocks are
+computed ahead, concurrently, by the workers, and the client adds them up in row order. The first
+pass goes further when its sums cannot depend on the order of additions: when every value is a
+non-negative integer (raw counts, no transform, no Welford recurrence), every partial sum is an
+integer, exact in float64 below 2**53, so each worker adds up its own chunk (:func:`_chunk_moments`)
+and the client adds the chunks' sums — the same numbers, bit for bit, as scanpy's ordered sums, from
+a few vectors per chunk instead of the chunk itself. Values that are not such integers (or sums that
+reach 2**53) send that pass back to the ordered accumulation of the blocks.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from functools import partial
 
 import numba
 import numpy as np
 import scipy.sparse as sp
 
-from .._utils._chunks import RowChunk, iter_row_chunks, open_matrix
+from .._utils._chunks import RowChunk, iter_row_chunks, map_on_cluster, open_matrix
 
 
 @dataclass
@@ -279,6 +287,11 @@ def moments(
     ``also`` receives every prepared chunk too, so that a flavour needing more sums than these
     (``pearson_residuals``) gathers them in the same pass.
     """
+    if also is None and transform is None and not (arithmetic.welford_batches and n_batches > 1):
+        exact = _moments_on_cluster(data, batch, n_batches, layer=layer, chunk_size=chunk_size,
+                                    arithmetic=arithmetic, check=check)  # fmt: skip
+        if exact is not None:
+            return exact
     accumulator = _MomentSums(n_batches, _n_genes(data, layer), arithmetic, with_all=n_batches > 1)
     for chunk in prepared_chunks(data, layer=layer, chunk_size=chunk_size, progress=progress, desc="gene moments",
                                  transform=transform, check=check):  # fmt: skip
@@ -286,6 +299,49 @@ def moments(
         if also is not None:
             also(chunk)
     return accumulator.result()
+
+
+#: float64 adds integers exactly while every partial sum stays below this
+_EXACT_INTEGERS = 2.0**53
+
+
+def _chunk_moments(block, start: int, stop: int, *, codes: np.ndarray, n_batches: int, square_in_float64: bool,
+                   check: ChunkCheck | None):  # fmt: skip
+    """On a worker: a chunk's own Σx, Σx², detected and cell counts; ``None`` unless all values are integers ≥ 0."""
+    X = _prepared(RowChunk(start, stop, sp.csr_matrix(block) if sp.issparse(block) else np.asarray(block)), None, check)
+    values = X.data if sp.issparse(X) else X
+    if values.size and (values.min() < 0 or not np.array_equal(values, np.floor(values))):
+        return None
+    sums = _MomentSums(n_batches, X.shape[1], Arithmetic(partitions=1, square_in_float64=square_in_float64),
+                       with_all=n_batches > 1)  # fmt: skip
+    threads = numba.get_num_threads()
+    numba.set_num_threads(1)  # for this thread only: the worker runs one task per thread, each on its own core
+    try:
+        sums.add(X, codes)
+    finally:
+        numba.set_num_threads(threads)
+    return sums.sums, sums.squares, sums.detected, sums.seen
+
+
+def _moments_on_cluster(data, batch: np.ndarray, n_batches: int, *, layer, chunk_size, arithmetic: Arithmetic,
+                        check: ChunkCheck | None) -> Moments | None:  # fmt: skip
+    """The first pass with each chunk added up by the worker that computed it (module docstring), or ``None``."""
+    task = partial(_chunk_moments, n_batches=n_batches, square_in_float64=arithmetic.square_in_float64, check=check)
+    chunks = map_on_cluster(data, task, layer=layer, chunk_size=chunk_size,
+                            per_chunk=lambda start, stop: {"codes": batch[start:stop]})  # fmt: skip
+    if chunks is None:
+        return None
+    total = _MomentSums(n_batches, _n_genes(data, layer), Arithmetic(partitions=1, square_in_float64=False),
+                        with_all=n_batches > 1)  # fmt: skip
+    for _, _, part in chunks:
+        if part is None:
+            chunks.close()  # values the order of additions matters for: the blocks are added in order instead
+            return None
+        for mine, theirs in zip((total.sums, total.squares, total.detected, total.seen), part, strict=True):
+            mine += theirs
+    if max(total.sums.max(initial=0), total.squares.max(initial=0)) >= _EXACT_INTEGERS:
+        return None
+    return total.result()
 
 
 def prepared_chunks(

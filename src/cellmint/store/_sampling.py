@@ -9,6 +9,18 @@ into batches. A store's blocks follow its chunk files of counts (the cells whose
 does, instead of decoding partly used files again for every block that touches them. Planning first
 makes epochs reproducible from ``(random_state, epoch)`` and lets a run resume mid-epoch without
 reading the batches it skips. Each worker opens the store itself, so fork and spawn both work.
+
+Under ``torch.distributed`` ranks share an epoch in one of two ways (``distributed=``):
+
+- ``"shard"``: blocks are dealt to ranks, and each rank cuts its own batches (a
+  ``DistributedSampler``'s habit). The order of the epoch depends on the number of ranks.
+- ``"global"`` (data-parallel training): every rank plans the same *global* batches of
+  ``batch_size`` cells — exactly the batches of a single process — and takes from each the cells of
+  the blocks it owns (block ``i`` of the epoch belongs to rank ``i % world``), so each rank reads only
+  its own blocks. A step is the same set of cells whatever the number of ranks, and ``start_batch``
+  counts global steps: a run resumes at the same cell with more or fewer ranks. The ranks' shares of
+  one step differ by a few cells (block ownership, not a cut into equal parts); each batch carries the
+  rows of the whole global batch (``"global_index"``) so that the loss can be the exact mean over it.
 """
 
 from __future__ import annotations
@@ -27,6 +39,8 @@ from .._utils._threads import background
 from ._arrays import ChunkedArray, read_spans
 
 BALANCE_EXPONENT = {None: 0.0, "sqrt": 0.5, "inverse": 1.0}
+#: how ranks of torch.distributed share an epoch (module docstring)
+DISTRIBUTED = ("shard", "global", "none")
 #: rows between two wanted rows that are read through rather than starting a new read
 MAX_GAP = 64
 #: cells per block where blocks are not laid along chunk files (an in-memory matrix, or ``block_size`` not given
@@ -39,13 +53,6 @@ DEFAULT_BLOCK_SIZE = 256
 #: before windows were cut from the blocks laid end to end. More files per block waste fewer decodes but
 #: make larger windows (slower: the gathers leave the cache) or fewer blocks per window (coarser shuffling)
 BLOCK_CHUNKS = 2
-
-
-def _ranges(starts: np.ndarray, stops: np.ndarray) -> np.ndarray:
-    """``concatenate([arange(a, b) for a, b in zip(starts, stops)])`` without the Python loop."""
-    lengths = stops - starts
-    offsets = np.repeat(starts - np.concatenate([[0], np.cumsum(lengths)[:-1]]), lengths)
-    return np.arange(int(lengths.sum()), dtype=np.int64) + offsets
 
 
 def chunk_blocks(starts: np.ndarray, chunk: int, chunks_per_block: int = BLOCK_CHUNKS) -> np.ndarray:
@@ -108,31 +115,38 @@ class StoreBatches(torch.utils.data.IterableDataset):
     start_batch: int = 0
     prefetch: bool = True
     epoch: int = 0
+    distributed: str = "shard"
     _arrays: dict | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         super().__init__()
+        if self.distributed not in DISTRIBUTED:
+            raise ValueError(f"distributed must be one of {DISTRIBUTED}, not {self.distributed!r}.")
 
-    def set_epoch(self, epoch: int) -> None:
-        """Use the order of epoch ``epoch`` (call before each epoch, as with DistributedSampler)."""
+    def set_epoch(self, epoch: int, start_batch: int | None = None) -> None:
+        """Use the order of epoch ``epoch`` (call before each epoch, as with DistributedSampler).
+
+        ``start_batch`` also sets the batches to skip (``None`` keeps them).
+        """
         self.epoch = int(epoch)
+        if start_batch is not None:
+            self.start_batch = int(start_batch)
 
     # -- planning (indices only) ---------------------------------------------------------------
-    def _shard(self) -> tuple[int, int]:
+    def _position(self) -> tuple[int, int, int, int]:
+        """``(rank, world, worker, workers)`` of this process and DataLoader worker."""
         info = torch.utils.data.get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
         rank, world = 0, 1
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
+        if self.distributed != "none" and torch.distributed.is_available() and torch.distributed.is_initialized():
             rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
-        return rank * workers + worker, world * workers
+        return rank, world, worker, workers
 
-    def plan(self, shard: int = 0, n_shards: int = 1) -> list[tuple[np.ndarray, list[np.ndarray]]]:
-        """Fetches of one shard in this epoch: (rows to read, batches as row arrays), in order.
+    def _epoch_blocks(self) -> tuple[list[np.ndarray], np.random.Generator]:
+        """The epoch's blocks of rows, in their shuffled order, and the generator that cuts them into batches.
 
-        The shard's blocks, in their shuffled order, are laid end to end and cut into windows of a whole
-        number of batches (about ``fetch_blocks`` blocks each); each window is read once, shuffled in
-        memory and cut into batches. A block may end in one window and go on in the next; no cell is
-        read twice.
+        A store's blocks are the runs of rows with the same ``block_ids`` (their chunk files of counts);
+        otherwise runs of ``block_size`` rows.
         """
         rng = np.random.default_rng([self.random_state, self.epoch])
         rows, ids = self.rows, self.block_ids
@@ -143,13 +157,23 @@ class StoreBatches(torch.utils.data.IterableDataset):
         if ids is not None:
             cuts = np.flatnonzero(np.diff(ids)) + 1
         else:
-            cuts = np.arange(self.block_size or DEFAULT_BLOCK_SIZE, len(rows), self.block_size or DEFAULT_BLOCK_SIZE)
+            size = self.block_size or DEFAULT_BLOCK_SIZE
+            cuts = np.arange(size, len(rows), size)
         bounds = np.concatenate([[0], cuts, [len(rows)]]).astype(np.int64)
         order = rng.permutation(len(bounds) - 1) if self.shuffle else np.arange(len(bounds) - 1)
-        order = order[shard::n_shards]
-        sequence = rows[_ranges(bounds[order], bounds[order + 1])]
-        mean_block = len(rows) / max(1, len(bounds) - 1)
-        window = self.batch_size * max(1, round(self.fetch_blocks * mean_block / self.batch_size))
+        return [rows[bounds[b] : bounds[b + 1]] for b in order], rng
+
+    def _cut(self, blocks: list[np.ndarray], rng: np.random.Generator) -> list[list[np.ndarray]]:
+        """Batches of every fetch: the blocks laid end to end, cut into windows, each shuffled and cut.
+
+        A window holds a whole number of batches, about ``fetch_blocks`` blocks; a block may end in one
+        window and go on in the next, so no cell is read twice (a remainder carried into the next
+        fetch had been read again with it).
+        """
+        if not blocks:
+            return []
+        sequence = np.concatenate(blocks)
+        window = self.batch_size * max(1, round(self.fetch_blocks * len(sequence) / len(blocks) / self.batch_size))
         fetches = []
         for start in range(0, len(sequence), window):
             pool = sequence[start : start + window]
@@ -159,10 +183,35 @@ class StoreBatches(torch.utils.data.IterableDataset):
             if start + window >= len(sequence) and self.drop_last and len(batches[-1]) < self.batch_size:
                 batches.pop()
             if batches:
-                fetches.append((np.unique(np.concatenate(batches)), batches))
+                fetches.append(batches)
+        return fetches
+
+    def plan(self, shard: int = 0, n_shards: int = 1) -> list[tuple[np.ndarray, list[np.ndarray]]]:
+        """Fetches of one shard in this epoch: (rows to read, batches as row arrays), in order."""
+        blocks, rng = self._epoch_blocks()
+        return [(np.unique(np.concatenate(batches)), batches) for batches in self._cut(blocks[shard::n_shards], rng)]
+
+    def plan_global(self, rank: int = 0, world: int = 1) -> list[tuple[np.ndarray, list[np.ndarray], list[np.ndarray]]]:
+        """Fetches of rank ``rank`` of ``world`` (``distributed="global"``, see module docstring).
+
+        Each is ``(rows this rank reads, its part of every global batch, the global batches)``; the
+        global batches are those of ``plan()`` in one process, whatever ``world`` is.
+        """
+        blocks, rng = self._epoch_blocks()
+        lengths = [len(block) for block in blocks]
+        order = np.concatenate(blocks) if blocks else np.empty(0, dtype=np.int64)
+        owner = np.repeat(np.arange(len(blocks)) % world, lengths)
+        # cut positions in the epoch rather than rows: the same draws as plan(), and each cell keeps its owner
+        positions = np.split(np.arange(len(order)), np.cumsum(lengths)[:-1]) if blocks else []
+        fetches = []
+        for batches in self._cut(positions, rng):
+            mine = [order[b[owner[b] == rank]] for b in batches]
+            fetches.append((np.unique(np.concatenate(mine)), mine, [order[b] for b in batches]))
         return fetches
 
     def __len__(self) -> int:
+        if self.distributed == "global":
+            return sum(len(whole) for _, _, whole in self.plan_global()) - self.start_batch
         return sum(len(b) for _, b in self.plan()) - self.start_batch
 
     # -- reading ------------------------------------------------------------------------------
@@ -183,6 +232,8 @@ class StoreBatches(torch.utils.data.IterableDataset):
         Returns ``(starts, lengths, data, indices)``: row ``rows[i]`` is ``data[starts[i]:starts[i] + lengths[i]]``.
         """
         indptr = self._indptr
+        if len(rows) == 0:  # a rank without cells in this fetch (distributed="global")
+            return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32), np.zeros(0, np.int32)
         spans = np.split(rows, np.flatnonzero(np.diff(rows) > MAX_GAP) + 1)
         bounds = [(int(indptr[span[0]]), int(indptr[span[-1] + 1])) for span in spans]
         total = sum(hi - lo for lo, hi in bounds)
@@ -202,7 +253,7 @@ class StoreBatches(torch.utils.data.IterableDataset):
             state.pop(cached, None)
         return state
 
-    def _batch(self, batch: np.ndarray, rows: np.ndarray, fetched) -> dict:
+    def _batch(self, batch: np.ndarray, rows: np.ndarray, fetched, whole: np.ndarray | None = None) -> dict:
         starts, lengths, data, indices = fetched
         positions = np.searchsorted(rows, batch)
         if self.dense:
@@ -222,31 +273,48 @@ class StoreBatches(torch.utils.data.IterableDataset):
                 X = torch.sparse_csr_tensor(torch.from_numpy(crow), torch.from_numpy(cols.astype(np.int64)),
                                             torch.from_numpy(values), size=(len(batch), self._n_vars),
                                             check_invariants=False)  # fmt: skip
-        return {
+        out = {
             "X": X,
             "labels": {key: torch.from_numpy(codes[batch]) for key, codes in self._labels.items()},
             "library_size": torch.from_numpy(self._library[batch]),
             "index": torch.from_numpy(batch.astype(np.int64)),
         }
+        if whole is not None:
+            out["global_index"] = torch.from_numpy(whole.astype(np.int64))
+        return out
 
     def __iter__(self) -> Iterator[dict]:
         if self._arrays is None:
             self._open()  # here: in each worker, after fork or spawn
         yield from self._batches()
 
-    def _batches(self) -> Iterator[dict]:
+    def _batches(self) -> Iterator[dict | list[dict]]:
         """Batches of this shard, resumed after ``start_batch``; the next fetch is read while this one is cut."""
+        rank, world, worker, workers = self._position()
+        if self.distributed == "global":
+            planned = self.plan_global(rank, world)
+        else:
+            planned = [(rows, batches, [None] * len(batches))
+                       for rows, batches in self.plan(rank * workers + worker, world * workers)]  # fmt: skip
         skip, fetches = self.start_batch, []
-        for rows, batches in self.plan(*self._shard()):
+        for rows, batches, whole in planned:
             if skip < len(batches):
-                fetches.append((rows, batches[skip:]))
+                fetches.append((rows, batches[skip:], whole[skip:]))
             skip = max(0, skip - len(batches))
-        reads = map(self._read, (rows for rows, _ in fetches))
+        grouped = self.distributed == "global" and workers > 1
+        if grouped:
+            # workers take whole fetches in turn and hand each over as one list: the DataLoader's
+            # round-robin over workers then gives the steps in their planned order
+            fetches = fetches[worker::workers]
+        reads = map(self._read, (rows for rows, _, _ in fetches))
         if self.prefetch:
             reads = background(reads, depth=1, name="cellmint-read")
-        for (rows, batches), fetched in zip(fetches, reads, strict=True):
-            for batch in batches:
-                yield self._batch(batch, rows, fetched)
+        for (rows, batches, whole), fetched in zip(fetches, reads, strict=True):
+            cut = (self._batch(batch, rows, fetched, w) for batch, w in zip(batches, whole, strict=True))
+            if grouped:
+                yield list(cut)
+            else:
+                yield from cut
 
 
 @dataclass
@@ -284,16 +352,17 @@ class StoreLoader:
         self.loader, self.device = loader, device
         self.dataset = loader.dataset
 
-    def set_epoch(self, epoch: int) -> None:
-        """Use the order of epoch ``epoch``."""
-        self.dataset.set_epoch(epoch)
+    def set_epoch(self, epoch: int, start_batch: int | None = None) -> None:
+        """Use the order of epoch ``epoch``, from batch ``start_batch`` (``None``: as it was)."""
+        self.dataset.set_epoch(epoch, start_batch)
 
     def __len__(self) -> int:
         return len(self.dataset)
 
     def __iter__(self) -> Iterator[dict]:
-        for batch in self.loader:
-            yield batch if self.device is None else _to(batch, self.device)
+        for item in self.loader:
+            for batch in item if isinstance(item, list) else (item,):  # a list: one fetch of a worker
+                yield batch if self.device is None else _to(batch, self.device)
 
 
 def _to(batch, device):

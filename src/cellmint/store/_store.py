@@ -386,6 +386,7 @@ class Store:
         fetch_blocks: int = 16,
         rows: np.ndarray | None = None,
         prefetch: bool = True,
+        distributed: str = "shard",
     ):
         """Shuffled, optionally label-balanced mini-batches for torch (see :mod:`cellmint.store._sampling`).
 
@@ -419,7 +420,8 @@ class Store:
         device
             Move batches to this device (pinned memory for CUDA).
         start_batch
-            Resume an epoch after this many batches (per worker and rank) without reading them.
+            Resume an epoch after this many batches (per worker and rank; with ``distributed="global"``,
+            global steps) without reading them.
         block_size
             Consecutive cells per shuffled block. ``None``: the cells whose counts start in the same two chunk
             files of counts (about 600 cells at 440 stored counts per cell; 130 at 2,000), so that every file
@@ -432,19 +434,27 @@ class Store:
             Read the next fetch in background threads while batches are cut from this one. Turn it off
             when the consumer computes on the same CPU cores (CPU training): torch's own threads then
             run without competing with the readers.
+        distributed
+            How the ranks of ``torch.distributed`` share an epoch (:mod:`cellmint.store._sampling`):
+            ``"shard"`` (blocks dealt to ranks, each cutting its own batches), ``"global"`` (every rank
+            takes its part of the same global batches of ``batch_size`` cells, in an order that does not
+            depend on the number of ranks — data-parallel training, resumable with any number of ranks)
+            or ``"none"`` (every rank streams all the rows).
 
         Returns
         -------
         An iterable of batches (a torch DataLoader underneath; ``set_epoch(e)`` selects the epoch's order):
         dicts with ``"X"`` (cells × genes counts), ``"labels"`` (``{key: int64 codes}``), ``"library_size"``
-        (float32, over all genes of the input) and ``"index"`` (store rows). Under ``torch.distributed``
-        every rank reads its own share.
+        (float32, over all genes of the input) and ``"index"`` (store rows); with ``distributed="global"``
+        also ``"global_index"`` (the rows of the whole global batch). Under ``torch.distributed`` every
+        rank reads its own share.
         """
         from ._sampling import BALANCE_EXPONENT, StoreBatches, StoreLoader, chunk_blocks
 
         if balance not in BALANCE_EXPONENT:
             raise ValueError(f"balance must be None, 'sqrt' or 'inverse', not {balance!r}.")
-        for arg, value, minimum in (("batch_size", batch_size, 1), ("block_size", block_size or 1, 1),
+        block = 1 if block_size is None else block_size
+        for arg, value, minimum in (("batch_size", batch_size, 1), ("block_size", block, 1),
                                     ("fetch_blocks", fetch_blocks, 1), ("start_batch", start_batch, 0),
                                     ("num_workers", num_workers, 0)):  # fmt: skip
             if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < minimum:
@@ -479,7 +489,7 @@ class Store:
             self.path, rows, self.label_keys, batch_size=batch_size, shuffle=shuffle, balance_codes=codes,
             balance_exponent=BALANCE_EXPONENT[balance], random_state=random_state, drop_last=drop_last, dense=dense,
             block_size=block_size, fetch_blocks=fetch_blocks, start_batch=start_batch, prefetch=prefetch,
-            block_ids=blocks,
+            block_ids=blocks, distributed=distributed,
         )  # fmt: skip
         cuda = device is not None and str(device).startswith("cuda")
         import torch

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,8 @@ from ..models._normalize import InputRecipe, normalize
 from ..models._optim import AdamW
 from ..store._sampling import BALANCE_EXPONENT
 from ..store._store import Store
+from ._checkpoint import Checkpoints, RandomStreams, checkpoint_folder, fingerprint
+from ._distributed import Ranks, join, leave
 from ._knn import NearestReference
 from ._train_data import TrainingData, from_anndata, from_store
 
@@ -57,21 +60,41 @@ def _logits(net, loader, recipe, device, latents: list | None = None) -> tuple[d
     With ``latents`` (a list), each batch's latent is appended to it too.
     """
     net.eval()
-    logits, labels, index, embedded = {}, {}, [], {}
+    # empty to start with, so that a rank without cells still gives every level (shapes for the gather)
+    logits = {level: [torch.zeros(0, head.out_features)] for level, head in net.heads.items()}
+    labels = {level: [torch.zeros(0, dtype=torch.int64)] for level in net.heads}
+    embedded = {key: [torch.zeros(0, regressor.out_features)] for key, regressor in net.regressors.items()}
+    index = [np.zeros(0, dtype=np.int64)]
+    if latents is not None:
+        latents.append(torch.zeros(0, next(iter(net.heads.values())).in_features))
     for batch in loader:
         x = normalize(batch["X"].to(device), batch["library_size"].to(device), recipe)
         latent, out, projected = net(x)
         if latents is not None:
             latents.append(latent.float().cpu())
         for level, values in out.items():
-            logits.setdefault(level, []).append(values.float().cpu())
-            labels.setdefault(level, []).append(batch["labels"][level])
+            logits[level].append(values.float().cpu())
+            labels[level].append(batch["labels"][level])
         for key, values in projected.items():
-            embedded.setdefault(key, []).append(values.float().cpu())
+            embedded[key].append(values.float().cpu())
         index.append(batch["index"].numpy())
     return ({k: torch.cat(v) for k, v in logits.items()}, {k: torch.cat(v) for k, v in labels.items()},
-            np.concatenate(index) if index else np.zeros(0, dtype=np.int64),
-            {k: torch.cat(v).numpy() for k, v in embedded.items()})  # fmt: skip
+            np.concatenate(index), {k: torch.cat(v).numpy() for k, v in embedded.items()})  # fmt: skip
+
+
+def _evaluate(net, source: TrainingData, rows: np.ndarray, recipe, device, ranks: Ranks, prefetch: bool,
+              latents: list | None = None) -> tuple[dict, dict, np.ndarray, dict]:  # fmt: skip
+    """:func:`_logits` over ``rows``, each rank computing its share: every rank gets every cell's, in order."""
+    part = ranks.part(rows)
+    mine: list | None = None if latents is None else []
+    loader = () if not len(part) else source.loader(part, batch_size=1024, shuffle=False, balance=None,
+                                                    random_state=0, prefetch=prefetch)  # fmt: skip
+    logits, labels, index, embedded = _logits(net, loader, recipe, device, mine)
+    if latents is not None:
+        latents.append(ranks.gather(torch.cat(mine)))
+    return ({k: ranks.gather(v) for k, v in logits.items()}, {k: ranks.gather(v) for k, v in labels.items()},
+            ranks.gather(torch.from_numpy(index)).numpy(),
+            {k: ranks.gather(torch.from_numpy(v)).numpy() for k, v in embedded.items()})  # fmt: skip
 
 
 def _nearest(latent: torch.Tensor, reference: torch.Tensor, *, exclude: np.ndarray | None = None):
@@ -88,7 +111,8 @@ def _nearest(latent: torch.Tensor, reference: torch.Tensor, *, exclude: np.ndarr
     return distance[rows, other], index[rows, other]
 
 
-def _reference(net, source: TrainingData, train_rows, val_latent: torch.Tensor, recipe, device, rng, prefetch: bool):
+def _reference(net, source: TrainingData, train_rows, val_latent: torch.Tensor, recipe, device, rng, prefetch: bool,
+               ranks: Ranks):  # fmt: skip
     """Latent and labels of up to REFERENCE_CELLS training cells, and the open-set calibration.
 
     The class scales and the floor of the rule come from the spacing of the reference cells (up to
@@ -98,8 +122,7 @@ def _reference(net, source: TrainingData, train_rows, val_latent: torch.Tensor, 
     rows = train_rows if len(train_rows) <= REFERENCE_CELLS else np.sort(rng.choice(train_rows, REFERENCE_CELLS,
                                                                                       replace=False))  # fmt: skip
     latents: list = []
-    loader = source.loader(rows, batch_size=1024, shuffle=False, balance=None, random_state=0, prefetch=prefetch)
-    _, _, index, _ = _logits(net, loader, recipe, device, latents)
+    _, _, index, _ = _evaluate(net, source, rows, recipe, device, ranks, prefetch, latents)
     reference = torch.cat(latents)
     codes = {level: values[index].astype(np.int32) for level, values in source.codes.items()}
     finest = list(codes)[-1]
@@ -143,6 +166,27 @@ def _validation_loss(logits: dict, labels: dict, embedded: dict, targets: dict, 
     for key, values in embedded.items():
         loss += float(((values - targets[key][index].numpy()) ** 2).mean()) / len(embedded)
     return float(loss)
+
+
+def _step_loss(logits: dict, embedded: dict, batch: dict, weights: dict, cell_weight: dict, targets: dict,
+               device) -> torch.Tensor:  # fmt: skip
+    """The share of this rank in the loss of the global batch: mean weighted cross-entropy over levels plus MSE.
+
+    Sums over this rank's cells divided by the *global* batch's total weight (cells × dimensions for
+    the embedding heads), so that the ranks' shares add up to the loss of the whole batch, however its
+    cells were divided; in one process it is the batch's mean, as ``cross_entropy(weight=...)`` gives.
+    """
+    whole = batch["global_index"].numpy()
+    loss = 0.0
+    for level, values in logits.items():
+        truth = batch["labels"][level].to(device)
+        total = torch.nn.functional.cross_entropy(values, truth, weight=weights[level], reduction="sum")
+        loss = loss + total / float(cell_weight[level][whole].sum())
+    loss = loss / len(logits)
+    for key, predicted in embedded.items():
+        truth = targets[key][batch["index"]].to(device)
+        loss = loss + ((predicted - truth) ** 2).sum() / (len(whole) * predicted.shape[1] * len(embedded))
+    return loss
 
 
 def _r2(predicted: np.ndarray, truth: np.ndarray) -> float:
@@ -198,6 +242,8 @@ def train_annotator(
     random_state: int = 0,
     key_added: str = "cellmint",
     progress: bool | None = None,
+    checkpoint_dir: str | Path | None = None,
+    checkpoint_every: str = "10 min",
 ) -> Annotator:
     """Train a multi-level cell-type annotator: a shared encoder and one classifier head per label level.
 
@@ -268,6 +314,14 @@ def train_annotator(
     key_added
         AnnData: key of ``uns`` for the model's metadata.
     {doc_progress}
+    checkpoint_dir
+        Folder for the training checkpoint (``training.pt``): rerunning the same call after a crash or a
+        pre-emption resumes from it (:mod:`cellmint.tl._checkpoint`), also with another number of
+        ranks; it is removed once the model is returned. Default: ``<model_dir>.checkpoint`` beside the
+        model folder when ``model_dir`` is given, else no checkpoints.
+    checkpoint_every
+        How often a checkpoint is written: ``"10 min"``, ``"2 epochs"`` or ``"500 steps"``; one is also
+        written when training ends, before calibration.
 
     Returns
     -------
@@ -277,6 +331,16 @@ def train_annotator(
     When ``data`` is an AnnData, also writes ``adata.uns[key_added]`` (model folder path, label keys,
     classes, gene panel, input recipe, temperatures, parameters, metrics, file checksums; all
     h5ad-writable) and, when the split was made here, ``adata.obs[f"{{key_added}}_split"]``.
+    ``manifest["training"]`` records the number of ranks, the resumes from checkpoints and the
+    training throughput (cells of global batches per second of this process's epoch loop).
+
+    Notes
+    -----
+    Under ``torch.distributed`` (a process group set up by the caller, or ``torchrun``'s environment),
+    every rank runs this same call: each trains on its share of every global batch of ``batch_size``
+    cells with gradients summed across ranks, validation and test cells are divided among ranks and
+    gathered, and every rank returns the same model; only rank 0 writes ``model_dir``
+    (:mod:`cellmint.tl._distributed`, docs page "Scaling out").
     """
     if not isinstance(label_keys, str) and not (isinstance(label_keys, Sequence)
                                                 and all(isinstance(k, str) for k in label_keys)):  # fmt: skip
@@ -303,7 +367,7 @@ def train_annotator(
         raise ValueError(f"balance must be None, 'sqrt' or 'inverse', not {balance!r}.")
     if input not in ("auto", "counts", "lognorm"):
         raise ValueError(f"input must be 'auto', 'counts' or 'lognorm', not {input!r}.")
-    torch_device = resolve_device(device)
+    ranks, torch_device = join(resolve_device(device))
     settings = Augmentation.from_arg(augment)
     start = logg.info(f"training an annotator for {label_keys} on {torch_device}")
     embedding_keys = list(embedding_keys)
@@ -336,7 +400,14 @@ def train_annotator(
         "weight_decay": weight_decay, "batch_size": batch_size, "random_state": random_state,
         "device": str(torch_device), "validation": val_source,
     }  # fmt: skip
-    with torch.random.fork_rng(devices=[]), ResourceMonitor(device=torch_device) as monitor:
+    same_call = fingerprint({k: v for k, v in params.items() if k != "device"}, {
+        "genes": list(source.genes), "classes": [source.classes[k] for k in label_keys],
+        "codes": [source.codes[k] for k in label_keys], "rows": [train_rows, val_rows, test_rows],
+        "embeddings": [source.embeddings[k] for k in embedding_keys], "input": repr(source.summary),
+    })  # fmt: skip
+    checkpoints = Checkpoints(checkpoint_folder(checkpoint_dir, model_dir), same_call, checkpoint_every, ranks)
+    forked = [torch_device.index or 0] if torch_device.type == "cuda" else []
+    with torch.random.fork_rng(devices=forked), ResourceMonitor(device=torch_device) as monitor, checkpoints:
         torch.manual_seed(random_state)  # inside fork_rng: weights and dropout follow the seed, global state untouched
         generator = torch.Generator().manual_seed(random_state)
         n_classes = {level: len(c) for level, c in source.classes.items()}
@@ -350,68 +421,84 @@ def train_annotator(
             counts = np.bincount(source.codes[level][train_rows], minlength=n_classes[level]).astype(np.float64)
             w = np.where(counts > 0, np.maximum(counts, 1) ** -0.5, 0.0) if class_weight else np.ones(len(counts))
             weights[level] = torch.tensor(w / w[counts > 0].mean(), dtype=torch.float32, device=torch_device)
+        # each cell's loss weight, indexed by row: the denominator of every global batch's mean, on any rank
+        cell_weight = {level: weights[level].cpu().numpy()[source.codes[level]] for level in label_keys}
         optimizer = AdamW(net.parameters(), lr=lr, weight_decay=weight_decay)
+        streams = RandomStreams(generator, torch_device, random_state, ranks.rank)  # after the weights: equal on all
         # on the CPU, reading threads would compete with torch's for the same cores (measured: 5x slower)
         prefetch = torch_device.type != "cpu"
         train_loader = source.loader(train_rows, batch_size=batch_size, shuffle=True, balance=balance,
-                                     random_state=random_state, num_workers=num_workers, prefetch=prefetch)  # fmt: skip
-        val_loader = source.loader(val_rows, batch_size=1024, shuffle=False, balance=None, random_state=0,
-                                   prefetch=prefetch)  # fmt: skip
-        best, best_state, stale, history = (-np.inf, np.inf), None, 0, []
+                                     random_state=random_state, num_workers=num_workers, prefetch=prefetch,
+                                     distributed="global")  # fmt: skip
+        state = checkpoints.resume(net, optimizer, streams, random_state)
         per_epoch = len(train_loader)
+        loop_start, trained = time.perf_counter(), 0  # this process's training steps: cells of global batches / s
         # one bar over every batch of every epoch (ETA for the whole run), the epoch and scores beside it
-        with progress_bar(total=max_epochs * per_epoch, desc="training", unit="batch", progress=progress) as bar:
-            for epoch in range(max_epochs):
+        with progress_bar(total=max_epochs * per_epoch, desc="training", unit="batch",
+                          progress=progress if ranks.main else False) as bar:  # fmt: skip
+            bar.update(min(state.epoch, max_epochs) * per_epoch + state.step)
+            for epoch in range(state.epoch, state.epoch if state.done else max_epochs):
                 net.train()
-                train_loader.set_epoch(epoch)
-                total, n_batches = 0.0, 0
+                train_loader.set_epoch(epoch, start_batch=state.step)
                 for batch in train_loader:
+                    streams.settle()  # resumed mid-epoch: the saved draws continue from here
                     X, library = augment_batch(batch["X"], batch["library_size"], settings,
                                                counts=recipe.kind == "counts", generator=generator)  # fmt: skip
                     x = normalize(X.to(torch_device), library.to(torch_device), recipe)
                     _, logits, embedded = net(x)
-                    loss = sum(torch.nn.functional.cross_entropy(logits[k], batch["labels"][k].to(torch_device),
-                                                                 weight=weights[k]) for k in label_keys)  # fmt: skip
-                    loss = loss / len(label_keys)
-                    for key, predicted in embedded.items():
-                        truth = targets[key][batch["index"]].to(torch_device)
-                        loss = loss + torch.nn.functional.mse_loss(predicted, truth) / len(embedded)
+                    loss = _step_loss(logits, embedded, batch, weights, cell_weight, targets, torch_device)
                     optimizer.zero_grad()
                     loss.backward()
+                    # the global batch's loss; a checkpoint is due when any rank says so (rank 0's clock)
+                    step_loss, save = ranks.sum_gradients(optimizer.params, loss, checkpoints.due(epoch_end=False))
+                    state.loss += step_loss
                     optimizer.step()
-                    total, n_batches = total + loss.item(), n_batches + 1
-                    monitor.add_cells(len(X))
+                    state.step, state.batches = state.step + 1, state.batches + 1
+                    monitor.add_cells(len(batch["global_index"]))
+                    trained += len(batch["global_index"])
                     bar.update(1)
-                val_logits, val_labels, val_index, val_embedded = _logits(net, val_loader, recipe, torch_device)
+                    if save:
+                        checkpoints.save(state, net, optimizer, streams)
+                streams.settle()
+                val_logits, val_labels, val_index, val_embedded = _evaluate(net, source, val_rows, recipe,
+                                                                            torch_device, ranks, prefetch)  # fmt: skip
                 score = _macro_f1(val_logits, val_labels, source.classes)
                 val_loss = _validation_loss(val_logits, val_labels, val_embedded, targets, val_index)
-                history.append({"epoch": epoch, "loss": total / max(1, n_batches), "val_macro_f1": score,
-                                "val_loss": val_loss})  # fmt: skip
-                bar.set_postfix(epoch=epoch + 1, loss=f"{total / max(1, n_batches):.3f}", val_f1=f"{score:.3f}")
-                logg.debug(f"    epoch {epoch}: loss {total / max(1, n_batches):.4f}, validation macro-F1 {score:.4f}")
+                # one decision, taken alike on every rank
+                score, val_loss, save = ranks.from_main((score, val_loss, checkpoints.due(epoch_end=True)))
+                mean_loss = state.loss / max(1, state.batches)
+                state.history.append({"epoch": epoch, "loss": mean_loss, "val_macro_f1": score, "val_loss": val_loss})
+                bar.set_postfix(epoch=epoch + 1, loss=f"{mean_loss:.3f}", val_f1=f"{score:.3f}")
+                logg.debug(f"    epoch {epoch}: loss {mean_loss:.4f}, validation macro-F1 {score:.4f}")
                 # the best epoch: highest validation macro-F1; among equal ones (often all 1.0 on easy
                 # data), the lowest validation loss, which also covers the embedding heads. Patience
                 # counts epochs without a better macro-F1: the loss of a model that is already right
                 # keeps falling as it grows more confident, and would never let training stop
                 # (CellBench, 1,021 cells: 60 epochs → 12, same labels)
-                better_f1 = score > best[0] + 1e-9
-                better_loss = val_loss < best[1]
-                if better_f1 or (abs(score - best[0]) <= 1e-9 and better_loss):
-                    best, best_state = (score, val_loss), copy.deepcopy(net.state_dict())
+                better_f1 = score > state.best[0] + 1e-9
+                better_loss = val_loss < state.best[1]
+                if better_f1 or (abs(score - state.best[0]) <= 1e-9 and better_loss):
+                    state.best, state.best_state = (score, val_loss), copy.deepcopy(net.state_dict())
                 # (with embedding heads, whose error only the loss measures, a lower loss counts too)
-                stale = 0 if better_f1 or (embedding_keys and better_loss) else stale + 1
-                if early_stopping and stale >= early_stopping:
+                state.stale = 0 if better_f1 or (embedding_keys and better_loss) else state.stale + 1
+                state.epoch, state.step, state.loss, state.batches = epoch + 1, 0, 0.0, 0
+                state.done = bool(early_stopping and state.stale >= early_stopping) or state.epoch >= max_epochs
+                if save or state.done:  # the last one: a resumed run only calibrates
+                    checkpoints.save(state, net, optimizer, streams)
+                if state.done:
                     break
-        net.load_state_dict(best_state)
+        history, best = state.history, state.best
+        train_seconds = time.perf_counter() - loop_start
+        net.load_state_dict(state.best_state)
         val_latents: list = []  # the best weights' validation pass also gives the latents for the open-set threshold
-        val_logits, val_labels, _, _ = _logits(net, val_loader, recipe, torch_device, val_latents)
+        val_logits, val_labels, _, _ = _evaluate(net, source, val_rows, recipe, torch_device, ranks, prefetch,
+                                                 val_latents)  # fmt: skip
         temperature = {level: fit_temperature(val_logits[level], val_labels[level]) for level in label_keys}
         metrics = {"validation": _report(val_logits, val_labels, source.classes, temperature)}
         test = None
         if len(test_rows):
-            test_loader = source.loader(test_rows, batch_size=1024, shuffle=False, balance=None, random_state=0,
-                                        prefetch=prefetch)  # fmt: skip
-            test_logits, test_labels, test_index, test_embedded = _logits(net, test_loader, recipe, torch_device)
+            test_logits, test_labels, test_index, test_embedded = _evaluate(net, source, test_rows, recipe,
+                                                                            torch_device, ranks, prefetch)  # fmt: skip
             metrics["test"] = _report(test_logits, test_labels, source.classes, temperature)
             test = (test_logits, test_labels)
             metrics["embedding_r2"] = {key: _r2(values, targets[key][test_index].numpy())
@@ -419,7 +506,10 @@ def train_annotator(
         calibration, coverage = _conformal(val_logits, val_labels, test, temperature, source.classes,
                                            np.random.default_rng([random_state, 1]))  # fmt: skip
         reference, open_set = _reference(net, source, train_rows, torch.cat(val_latents), recipe, torch_device, rng,
-                                         prefetch)  # fmt: skip
+                                         prefetch, ranks)  # fmt: skip
+        # every rank computed these from the same gathered cells; rank 0's are kept, so the models are equal
+        temperature, metrics, calibration, coverage, reference, open_set = ranks.from_main(
+            (temperature, metrics, calibration, coverage, reference, open_set))  # fmt: skip
     report = monitor.report
     evaluated = metrics.get("test", metrics["validation"])
     manifest = {
@@ -448,13 +538,25 @@ def train_annotator(
         "history": history,
         "best_epoch": next(h["epoch"] for h in history if (h["val_macro_f1"], h["val_loss"]) == best),
         "resources": {**report.to_dict(), "epochs": len(history)},
+        "training": {
+            "world_size": ranks.world,
+            "resumed": state.resumed,
+            "seconds": train_seconds,
+            "cells_per_s": trained / train_seconds if trained else None,
+        },
     }
+    manifest = ranks.from_main(manifest)  # rank 0's timings too: one manifest for every rank's model
     hierarchy = learn_hierarchy({k: v[train_rows] for k, v in source.codes.items()}, source.classes)
     model = Annotator(net.cpu(), genes=list(source.genes), classes=source.classes, hierarchy=hierarchy,
                       recipe=recipe, temperature=temperature, manifest=manifest, reference=reference,
                       calibration=calibration)  # fmt: skip
     if model_dir is not None:
-        model.save(model_dir)
+        if ranks.main:
+            model.save(model_dir)
+        model.manifest, model.path = ranks.from_main(model.manifest), Path(model_dir)
+    checkpoints.clear()
+    ranks.barrier()  # every rank returns once the model folder is written
+    leave(ranks)
     if not isinstance(data, Store):
         data.uns[key_added] = model.uns_summary()
     summary = ", ".join(f"{k} macro-F1 {r['macro_f1']:.3f}" for k, r in model.metrics.items())

@@ -39,10 +39,12 @@ class TrainingData:
     embeddings: dict[str, np.ndarray] = field(default_factory=dict)  # obsm targets, every cell
 
     def loader(self, rows: np.ndarray, *, batch_size: int, shuffle: bool, balance: str | None, random_state: int,
-               num_workers: int = 0, prefetch: bool = True) -> StoreLoader:  # fmt: skip
+               num_workers: int = 0, prefetch: bool = True, distributed: str = "none",
+               start_batch: int = 0) -> StoreLoader:  # fmt: skip
+        """Batches of ``rows``; ``distributed``: how ranks share them (:mod:`cellmint.store._sampling`)."""
         return self._make_loader(np.asarray(rows, dtype=np.int64), batch_size=batch_size, shuffle=shuffle,
                                  balance=balance, random_state=random_state, num_workers=num_workers,
-                                 prefetch=prefetch)  # fmt: skip
+                                 prefetch=prefetch, distributed=distributed, start_batch=start_batch)  # fmt: skip
 
 
 def from_store(store: Store, label_keys: list[str], split: str) -> TrainingData:
@@ -54,9 +56,11 @@ def from_store(store: Store, label_keys: list[str], split: str) -> TrainingData:
     codes = {key: np.asarray(labels[key].codes, dtype=np.int64) for key in label_keys}
     finest = label_keys[-1]
 
-    def make_loader(rows, *, batch_size, shuffle, balance, random_state, num_workers, prefetch):
+    def make_loader(rows, *, batch_size, shuffle, balance, random_state, num_workers, prefetch, distributed,
+                    start_batch):  # fmt: skip
         return store.loader(batch_size, rows=rows, shuffle=shuffle, balance=balance, label_key=finest,
-                            random_state=random_state, num_workers=num_workers, prefetch=prefetch)  # fmt: skip
+                            random_state=random_state, num_workers=num_workers, prefetch=prefetch,
+                            distributed=distributed, start_batch=start_batch)  # fmt: skip
 
     summary = {"source": "store", "path": str(store.path), "split": split, "n_obs": store.n_obs}
     return TrainingData(store.var_names, classes, codes, store.split_codes(split), "counts", summary, make_loader)
@@ -167,13 +171,15 @@ def from_anndata(adata, label_keys: list[str], *, split: str, layer: str | None,
     parts, how = _parts(adata, split, codes[label_keys[-1]], group_key, random_state)
     finest = label_keys[-1]
 
-    def make_loader(rows, *, batch_size, shuffle, balance, random_state, num_workers, prefetch):
+    def make_loader(rows, *, batch_size, shuffle, balance, random_state, num_workers, prefetch, distributed,
+                    start_batch):  # fmt: skip
         import torch
 
         dataset = MemoryBatches(
             None, rows, list(label_keys), batch_size=batch_size, shuffle=shuffle, random_state=random_state,
             balance_codes=codes[finest][rows] if balance else None, balance_exponent=BALANCE_EXPONENT[balance],
-            matrix=matrix, library=library, codes=codes, prefetch=prefetch,
+            matrix=matrix, library=library, codes=codes, prefetch=prefetch, distributed=distributed,
+            start_batch=start_batch,
         )  # fmt: skip
         loader = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=num_workers)
         return StoreLoader(loader, None)
