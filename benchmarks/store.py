@@ -10,6 +10,12 @@
     - anndata ``AnnLoader`` over the backed ``.h5ad`` (random cells; short run);
     - random rows from a dense float32 zarr with 4,096-row chunks (ginseng's layout; short run).
 
+(c) Shuffled against sequential, the same store, one process: full epochs of ``Store.loader`` with
+    ``shuffle=True`` and ``shuffle=False`` at batch 256 and 4,096 (dense float32), alternating, after a
+    warm-up epoch (first-call costs), three of each; the ratio of medians (target ≥ 0.5). Also the
+    chunk files of counts each decoded per epoch. ``--ratio-only`` runs only this part, on a
+    ``--ratio-cells`` × 2,000 store (default 200,000).
+
 cellmint and scDataset report the median of three runs (timings on this machine vary by ±20%).
 Default sizes are a smoke run; ``--full`` converts 1,000,000 × 20,000 and streams 1,000,000 × 2,000.
 """
@@ -121,6 +127,49 @@ def loaders(h5ad: Path, store_path: Path, dense_zarr: Path, limit_s: float, repe
     return [{"loader": name, "cells": cells, "wall_s": wall, "cells_per_s": cells / wall} for name, cells, wall in rows]
 
 
+def shuffled_vs_sequential(store_path: Path, repeats: int = 3) -> list[dict]:
+    """(c): whole epochs, shuffled and in store order, alternating; medians, their ratio and decodes per epoch."""
+    import cellmint as cm
+    from cellmint.store import _arrays
+
+    decodes = [0]
+    fill = _arrays.ChunkedArray._fill
+
+    def counted(self, index, pieces, out):
+        decodes[0] += self.name == "X/data"
+        return fill(self, index, pieces, out)
+
+    _arrays.ChunkedArray._fill = counted
+    store = cm.Store(store_path)
+    rows = []
+    try:
+        for batch_size in (256, 4096):
+            runs: dict[bool, list] = {True: [], False: []}
+            for repeat in range(repeats + 1):  # the first of each: warm-up
+                for shuffle in (False, True):
+                    decodes[0] = 0
+                    t0, cells = time.perf_counter(), 0
+                    for batch in store.loader(batch_size, split=None, shuffle=shuffle, random_state=repeat):
+                        cells += len(batch["X"])
+                    wall = time.perf_counter() - t0
+                    if repeat:
+                        runs[shuffle].append({"cells_per_s": cells / wall, "decodes": decodes[0]})
+            row = {"batch_size": batch_size, "cells": store.n_obs}
+            for shuffle, name in ((False, "sequential"), (True, "shuffled")):
+                row[name] = float(np.median([r["cells_per_s"] for r in runs[shuffle]]))
+                row[f"{name}_runs"] = [round(r["cells_per_s"]) for r in runs[shuffle]]
+                row[f"{name}_decodes"] = runs[shuffle][0]["decodes"]
+            row["ratio"] = row["shuffled"] / row["sequential"]
+            rows.append(row)
+            print(f"batch {batch_size:>5}: sequential {row['sequential']:>9,.0f} cells/s {row['sequential_runs']}, "
+                  f"shuffled {row['shuffled']:>9,.0f} {row['shuffled_runs']}: ratio {row['ratio']:.2f}; chunk files "
+                  f"of counts decoded per epoch {row['sequential_decodes']:,} / {row['shuffled_decodes']:,}",
+                  flush=True)  # fmt: skip
+    finally:
+        _arrays.ChunkedArray._fill = fill
+    return rows
+
+
 def _warm(path: Path) -> float:
     """Read a file once (so that conversions are timed from the page cache, like the loaders); returns MB/s."""
     t0 = time.perf_counter()
@@ -135,7 +184,9 @@ def main() -> None:
     parser.add_argument("--full", action="store_true", help="1M × 20k conversion, 1M × 2k loader comparison")
     parser.add_argument("--workdir", type=Path, help="keep generated files here (reused when present)")
     parser.add_argument("--seconds", type=float, default=30.0, help="time budget of each loader run")
-    parser.add_argument("--conversion-only", action="store_true", help="skip the loader comparison (b)")
+    parser.add_argument("--conversion-only", action="store_true", help="skip the loader comparisons (b), (c)")
+    parser.add_argument("--ratio-only", action="store_true", help="only (c): shuffled against sequential")
+    parser.add_argument("--ratio-cells", type=int, default=200_000, help="cells of the store of --ratio-only")
     parser.add_argument("--worker", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -151,6 +202,22 @@ def main() -> None:
     tmp = tempfile.TemporaryDirectory()
     work = args.workdir or Path(tmp.name)
     work.mkdir(parents=True, exist_ok=True)
+    if args.ratio_only:
+        h5ad = work / f"loader_{args.ratio_cells}x2000.h5ad"
+        if not h5ad.exists():
+            cm.datasets.synthetic(args.ratio_cells, 2000, n_cell_types=10, path=h5ad, progress=False).file.close()
+        store_path = work / f"ratio_{args.ratio_cells}.zarr"
+        if not store_path.exists():
+            cm.pp.build_store(h5ad, store_path, label_keys=["cell_type"], group_key="donor", progress=False)
+        print(f"(c) Store.loader shuffled against sequential, {args.ratio_cells:,} cells × 2,000 genes, one process, "
+              "medians of 3 epochs (alternating)", flush=True)  # fmt: skip
+        RESULTS.mkdir(exist_ok=True)
+        result = {
+            "date": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            "shuffled_vs_sequential": shuffled_vs_sequential(store_path),
+        }
+        (RESULTS / "store_ratio.json").write_text(json.dumps(result, indent=2))
+        return
     convert_size = (1_000_000, 20_000) if args.full else (50_000, 5_000)
     loader_size = (1_000_000, 2_000) if args.full else (50_000, 2_000)
 
@@ -204,8 +271,11 @@ def main() -> None:
     ]
 
     print(f"cellmint / best peer at its documented settings: {results[0]['cells_per_s'] / max(documented):.1f}x")
+    print("\n(c) Store.loader shuffled against sequential, the same store, medians of 3 epochs (alternating)")
+    ratio = shuffled_vs_sequential(store_path)
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "store.json").write_text(json.dumps({"conversion": conversion, "loaders": results}, indent=2))
+    (RESULTS / "store.json").write_text(json.dumps({"conversion": conversion, "loaders": results,
+                                                    "shuffled_vs_sequential": ratio}, indent=2))  # fmt: skip
 
 
 if __name__ == "__main__":

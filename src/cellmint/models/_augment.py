@@ -143,3 +143,50 @@ def augment_batch(
     if counts and settings.gene_scale > 0:
         library = (library + torch.as_tensor(shift, dtype=library.dtype)).clamp_min(1.0)
     return out, library
+
+
+def augment_batch_on_device(
+    X: torch.Tensor, library_size: torch.Tensor, settings: Augmentation, *, counts: bool, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`augment_batch` with the per-value draws made by torch on ``X``'s device (no host round trip).
+
+    The per-cell and per-batch choices (thinning fractions, Poisson cells, dropped genes, gene
+    factors) are drawn from ``generator`` (a CPU generator) exactly as :func:`augment_batch` draws
+    them, so both give the same library sizes and drop the same genes; the per-value draws (binomial
+    thinning, Poisson resampling, masking) come from a generator on the device seeded from
+    ``generator``: the same distributions, other draws. Nothing waits for the device.
+    """
+    n_cells, n_genes = X.shape
+    keep = torch.ones(n_cells, dtype=torch.float64)
+    if counts and settings.thinning is not None and settings.thinning[0] < 1:
+        keep = _uniform(*settings.thinning, n_cells, generator).double()
+    noisy = torch.zeros(n_cells, dtype=torch.bool)
+    if counts and settings.poisson > 0:
+        noisy = torch.rand(n_cells, generator=generator) < settings.poisson
+    dropped = torch.zeros(n_genes, dtype=torch.bool)
+    if settings.gene_dropout is not None and settings.gene_dropout[1] > 0:
+        fraction = float(_uniform(*settings.gene_dropout, 1, generator))
+        dropped = torch.rand(n_genes, generator=generator) < fraction
+    factor = torch.ones(n_genes, dtype=torch.float64)
+    if counts and settings.gene_scale > 0:
+        factor = torch.exp(settings.gene_scale * torch.randn(n_genes, generator=generator, dtype=torch.float64))
+    seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator))
+    device = X.device
+    draws = torch.Generator(device=device).manual_seed(seed)
+    out = X.detach().to(torch.float32, copy=True)
+    out[:, dropped.to(device, non_blocking=True)] = 0
+    if counts and bool((keep < 1).any()):
+        probability = keep.to(device, torch.float32, non_blocking=True)[:, None].expand_as(out).contiguous()
+        out = torch.binomial(out, probability, generator=draws)
+    if counts and bool(noisy.any()):
+        rows = noisy.to(device, non_blocking=True)
+        out[rows] = torch.poisson(out[rows], generator=draws)
+    if settings.masking > 0:
+        out = out * (torch.rand(out.shape, generator=draws, device=device) >= settings.masking)
+    library = library_size * keep.to(library_size.device, library_size.dtype)
+    if counts and settings.gene_scale > 0:
+        scale = factor.to(device, torch.float32, non_blocking=True)
+        shift = (out * (scale - 1)).sum(dim=1)
+        out = out * scale
+        library = (library + shift.to(library.device, library.dtype)).clamp_min(1.0)
+    return out, library

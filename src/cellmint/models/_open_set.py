@@ -108,8 +108,14 @@ def projection(annotator) -> tuple[np.ndarray, np.ndarray]:
     if cached is None or cached[0] is not latent:  # a replaced reference is projected anew
         values = np.asarray(latent, np.float32)
         mean = values.mean(axis=0)
-        _, _, axes = np.linalg.svd(values - mean, full_matrices=False)
-        cached = _PROJECTIONS[annotator] = (latent, mean, axes[:PROJECTION_DIMS].T.copy())
+        # the principal axes from the latent's covariance (dims × dims), not an SVD of the cells × dims
+        # matrix: the same axes up to sign (which distances ignore), 40,000 × 256 in 0.1 s instead of
+        # seconds, paid by the first annotate call of every model object
+        centred = values - mean
+        covariance = centred.T.astype(np.float64) @ centred.astype(np.float64)
+        _, vectors = np.linalg.eigh(covariance)
+        axes = vectors[:, ::-1][:, :PROJECTION_DIMS].astype(np.float32)
+        cached = _PROJECTIONS[annotator] = (latent, mean, np.ascontiguousarray(axes))
     return cached[1], cached[2]
 
 

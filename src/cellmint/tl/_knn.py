@@ -31,9 +31,12 @@ EXACT_BLOCK_VALUES = 2**25
 #: share of the inverted lists a query cell is compared with (16 of 200 lists for 40,000 cells)
 PROBE_FRACTION = 0.08
 #: cells searched together for more than their nearest cell: their distances to every member of
-#: their probed lists are held at once (1,024 cells × 16 lists × the largest list, 465 cells for a
-#: 40,000-cell reference, × 4 bytes ≈ 30 MB); 256 would take a quarter of that but search 15
-#: neighbours 1.7× slower (per-list overhead)
+#: their probed lists are held at once (cells × probed lists × the largest list × 4 bytes), at most this
+#: much: 2,400 cells at 16 lists of at most 427 (a 40,000-cell reference), 5,000 at 12 of 290 (the
+#: 20,000-cell pool of the open-set scores). Each block loops over the lists in Python, so fewer, larger
+#: blocks cost less: 256 cells per block searched 15 neighbours 1.7× slower than 1,024
+PROBE_BLOCK_BYTES = 64 * 2**20
+#: the fewest cells per block, whatever the lists' sizes
 PROBE_BLOCK = 1024
 #: Lloyd iterations of the k-means that builds the lists
 KMEANS_ITERATIONS = 10
@@ -122,8 +125,9 @@ class NearestReference:
         for more, the pairs' distances fill one row per cell (blocks of :data:`PROBE_BLOCK` cells)
         and a single top-k picks the neighbours.
         """
-        if k > 1 and len(queries) > PROBE_BLOCK:
-            parts = [self._probe(block, k) for block in queries.split(PROBE_BLOCK)]
+        block = max(PROBE_BLOCK, PROBE_BLOCK_BYTES // (4 * self.n_probe * max(1, max(self.sizes))))
+        if k > 1 and len(queries) > block:
+            parts = [self._probe(part, k) for part in queries.split(block)]
             return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
         n, probes = len(queries), self.n_probe
         if k > probes * max(self.sizes):  # more neighbours than any cell's probed lists can hold

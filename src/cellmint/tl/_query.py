@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import anndata as ad
+import numba
 import numpy as np
 import pandas as pd
 
@@ -46,6 +47,24 @@ def align_genes(query: pd.Index, model_genes: pd.Index, *, strip_versions: bool)
         "missing": np.asarray(model_genes[~present][:100].astype(str), dtype=object),
     }
     return columns, overlap
+
+
+@numba.njit(nogil=True, cache=True)
+def _panel_values(indptr, indices, data, positions, out, library):
+    """One pass over a CSR chunk: its values onto the model's panel, and each cell's total over all genes.
+
+    A value of gene ``g`` goes to ``out[row, positions[g]]`` (``out`` zeros; -1: not in the panel;
+    duplicates add up, as ``toarray`` does); ``library[row]`` sums every value of the row.
+    """
+    for row in range(len(indptr) - 1):
+        total = 0.0
+        for j in range(indptr[row], indptr[row + 1]):
+            value = data[j]
+            total += value
+            p = positions[indices[j]]
+            if p >= 0:
+                out[row, p] += value
+        library[row] = total
 
 
 def usable_scale(scale: InputScale, recipe: InputRecipe, where: str) -> None:
@@ -101,6 +120,9 @@ class QueryRows:
                           stacklevel=3)  # fmt: skip
         self.present = np.flatnonzero(self.columns >= 0)
         self.n_genes = len(genes)
+        # gene alignment, once: for each query gene, its column in the model's panel (-1: not used)
+        self.positions = np.full(len(names), -1, dtype=np.int64)
+        self.positions[self.columns[self.present]] = self.present
         self.scale: InputScale | None = None
 
     def chunks(self, chunk_size: int, *, progress: bool | None) -> Iterator[tuple[int, int, np.ndarray, np.ndarray]]:
@@ -120,7 +142,8 @@ class QueryRows:
                          counts=self.scale.kind == "counts")  # fmt: skip
             if self.recipe.kind == "counts":  # the model's input is log1p(1e4 · x / library): linear values
                 X = self.scale.to_linear(X)
-            library = np.asarray(X.sum(axis=1), dtype=np.float64).ravel()
+            data = X.data if X.data.dtype in (np.float32, np.float64) else X.data.astype(np.float64)
             dense = np.zeros((X.shape[0], self.n_genes), dtype=np.float32)
-            dense[:, self.present] = X[:, self.columns[self.present]].toarray()
+            library = np.empty(X.shape[0], dtype=np.float64)
+            _panel_values(X.indptr, X.indices, data, self.positions, dense, library)
             yield chunk.start, chunk.stop, dense, library

@@ -1,0 +1,34 @@
+"""The query's values over the model's panel: genes matched once, the CSR chunk scattered in one compiled pass."""
+
+from __future__ import annotations
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+
+from cellmint.models._normalize import InputRecipe
+from cellmint.tl._query import QueryRows
+
+
+def test_panel_values_match_column_selection_with_missing_reordered_and_duplicated_genes():
+    rng = np.random.default_rng(0)
+    X = sp.random(300, 50, density=0.3, format="csr", random_state=1, data_rvs=lambda n: rng.integers(1, 9, n))
+    X = X.astype(np.float32)
+    # a non-canonical chunk: one value stored twice for the same gene (toarray adds them)
+    coo = X.tocoo()
+    duplicated = sp.csr_matrix((np.r_[coo.data, [5.0]], (np.r_[coo.row, [0]], np.r_[coo.col, [coo.col[0]]])),
+                               shape=X.shape)  # fmt: skip
+    duplicated.has_canonical_format = False
+    query_genes = pd.Index([f"g{i}" for i in range(50)])
+    model_genes = pd.Index([f"g{i}" for i in rng.permutation(50)[:30]] + ["absent1", "absent2"])
+    adata = ad.AnnData(duplicated, var=pd.DataFrame(index=query_genes))
+    rows = QueryRows(adata, adata, model_genes, InputRecipe(), layer=None, gene_key=None, strip_versions=False)
+    values = np.concatenate([chunk[2] for chunk in rows.chunks(64, progress=False)])
+    library = np.concatenate([chunk[3] for chunk in rows.chunks(64, progress=False)])
+    full = duplicated.toarray()
+    expected = np.zeros((300, len(model_genes)), dtype=np.float32)
+    found = query_genes.get_indexer(model_genes)
+    expected[:, found >= 0] = full[:, found[found >= 0]]
+    np.testing.assert_array_equal(values, expected)
+    np.testing.assert_allclose(library, full.sum(axis=1))
