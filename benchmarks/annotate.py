@@ -239,6 +239,9 @@ def main() -> None:
         if getattr(args, name) is None:
             setattr(args, name, value)
     sys.path.insert(0, str(HERE))
+    # what `import cellmint` sets when it loads first (here torch does): OpenMP threads sleep while waiting,
+    # in this process and in the CellTypist children, which inherit it
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
     import torch
 
