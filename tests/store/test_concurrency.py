@@ -21,7 +21,9 @@ from cellmint.store import _format, _writer
 BUILDER = textwrap.dedent(
     """
     import sys
-    import cellmint as cm
+    import anndata, scanpy, sklearn  # imported by the build on first use: loaded before "ready", so that the
+    import cellmint as cm            # go signal starts the build itself, not seconds of imports
+    import cellmint.pp._build_store
     from cellmint._utils._lock import LockBusyError
     print("ready", flush=True)
     sys.stdin.readline()  # the go signal
