@@ -64,7 +64,7 @@ class LogExpression:
             return block
         return normalize(torch.from_numpy(block), torch.from_numpy(self.library[rows]), self.recipe).numpy()
 
-    def mean(self, rows: np.ndarray, *, chunk: int = 4096) -> np.ndarray:
+    def mean(self, rows: np.ndarray, *, chunk: int = 1024) -> np.ndarray:
         """Pseudobulk: the mean log1p value of each gene over ``rows`` (read ``chunk`` cells at a time)."""
         rows = np.asarray(rows)
         total = np.zeros(len(self.columns))
