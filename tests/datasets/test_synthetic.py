@@ -409,6 +409,12 @@ def test_context_responses_follow_each_donors_state(contexts):
         assert ((truth[:, conditional] > 0.3).any(0) & (truth[:, conditional] < -0.3).any(0)).any()
 
 
+def test_perturbation_fraction_sets_how_many_genes_a_perturbation_moves():
+    a = synthetic(400, 300, n_perturbations=2, perturbation_fraction=0.1, random_state=1, progress=False)
+    assert all(len(g) == 30 for g in a.uns["synthetic"]["perturbation_genes"].values())
+    assert a.uns["synthetic"]["perturbation_fraction"] == 0.1
+
+
 def test_donor_state_shows_in_control_cells(contexts):
     a, uns = contexts, contexts.uns["synthetic"]
     X = _dense(a.X)
@@ -466,6 +472,8 @@ def test_batches_shift_expression():
         ({"donor_effect": -1}, "donor_effect"),
         ({"batch_effect": -1}, "batch_effect"),
         ({"context_response": -0.5}, "context_response"),
+        ({"perturbation_fraction": 0.0}, "perturbation_fraction"),
+        ({"perturbation_fraction": 1.5}, "perturbation_fraction"),
         ({"chunk_size": 0}, "chunk_size"),
         ({"n_jobs": 0}, "n_jobs"),
         ({"random_state": -1}, "random_state"),

@@ -126,6 +126,7 @@ def synthetic(
     n_batches: int = 2,
     n_perturbations: int = 0,
     perturbation_effect: float = 1.0,
+    perturbation_fraction: float | None = None,
     context_response: float = 0.0,
     mean_library_size: float = 2000.0,
     dispersion: float = 0.5,
@@ -160,7 +161,8 @@ def synthetic(
     - donors and batches multiply every gene by log-normal factors (``donor_effect``,
       ``batch_effect``: sd of the natural log); donors are *nested* in batches (donor *i* is in
       batch ``i % n_batches``), as when each donor's sample is processed in one batch;
-    - a perturbation moves its own set of ~0.5% of the genes (at least 5) up or down (half each);
+    - a perturbation moves its own set of ~0.5% of the genes (``perturbation_fraction``; at least 5) up
+      or down (half each);
       the absolute log2 fold change is ``perturbation_effect`` times a per-perturbation strength
       (0.5-1.5) times a per-gene log-normal factor (sd 0.3);
     - with ``context_response > 0`` the donors are *contexts* whose responses differ in a shared way:
@@ -205,6 +207,10 @@ def synthetic(
         ``obs["perturbation"]`` column.
     perturbation_effect
         Typical absolute log2 fold change a perturbation applies to its genes; 0 for no effect.
+    perturbation_fraction
+        Share of the genes each perturbation moves; ``None``: 0.5% (at least 5 genes). Strong drugs
+        and knock-outs of regulators move hundreds of genes (then top-100 DE metrics measure real
+        responses, not noise).
     context_response
         How much perturbation responses differ between donors, through each donor's latent state
         (see above); 0 (the default) gives every donor the same response and draws no state, so
@@ -271,7 +277,8 @@ def synthetic(
         ``dispersion``, ``donor_effect``, ``batch_effect``, ``random_state``), ``model_version``
         and ``block_size`` (cells per seeded block). With perturbations also
         ``perturbation_genes`` and ``perturbation_log2fc``: dicts from perturbation name to the names
-        of the genes it moves and their log2 fold changes. With ``context_response > 0`` also
+        of the genes it moves and their log2 fold changes (and ``perturbation_fraction`` when given).
+        With ``context_response > 0`` also
         ``context_response``, ``donor_state`` (DataFrame donors × ``state_0``, ``state_1``),
         ``state_genes`` (dict: state → gene names) and ``perturbation_log2fc_by_donor`` (dict:
         perturbation → array donors × its genes, the true log2 fold changes in each donor); then
@@ -326,6 +333,10 @@ def synthetic(
         )
     perturbation_effect = _check_float("perturbation_effect", perturbation_effect)
     context_response = _check_float("context_response", context_response)
+    if perturbation_fraction is not None:
+        perturbation_fraction = _check_float("perturbation_fraction", perturbation_fraction)
+        if not 0 < perturbation_fraction <= 1:
+            raise ValueError(f"`perturbation_fraction` must be in (0, 1], got {perturbation_fraction}.")
     mean_library_size = _check_float("mean_library_size", mean_library_size, positive=True)
     dispersion = _check_float("dispersion", dispersion)
     donor_effect = _check_float("donor_effect", donor_effect)
@@ -360,6 +371,7 @@ def synthetic(
         batch_effect=batch_effect,
         context_response=context_response,
         context_rng=np.random.default_rng([random_state, _STREAM_CONTEXT]) if context_response > 0 else None,
+        **({} if perturbation_fraction is None else {"perturbation_fraction": perturbation_fraction}),
     )
     labels = _labels(
         np.random.default_rng([random_state, _STREAM_LABELS]),
@@ -389,6 +401,8 @@ def synthetic(
     }
     if context_response > 0:  # recorded only when used: earlier arguments give the same uns as before
         params["context_response"] = context_response
+    if perturbation_fraction is not None:
+        params["perturbation_fraction"] = perturbation_fraction
     obs, var, uns = _annotations(
         n_obs,
         n_vars,

@@ -153,6 +153,7 @@ def _build_model(
     batch_effect: float,
     context_response: float = 0.0,
     context_rng: np.random.Generator | None = None,
+    perturbation_fraction: float = _PERTURBATION_FRACTION,
 ) -> tuple[_Model, dict]:
     G = n_vars
     n_s = n_cell_types * n_subtypes
@@ -208,7 +209,7 @@ def _build_model(
 
     # perturbations: each moves its own gene set, up and down; the other genes keep their counts
     norm = w @ e.T  # (n_s, n_donors): sum_g w_sg * e_dg
-    n_de = min(G, max(5, round(_PERTURBATION_FRACTION * G))) if n_perturbations else 0
+    n_de = min(G, max(5, round(perturbation_fraction * G))) if n_perturbations else 0
     pert_genes, pert_lfc, folds = [], [], []
     for _ in range(n_perturbations):
         genes = np.sort(_weighted_sample(rng, pick_weight, n_de))

@@ -11,7 +11,7 @@ the same code as the prediction, which places every score on a 0–1 scale
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import anndata as ad
 import numpy as np
@@ -186,7 +186,8 @@ def _method_rows(method: str, side: _Side, real: _Context, context: str, control
         deltas.append(delta)
         sets.append(cells)
         centroids.append(bulk)
-        record = {"method": method, "context": context, "perturbation": p, "n_real": real.n[p], "n_pred": len(cells)}
+        record = {"method": method, "context": context, "perturbation": p, "n_real": real.n[p], "n_pred": len(cells),
+                  "n_control": len(real.control)}  # fmt: skip
         if "pearson_delta" in chosen:
             record["pearson_delta"] = pm.pearson(delta, real.delta[p])
         if "pearson_delta_top" in chosen:
@@ -273,9 +274,10 @@ def _replicates(real: _Context, p: str, cells: np.ndarray, weights: np.ndarray, 
 
 
 def _ceiling(full: _Side, pred: _Side, real: _Context, context: str, control: str, rng) -> tuple[list, dict]:
-    """The split-half replicate's rows: one half of each pair's real cells, as a prediction, scored against the other.
+    """The replicate ceiling's rows: one half of each pair's real cells, as a prediction, scored against the other.
 
     Pairs with fewer than 4 real cells are left out. Both halves keep the context's control cells.
+    The scaled scores turn these split-half scores into the ceiling (:func:`._perturbation_scores.noise_ceiling`).
     """
     first, second = {}, {}
     for p in real.perturbations:
@@ -306,7 +308,7 @@ def _log_values(adata: ad.AnnData | None, layer: str | None, normalization: str,
 
 @doc_params()
 def evaluate_perturbation(
-    pred: ad.AnnData,
+    pred: ad.AnnData | Mapping[str, ad.AnnData],
     real: ad.AnnData,
     *,
     perturbation_key: str,
@@ -381,6 +383,8 @@ def evaluate_perturbation(
         ``obs[perturbation_key]`` (and ``obs[context_key]``), the control cells of each context
         included (recognised by their label); ``obs["source_cell"]`` (the control cell each was
         predicted from), when present, pairs them with the real control cells in the bootstrap.
+        A mapping ``{{name: AnnData}}`` scores several predictions (e.g. ablations) next to the same
+        baselines, replicate and bootstrap draws; their rows have ``method`` set to the name.
     real
         Held-out real cells: the perturbed cells and the control cells of the same contexts. Its
         ``(context, perturbation)`` pairs must be those of ``pred``; each of its genes must be in
@@ -409,7 +413,8 @@ def evaluate_perturbation(
     ceiling
         Add the split-half replicate (``method == "replicate"``: each pair's real cells split at
         random into two disjoint halves, one scored against the other; pairs under 4 cells left out)
-        and the ``<metric>_scaled`` columns.
+        and the ``<metric>_scaled`` columns, whose 1 is the score the true response would get,
+        estimated from the split halves (:func:`~cellmint.tl._perturbation_scores.noise_ceiling`).
     n_bootstrap
         Bootstrap replicates over cells for the intervals (0: none). The real control and perturbed
         cells are drawn again with replacement; a prediction made from a control cell follows it.
@@ -420,20 +425,21 @@ def evaluate_perturbation(
     normalization
         ``"cellmint"`` or ``"cell-eval"``: how counts become log1p values (see above).
     name
-        ``method`` of the prediction's rows.
+        ``method`` of the prediction's rows (a single ``pred``).
     {doc_layer} Read from ``pred``, ``real`` and ``train``.
     {doc_random_state} Draws the halves and the bootstrap replicates.
 
     Returns
     -------
-    One row per (method, context, perturbation): the prediction (``method == name``), each baseline,
-    then ``"replicate"``. Columns ``method``, ``context``, ``perturbation``, ``n_real`` and ``n_pred``
-    (cells), the metric columns above, then for each metric with a best value:
+    One row per (method, context, perturbation): the prediction(s) (``method == name``), each
+    baseline, then ``"replicate"``. Columns ``method``, ``context``, ``perturbation``, ``n_real``,
+    ``n_pred`` and ``n_control`` (cells), the metric columns above, then for each metric with a best
+    value:
 
-    - ``<column>_scaled``: ``(value − best baseline) / (replicate − best baseline)`` with the best
-      baseline and the replicate of the same context and perturbation: 0 = the best simple baseline,
-      1 = a replicate, negative = worse than a baseline; NaN where the replicate is not better than
-      the best baseline;
+    - ``<column>_scaled``: ``(value − best baseline) / (ceiling − best baseline)`` with the best
+      baseline and the ceiling of the same context and perturbation: 0 = the best simple baseline,
+      1 = the true response (as estimated from the split halves), negative = worse than a
+      baseline; NaN where the ceiling is not better than the best baseline;
     - ``<column>_low``, ``<column>_high``, ``<column>_scaled_low``, ``<column>_scaled_high``: bootstrap
       intervals (resampled metrics, ``n_bootstrap > 0``);
     - ``<column>_score``: cell-eval's score against ``normalize_to``, ``1 − value/baseline`` (best 0)
@@ -459,21 +465,29 @@ def evaluate_perturbation(
         baselines = [b for b in baselines if b == "control"]
         if normalize_to in (*NEED_PERTURBATION, "context_mean"):
             normalize_to = "control"
-    if name in (*BASELINES, scores.CEILING):
-        raise ValueError(f"name={name!r} is the name of a baseline or of the replicate; choose another name.")
+    predictions = dict(pred) if isinstance(pred, Mapping) else {name: pred}
+    if not predictions:
+        raise ValueError("pred is an empty mapping: pass predicted cells.")
+    for method in predictions:
+        if method in (*BASELINES, scores.CEILING):
+            raise ValueError(f"The prediction name {method!r} is the name of a baseline or of the replicate; "
+                             "choose another name.")  # fmt: skip
     if normalize_to is not None and normalize_to not in baselines:
         raise ValueError(f"normalize_to={normalize_to!r} is not among the baselines computed {list(baselines)}.")
     control = str(control)
     genes = pd.Index(real.var_names.astype(str))
     real, real_layer = _log_values(real, layer, normalization, "real")
-    pred, pred_layer = _log_values(pred, layer, normalization, "pred")
     train, _ = _log_values(train, layer, normalization, "train")
     keys = {"perturbation_key": perturbation_key, "context_key": context_key}
     real_side = _Side(real, genes, **keys, layer=real_layer, what="real")
-    pred_side = _Side(pred, genes, **keys, layer=pred_layer, what="pred")
-    pairs = _check_pairs(real_side.groups, pred_side.groups, control)
+    methods = {}
+    for method, adata in predictions.items():
+        what = "pred" if len(predictions) == 1 else f"pred[{method!r}]"
+        adata, pred_layer = _log_values(adata, layer, normalization, what)
+        methods[method] = _Side(adata, genes, **keys, layer=pred_layer, what=what)
+        pairs = _check_pairs(real_side.groups, methods[method].groups, control)
+    pred_side = next(iter(methods.values()))
     start = logg.info(f"evaluating {len(pairs)} predicted perturbations against {len(baselines)} baselines")
-    methods = {name: pred_side}
     if baselines:
         is_control = real.obs[perturbation_key].astype(str).to_numpy() == control
         predicted = perturbation_baselines(train, real[is_control], pairs, perturbation_key=perturbation_key,
@@ -499,10 +513,10 @@ def evaluate_perturbation(
             rows, boot = _ceiling(real_side, pred_side, summary, context, control, rng)
             records[scores.CEILING] += rows
             replicates.update({(scores.CEILING, context, p): values for p, values in boot.items()})
-    columns = ["method", "context", "perturbation", "n_real", "n_pred"]
+    columns = ["method", "context", "perturbation", "n_real", "n_pred", "n_control"]
     columns += [column for metric in chosen for column in _columns(top_k)[metric]]
     table = pd.DataFrame([r for method in records for r in records[method]], columns=columns)
-    metric_columns = [c for c in columns[5:] if scores.best_value(c, top_k) is not None]
+    metric_columns = [c for c in columns[6:] if scores.best_value(c, top_k) is not None]
     if (ceiling and baselines) or n_bootstrap:
         table = scores.add_scaled(table, metric_columns, list(baselines), replicates, top_k, level)
     if normalize_to is not None:

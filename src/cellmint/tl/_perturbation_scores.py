@@ -5,15 +5,17 @@ between two references measured on the same cells:
 
 - **0 is the best simple baseline** (control, perturbation mean, context mean, linear ridge;
   :func:`~cellmint.tl.perturbation_baselines`): what a prediction without a model reaches;
-- **1 is the split-half replicate ceiling**: the real perturbed cells of each context and
-  perturbation are split at random into two disjoint halves, and one half, taken as a prediction,
-  is scored against the other (method ``"replicate"``, with the context's control cells shared, as
-  every method shares them). It is what a second measurement of the same cells would score.
+- **1 is the replicate ceiling**: the real perturbed cells of each context and perturbation are
+  split at random into two disjoint halves, and one half, taken as a prediction, is scored against
+  the other (method ``"replicate"``, with the context's control cells shared, as every method
+  shares them). Two halves disagree by the sampling noise of both; the true response would differ
+  from the real cells by their noise alone, so the ceiling is the split-half score turned into the
+  score of the true response (:func:`noise_ceiling`): the best any prediction can expect on these
+  cells. The raw split-half score itself is no ceiling: with tens of cells per perturbation, a
+  half is noisier than a baseline averaged over many cells, and scores below it.
 
 ``scaled = (value − best baseline) / (ceiling − best baseline)``, for metrics where higher or lower
 is better alike; NaN where the ceiling is not better than the best baseline (no room to measure).
-Each half holds half of the cells, so the ceiling is noisier than a full-size replicate would be and
-a very good prediction can score above 1.
 
 Intervals come from a bootstrap over cells: in each replicate the real control cells of a context
 and the real perturbed cells of each pair are drawn again with replacement, and every prediction
@@ -143,6 +145,47 @@ def energy_replicates(x: np.ndarray, y: np.ndarray, wx: np.ndarray, wy: np.ndarr
     return 2.0 * cross - self_term(x, wx) - yy
 
 
+# -- the ceiling: what the true response would score, estimated from the split halves ----------------------------
+
+#: correlations: the true response correlates with a measurement as the square root of its reliability, which
+#: Spearman–Brown ``2r / (1 + r)`` brings from the split-half r to the full number of cells
+CORRELATIONS = ("pearson_delta", "pearson_delta_top", "de_spearman_lfc_sig", "de_spearman_sig")
+#: other agreement metrics: Spearman–Brown alone (cell-eval 0.8.2's ``compute_ceiling`` list)
+AGREEMENTS = ("discrimination_score", "overlap_at_", "precision_at_", "de_direction_match", "de_sig_genes_recall",
+              "pr_auc", "roc_auc")  # fmt: skip
+#: errors driven by sampling noise (variance ∝ 1/cells): squared, and absolute (∝ 1/√cells)
+SQUARED, ABSOLUTE = ("mse", "mse_delta", "energy_distance"), ("mae", "mae_delta")
+
+
+def noise_ceiling(column: str, replicate, n_real, n_control):
+    """What the true response would score against the real cells, from the split-half replicate's score.
+
+    Each half is the truth plus its own sampling noise (variance ∝ 1/cells), the control cells
+    shared; ``n_real`` perturbed cells were split, ``n_control`` control cells. Then:
+
+    - correlations (:data:`CORRELATIONS`): ``√(2r / (1 + r))``, the correlation of the truth with a
+      full measurement (Spearman–Brown, then the attenuation's square root); NaN for ``r ≤ 0``;
+    - other agreement metrics (:data:`AGREEMENTS`): ``2r / (1 + r)`` (cell-eval 0.8.2's ceiling);
+    - squared errors and the energy distance: ``× (1 + n_real / n_control) / 4`` — the halves differ by
+      the noise of two half-sized sets (``4σ²/n``), the truth from the real cells by that of the
+      perturbed and the control cells (``σ²/n + σ²/n_control``); absolute errors: the square root of
+      that factor;
+    - anything else (counts, ``pearson_edistance``, ``clustering_agreement``): as measured.
+    """
+    values = np.asarray(replicate, dtype=np.float64)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        if column.startswith(CORRELATIONS):
+            return np.where(values > 0, np.sqrt(2 * values / (1 + values)), np.nan)
+        if column.startswith(AGREEMENTS):
+            return np.where(values > 0, 2 * values / (1 + values), np.nan)
+        factor = (1 + np.asarray(n_real, dtype=np.float64) / np.asarray(n_control, dtype=np.float64)) / 4
+    if column in SQUARED:
+        return values * factor
+    if column in ABSOLUTE:
+        return values * np.sqrt(factor)
+    return values
+
+
 # -- scaled scores ---------------------------------------------------------------------------------------------
 
 
@@ -196,9 +239,14 @@ def interval(replicates: np.ndarray, level: float = 0.95, value: float | None = 
     return float(low), float(high)
 
 
+def _ceilings(by_method: dict, column: str, index) -> np.ndarray:
+    rows = by_method[CEILING].reindex(index)
+    return noise_ceiling(column, rows[column].to_numpy(dtype=np.float64), rows["n_real"], rows["n_control"])
+
+
 def add_scaled(table: pd.DataFrame, columns: Sequence[str], baselines: Sequence[str], replicates: dict,
                top_k: int, level: float) -> pd.DataFrame:  # fmt: skip
-    """``<column>_scaled`` for each metric column (per row: its best baseline and its replicate ceiling), and intervals.
+    """``<column>_scaled`` for each metric column (per row: its best baseline and its ceiling), and intervals.
 
     ``replicates``: ``{(method, context, perturbation): {column: bootstrap values}}``; columns with
     replicates also get ``<column>_low``/``_high`` and, with a ceiling and baselines,
@@ -209,6 +257,8 @@ def add_scaled(table: pd.DataFrame, columns: Sequence[str], baselines: Sequence[
     by_method = {m: part.set_index(["context", "perturbation"]) for m, part in table.groupby("method", sort=False)}
     candidates = [b for b in baselines if b in by_method]
     can_scale = CEILING in by_method and bool(candidates)
+    if can_scale:
+        sizes = by_method[CEILING].reindex(index)[["n_real", "n_control"]].to_numpy(dtype=np.float64)
     new = {}
     for column in columns:
         best = best_value(column, top_k)
@@ -220,7 +270,7 @@ def add_scaled(table: pd.DataFrame, columns: Sequence[str], baselines: Sequence[
             finite = np.where(np.isfinite(values), values, -np.inf if best == 1.0 else np.inf)
             choice = finite.argmax(0) if best == 1.0 else finite.argmin(0)
             reference = values[choice, np.arange(len(keys))]
-            ceiling = by_method[CEILING][column].reindex(index).to_numpy(dtype=np.float64)
+            ceiling = _ceilings(by_method, column, index)
             new[f"{column}_scaled"] = scaled(table[column].to_numpy(dtype=np.float64), reference, ceiling, best)
         if not resampled:
             continue
@@ -234,6 +284,7 @@ def add_scaled(table: pd.DataFrame, columns: Sequence[str], baselines: Sequence[
                 base = replicates.get((candidates[choice[i]], *key), {}).get(column)
                 top = replicates.get((CEILING, *key), {}).get(column)
                 if own is not None and base is not None and top is not None:
+                    top = noise_ceiling(column, top, *sizes[i])
                     found += interval(scaled(own, base, top, best), level, new[f"{column}_scaled"][i])
                 else:
                     found += [np.nan, np.nan]
@@ -258,9 +309,9 @@ def perturbation_summary(
     Rows of one or more tables (several held-out units, seeds, folds) are grouped by ``by``; each
     group's score is the mean of its rows, and its scaled score places that mean between the mean of
     the best baseline and the mean of the replicate ceiling over the *same* (table, context,
-    perturbation) rows::
+    perturbation) rows (the ceiling of each row: :func:`noise_ceiling` of its split-half replicate)::
 
-        scaled = (mean − mean of the best baseline) / (mean of the replicate − mean of the best baseline)
+        scaled = (mean − mean of the best baseline) / (mean of the ceiling − mean of the best baseline)
 
     where the best baseline is the one whose mean over those rows is best (one baseline for the
     group, not the best of each row, which no predictor could match in expectation). Rows where the
@@ -284,10 +335,11 @@ def perturbation_summary(
     Returns
     -------
     One row per group, sorted as first seen: the ``by`` columns, ``n`` (rows), and per metric
-    ``<metric>``, ``<metric>_low``, ``<metric>_high``, ``<metric>_scaled``, ``<metric>_scaled_low``,
-    ``<metric>_scaled_high`` and ``<metric>_baseline`` (the best baseline's name); intervals are NaN
-    for metrics without bootstrap replicates. Groups of baseline or replicate rows are summarised too
-    (the best baseline scores 0, the replicate 1).
+    ``<metric>``, ``<metric>_ceiling`` (the mean ceiling over the group's rows), ``<metric>_low``,
+    ``<metric>_high``, ``<metric>_scaled``, ``<metric>_scaled_low``, ``<metric>_scaled_high`` and
+    ``<metric>_baseline`` (the best baseline's name); intervals are NaN for metrics without
+    bootstrap replicates. Groups of baseline and replicate rows are summarised too (the best
+    baseline scores 0; the raw split-half replicate usually below 1).
     """
     tables = [tables] if isinstance(tables, pd.DataFrame) else list(tables)
     if not tables:
@@ -334,7 +386,8 @@ def _boot(replicates: dict, method: str, keys: list, metric: str) -> np.ndarray 
 
 def _pooled(metric, members, keys, keyed, baselines, replicates, best, level) -> dict:
     own = members[metric].to_numpy(dtype=np.float64)
-    ceiling = _values(keyed, CEILING, keys, metric)
+    sizes = np.stack([_values(keyed, CEILING, keys, n) for n in ("n_real", "n_control")], axis=1)
+    ceiling = noise_ceiling(metric, _values(keyed, CEILING, keys, metric), sizes[:, 0], sizes[:, 1])
     by_baseline = {b: _values(keyed, b, keys, metric) for b in baselines}
     valid = np.isfinite(own) & np.isfinite(ceiling)
     out = {metric: float(np.nanmean(own)) if np.isfinite(own).any() else np.nan}
@@ -352,9 +405,12 @@ def _pooled(metric, members, keys, keyed, baselines, replicates, best, level) ->
     if choice is not None:
         value = float(scaled(own[valid].mean(), means[choice], ceiling[valid].mean(), best))
         boot_base, boot_top = _boot(replicates, choice, keys, metric), _boot(replicates, CEILING, keys, metric)
+        if boot_top is not None:
+            boot_top = noise_ceiling(metric, boot_top, sizes[:, 0], sizes[:, 1])
         if boot_own is not None and boot_base is not None and boot_top is not None:
             pooled = [b[:, valid].mean(axis=1) for b in (boot_own, boot_base, boot_top)]
             scaled_low, scaled_high = interval(scaled(*pooled, best), level, value)
+    out[f"{metric}_ceiling"] = float(ceiling[valid].mean()) if valid.any() else np.nan
     return out | {f"{metric}_low": low, f"{metric}_high": high, f"{metric}_scaled": value,
             f"{metric}_scaled_low": scaled_low, f"{metric}_scaled_high": scaled_high,
             f"{metric}_baseline": choice}  # fmt: skip
