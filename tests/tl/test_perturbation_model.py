@@ -257,6 +257,10 @@ def test_plots_draw(trained):
     assert len(fig.axes) >= 3
     assert fig.axes[0].get_title().startswith("pearson_delta")
     plt.close(fig)
+    fig = cm.pl.perturbation(table, kind="scaled", metrics=["pearson_delta", "energy_distance"], return_fig=True)
+    assert [ax.get_title() for ax in fig.axes] == ["pearson_delta (scaled)", "energy_distance (scaled)"]
+    assert next(t.get_text() for t in fig.axes[0].get_yticklabels()) == "model"
+    plt.close(fig)
 
 
 def test_embedding_model_predicts_genes_through_its_decoder(tmp_path):
@@ -331,7 +335,7 @@ def test_stacked_default_is_never_below_an_exact_baseline():
     # a network that learns fast and wrongly (large learning rate, few epochs) next to an exact baseline
     model = cm.tl.train_perturbation(train, "perturbation", "control", context_key="donor",
                                      **{**SMALL, "lr": 0.05, "max_epochs": 4, "early_stopping": None})  # fmt: skip
-    weights = cm.tl._perturbation_stack.weights_table(model)
+    weights = model.stack_weights()
     assert (weights["perturbation_mean"] + weights["network"] > 0.8).all()
     scores = {}
     for predictor in ("stack", "network"):
@@ -373,7 +377,7 @@ def test_every_gene_of_the_input_is_predicted_and_its_source_recorded():
     only = cm.tl.predict_perturbation(held, model, ["KO_A"], device="cpu", predictor="baselines")
     baselines = cm.tl.perturbation_baselines(train, held, ["KO_A"], perturbation_key="perturbation",
                                              control="control", context_key="donor")  # fmt: skip
-    weights = cm.tl._perturbation_stack.weights_table(model, baselines_only=True).loc["KO_A"]
+    weights = model.stack_weights(baselines_only=True).loc["KO_A"]
     expected = sum(weights[b] * np.asarray(baselines[b].X[baselines[b].obs["is_predicted"].to_numpy()])
                    for b in weights.index)  # fmt: skip
     np.testing.assert_allclose(only.X[only.obs["is_predicted"].to_numpy()], expected, atol=1e-5)

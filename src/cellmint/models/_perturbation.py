@@ -226,6 +226,17 @@ class PerturbationModel:
                              f"{len(self.perturbations)} perturbations, e.g. {self.perturbations[:5]}.")  # fmt: skip
         return codes.astype(np.int64)
 
+    def stack_weights(self, *, baselines_only: bool = False) -> pd.DataFrame:
+        """The stacking weights (perturbations × components): of the default prediction, or of the baselines alone.
+
+        The second are those of genes outside the networks' panel. Empty without a stack.
+        """
+        if self.stack is None:
+            return pd.DataFrame(index=self.perturbations)
+        key = "baseline_weights" if baselines_only else "weights"
+        components = list(self.stack["components"])[1:] if baselines_only else list(self.stack["components"])
+        return pd.DataFrame(np.asarray(self.stack[key]), index=self.perturbations, columns=components)
+
     def respond(self, controls: np.ndarray, perturbation: str, *, random_state: int = 0,
                 device: Any = "cpu") -> np.ndarray:  # fmt: skip
         """Predicted perturbed cells, one per control cell (network space), for one context's controls."""

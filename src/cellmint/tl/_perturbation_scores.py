@@ -21,7 +21,8 @@ Intervals come from a bootstrap over cells: in each replicate the real control c
 and the real perturbed cells of each pair are drawn again with replacement, and every prediction
 made from a control cell (``obs["source_cell"]``) follows its cell; predictions that name no source
 are drawn on their own. The intervals are the spread (2.5th to 97.5th percentile at 95%) of the
-recomputed metric (and of the recomputed scaled score, with the baseline chosen on the data fixed),
+recomputed metric (and of the recomputed scaled score: the difference to the baseline chosen on the
+data, over the data's distance from that baseline to the ceiling, :func:`resampled_scaled`),
 centred on the value: drawing cells with replacement adds their sampling noise once more, which
 shifts every replicate the same way, so the percentiles are moved by ``value − median`` (see
 :func:`interval`). Metrics of pseudobulks and
@@ -212,6 +213,20 @@ def scaled(value, baseline, ceiling, best: float) -> np.ndarray:
         return np.where(room, (value - baseline) / (ceiling - baseline), np.nan)
 
 
+def resampled_scaled(own, base, baseline: float, ceiling: float, best: float) -> np.ndarray:
+    """Bootstrap replicates of a scaled score: the difference to the baseline resampled, the scale held fixed.
+
+    ``(own − base) / (ceiling − baseline)`` with the replicates of the value and of the baseline
+    (paired: the same real cells) over the data's distance from the baseline to the ceiling. The
+    ceiling, estimated from two halves of few cells, is noisier than the comparison; it sets the
+    unit of the scale, as the baseline sets its 0, and is not resampled. NaN without room.
+    """
+    own, base = np.asarray(own, dtype=np.float64), np.asarray(base, dtype=np.float64)
+    if not np.isfinite(ceiling) or not _better(np.asarray(ceiling), np.asarray(baseline), best):
+        return np.full(own.shape, np.nan)
+    return (own - base) / (ceiling - baseline)
+
+
 def interval(replicates: np.ndarray, level: float = 0.95, value: float | None = None,
              best: float | None = None) -> tuple[float, float]:  # fmt: skip
     """The bootstrap interval: the spread of the replicates' central ``level`` share, placed around ``value``.
@@ -257,8 +272,6 @@ def add_scaled(table: pd.DataFrame, columns: Sequence[str], baselines: Sequence[
     by_method = {m: part.set_index(["context", "perturbation"]) for m, part in table.groupby("method", sort=False)}
     candidates = [b for b in baselines if b in by_method]
     can_scale = CEILING in by_method and bool(candidates)
-    if can_scale:
-        sizes = by_method[CEILING].reindex(index)[["n_real", "n_control"]].to_numpy(dtype=np.float64)
     new = {}
     for column in columns:
         best = best_value(column, top_k)
@@ -282,10 +295,9 @@ def add_scaled(table: pd.DataFrame, columns: Sequence[str], baselines: Sequence[
             found = [*interval(own, level, table[column].iloc[i], best)] if own is not None else [np.nan, np.nan]
             if can_scale:
                 base = replicates.get((candidates[choice[i]], *key), {}).get(column)
-                top = replicates.get((CEILING, *key), {}).get(column)
-                if own is not None and base is not None and top is not None:
-                    top = noise_ceiling(column, top, *sizes[i])
-                    found += interval(scaled(own, base, top, best), level, new[f"{column}_scaled"][i])
+                if own is not None and base is not None:
+                    rel = resampled_scaled(own, base, reference[i], ceiling[i], best)
+                    found += interval(rel, level, new[f"{column}_scaled"][i])
                 else:
                     found += [np.nan, np.nan]
             for name, value in zip(names, found, strict=True):
@@ -317,8 +329,9 @@ def perturbation_summary(
     group, not the best of each row, which no predictor could match in expectation). Rows where the
     metric, that baseline or the replicate is undefined are left out of that metric. Intervals come
     from the tables' bootstrap replicates: replicate ``b`` of the mean is the mean of every row's
-    replicate ``b`` (rows are resampled independently of each other), and the scaled score is
-    recomputed in each replicate with the baseline held fixed.
+    replicate ``b`` (rows are resampled independently of each other), and the scaled score's
+    difference to the baseline is recomputed in each replicate over the fixed distance from that
+    baseline to the ceiling (:func:`resampled_scaled`).
 
     Parameters
     ----------
@@ -404,12 +417,11 @@ def _pooled(metric, members, keys, keyed, baselines, replicates, best, level) ->
     value = np.nan
     if choice is not None:
         value = float(scaled(own[valid].mean(), means[choice], ceiling[valid].mean(), best))
-        boot_base, boot_top = _boot(replicates, choice, keys, metric), _boot(replicates, CEILING, keys, metric)
-        if boot_top is not None:
-            boot_top = noise_ceiling(metric, boot_top, sizes[:, 0], sizes[:, 1])
-        if boot_own is not None and boot_base is not None and boot_top is not None:
-            pooled = [b[:, valid].mean(axis=1) for b in (boot_own, boot_base, boot_top)]
-            scaled_low, scaled_high = interval(scaled(*pooled, best), level, value)
+        boot_base = _boot(replicates, choice, keys, metric)
+        if boot_own is not None and boot_base is not None:
+            pooled = [b[:, valid].mean(axis=1) for b in (boot_own, boot_base)]
+            rel = resampled_scaled(*pooled, means[choice], ceiling[valid].mean(), best)
+            scaled_low, scaled_high = interval(rel, level, value)
     out[f"{metric}_ceiling"] = float(ceiling[valid].mean()) if valid.any() else np.nan
     return out | {f"{metric}_low": low, f"{metric}_high": high, f"{metric}_scaled": value,
             f"{metric}_scaled_low": scaled_low, f"{metric}_scaled_high": scaled_high,

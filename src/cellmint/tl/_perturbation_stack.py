@@ -25,7 +25,6 @@ from __future__ import annotations
 import itertools
 
 import numpy as np
-import pandas as pd
 
 from ._perturbation_baselines import BASELINES, _deltas
 
@@ -137,11 +136,3 @@ def fit_weights(samples: dict[str, list[tuple[np.ndarray, np.ndarray]]], perturb
             errors[-1] += ((w @ d - r) ** 2).mean()
             count += 1
     return weights, {"errors": (errors / max(count, 1)).tolist(), "n_samples": count}
-
-
-def weights_table(model, *, baselines_only: bool = False) -> pd.DataFrame:
-    """A model's stacking weights as a DataFrame (perturbations × components)."""
-    stack = model.stack
-    if baselines_only:
-        return pd.DataFrame(stack["baseline_weights"], index=model.perturbations, columns=list(BASELINES))
-    return pd.DataFrame(stack["weights"], index=model.perturbations, columns=list(stack["components"]))

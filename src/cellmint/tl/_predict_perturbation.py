@@ -182,8 +182,8 @@ def predict_perturbation(
         "space": "log1p(1e4 · x / library size)" if model.recipe.kind == "counts" else "as given (log-normalised)",
     }
     if predictor != "network":
-        for name, table in (("weights", stacking.weights_table(model)),
-                            ("baseline_weights", stacking.weights_table(model, baselines_only=True))):  # fmt: skip
+        for name, table in (("weights", model.stack_weights()),
+                            ("baseline_weights", model.stack_weights(baselines_only=True))):  # fmt: skip
             result.uns[key_added][name] = table.loc[perturbations]
     logg.info(f"predicted {len(perturbations)} perturbation(s) in {len(wanted)} context(s) with the {predictor}: "
               f"{result.uns[key_added]['n_cells']:,} cells × {result.n_vars:,} genes")  # fmt: skip
@@ -226,7 +226,7 @@ def _context_predictions(model, adata, rows, context, perturbations, plan, predi
     effects = stacking.effects_of(model.stack, genes=plan["in_stack"][known])
     pairs = [(str(context), p) for p in perturbations]
     deltas = stacking.baseline_deltas(effects, pairs, {str(context): cells[:, known].mean(axis=0)})
-    full, base = stacking.weights_table(model), stacking.weights_table(model, baselines_only=True)
+    full, base = model.stack_weights(), model.stack_weights(baselines_only=True)
     for i, p in enumerate(perturbations):
         predicted = cells.copy()  # genes the training data did not have: no effect
         shifted = {b: np.maximum(cells[:, known] + deltas[b][i], 0.0) for b in stacking.BASELINES}
