@@ -393,6 +393,7 @@ def train_perturbation(
                                 set_size, to_genes, random_state)  # fmt: skip
             one.validation = f"fold {k + 1}: contexts {held}"
             fitted.append(one)
+        folded = fitted
         if len(contexts) < 3 or not fitted:  # the fold networks never saw enough contexts: one more on all of them
             train_pairs, val_pairs, chosen = _validation(pairs, validation, rng)
             one = fit_network(values, controls, perturbations, train_pairs, val_pairs, settings, random_state,
@@ -424,6 +425,9 @@ def train_perturbation(
                "val_loss": [h.get("val_loss", np.nan) for h in first.history]}  # fmt: skip
     networks = [{"validation": one.validation, "epochs": len(one.history), "best_epoch": one.best_epoch,
                  "untrained_val_loss": one.untrained_val_loss} for one in fitted]  # fmt: skip
+    fold_networks = [{"validation": one.validation, "epochs": len(one.history), "best_epoch": one.best_epoch}
+                     for one in folded if all(one is not other for other in fitted)]  # fmt: skip
+    trained = [*fitted, *(one for one in folded if all(one is not other for other in fitted))]
     manifest = {
         "params": params,
         "architecture": {"n_features": int(values.shape[1]), **architecture},
@@ -438,7 +442,8 @@ def train_perturbation(
         "best_epoch": first.best_epoch,  # -1: no epoch beat the untrained network on the validation sets
         "untrained_val_loss": first.untrained_val_loss,
         "networks": networks,
-        "resources": {**report.to_dict(), "epochs": sum(len(one.history) for one in fitted)},
+        "fold_networks": fold_networks,  # trained only for the stacking weights (two training contexts)
+        "resources": {**report.to_dict(), "epochs": sum(len(one.history) for one in trained)},
     }
     model = PerturbationModel(nets, genes=list(panel), perturbations=perturbations, control=str(control),
                               perturbation_key=perturbation_key, context_key=context_key, recipe=recipe,
