@@ -25,8 +25,11 @@ from __future__ import annotations
 import itertools
 
 import numpy as np
+import pandas as pd
 
+from ..models._perturbation import respond
 from ._perturbation_baselines import BASELINES, _deltas
+from ._perturbation_data import LogExpression
 
 COMPONENTS = ("network", *BASELINES)
 #: pseudo-contexts of evidence that the weights shared by all perturbations count for, in each perturbation's fit
@@ -99,14 +102,15 @@ def simplex_least_squares(gram: np.ndarray, cross: np.ndarray) -> np.ndarray:
 
 
 def fit_weights(samples: dict[str, list[tuple[np.ndarray, np.ndarray]]], perturbations: list[str],
-                n_components: int) -> tuple[np.ndarray, dict]:  # fmt: skip
+                n_components: int, *, fallback: int = 0) -> tuple[np.ndarray, dict]:  # fmt: skip
     """Per perturbation, stacking weights from out-of-fold samples ``{perturbation: [(deltas, real delta)]}``.
 
     ``deltas``: components × genes (each component's predicted pseudobulk minus the context's
     control pseudobulk); ``real delta``: the real one (genes).
 
     Returns the weights (perturbations × components) and the out-of-fold mean squared error of each
-    component and of the stack (with its own weights), over every sample.
+    component and of the stack (with its own weights), over every sample. Without any sample (no
+    perturbation measured in two folds), the component ``fallback`` takes every weight.
     """
     moments = {}
     for p, items in samples.items():
@@ -119,7 +123,7 @@ def fit_weights(samples: dict[str, list[tuple[np.ndarray, np.ndarray]]], perturb
         pooled_cross = sum(c * n for _, c, n in moments.values()) / total
         shared = simplex_least_squares(pooled_gram, pooled_cross)
     else:
-        pooled_gram, pooled_cross, shared = None, None, np.eye(n_components)[0]
+        pooled_gram, pooled_cross, shared = None, None, np.eye(n_components)[fallback]
     weights = np.tile(shared, (len(perturbations), 1))
     for i, p in enumerate(perturbations):
         if p in moments:
@@ -136,3 +140,66 @@ def fit_weights(samples: dict[str, list[tuple[np.ndarray, np.ndarray]]], perturb
             errors[-1] += ((w @ d - r) ** 2).mean()
             count += 1
     return weights, {"errors": (errors / max(count, 1)).tolist(), "n_samples": count}
+
+
+def network_bulks(net, values, controls: dict, held: list[str], pairs: dict, known: set, perturbations,
+                  set_size: int, to_genes, random_state: int) -> dict:  # fmt: skip
+    """Pseudobulk (over the panel, log1p, ≥ 0) of a fold network's prediction of each held-out pair it knows."""
+    out = {}
+    for c, p in pairs:
+        if c in held and p in known:
+            inputs = values[controls[c]].numpy()
+            cells = respond([net], inputs, perturbations.index(p), set_size, random_state=random_state)
+            out[(c, p)] = to_genes(inputs, cells, controls[c]).astype(np.float64).mean(axis=0)
+    return out
+
+
+def fit_stack(adata, rows, pairs: dict, controls: dict, perturbations: list[str], folds: list[list[str]],
+              oof: dict, panel: pd.Index, kind: str, layer) -> dict:  # fmt: skip
+    """What ``PerturbationModel.stack`` holds: the training pseudobulks over every gene, and the weights.
+
+    ``pairs`` and ``controls`` hold positions in ``rows`` (the training cells of ``adata``); ``oof``
+    the fold networks' out-of-fold pseudobulks over the panel (:func:`network_bulks`). For each fold,
+    the baselines are fitted on the other folds' pseudobulks and predict the fold's contexts from
+    their control cells; the weights over the panel include the network, those of the other genes
+    the baselines alone (:func:`fit_weights`).
+    """
+    names = pd.Index(adata.var_names.astype(str))
+    expression = LogExpression(adata, names, layer=layer, what="adata", kind=kind)
+    groups = {key: rows[r] for key, r in pairs.items()} | {(c, "__control__"): rows[r] for c, r in controls.items()}
+    bulks = training_bulks(expression, groups, "__control__")
+    in_panel = names.get_indexer(panel)
+    rest = np.setdiff1d(np.arange(len(names)), in_panel) if len(panel) < len(names) else np.arange(len(names))
+    full, baseline_only = {}, {}
+    pair_index = {tuple(pair): i for i, pair in enumerate(bulks["pairs"])}
+    for held in folds:
+        effects = effects_of(bulks, contexts=[c for c in bulks["contexts"] if c not in held])
+        known = {p for _, p in effects["delta"]}
+        for c in held:
+            if c not in bulks["contexts"]:
+                continue
+            targets = [(c, p) for (d, p) in pairs if d == c and p in known]
+            if not targets:
+                continue
+            control_bulk = bulks["control_bulk"][bulks["contexts"].index(c)]
+            cells = expression.rows(groups[(c, "__control__")])
+            deltas = baseline_deltas(effects, targets, {c: control_bulk})
+            for i, (_, p) in enumerate(targets):
+                components = np.stack([shifted_mean(cells, deltas[b][i]) for b in BASELINES])
+                components -= control_bulk
+                real = bulks["perturbed_bulk"][pair_index[(c, p)]] - control_bulk
+                baseline_only.setdefault(p, []).append((components[:, rest], real[rest]))
+                if (c, p) in oof:
+                    network = oof[(c, p)] - control_bulk[in_panel]
+                    full.setdefault(p, []).append((np.vstack([network, components[:, in_panel]]), real[in_panel]))
+    weights, full_errors = fit_weights(full, perturbations, len(COMPONENTS), fallback=0)
+    baseline_weights, rest_errors = fit_weights(baseline_only, perturbations, len(BASELINES),
+                                                fallback=BASELINES.index("perturbation_mean"))  # fmt: skip
+    return {"genes": list(names), "contexts": bulks["contexts"], "pairs": bulks["pairs"],
+            "control_bulk": bulks["control_bulk"], "perturbed_bulk": bulks["perturbed_bulk"],
+            "weights": weights, "baseline_weights": baseline_weights, "components": list(COMPONENTS),
+            "alpha": ALPHA, "folds": folds,
+            "out_of_fold": {"panel": dict(zip([*COMPONENTS, "stack"], full_errors["errors"], strict=True)),
+                            "other_genes": dict(zip([*BASELINES, "stack"], rest_errors["errors"],
+                                                    strict=True)),
+                            "n_samples": full_errors["n_samples"], "n_other_genes": len(rest)}}  # fmt: skip

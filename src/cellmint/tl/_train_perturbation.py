@@ -15,7 +15,7 @@ from .._utils._device import resolve_device
 from .._utils._docs import doc_params
 from .._utils._resources import ResourceMonitor
 from ..models._normalize import InputRecipe
-from ..models._perturbation import PerturbationModel, respond
+from ..models._perturbation import PerturbationModel
 from . import _perturbation_data as data
 from . import _perturbation_stack as stacking
 from ._perturbation_fit import Settings, average_effects, binned_means, fit_network
@@ -119,61 +119,6 @@ def _folds(contexts: list[str], n_folds: int, rng: np.random.Generator) -> list[
     """Training contexts in ``n_folds`` groups of (nearly) equal size, drawn at random (one context each when few)."""
     order = list(rng.permutation(contexts))
     return [sorted(order[i::n_folds]) for i in range(n_folds)]
-
-
-def _oof_network(net, values, controls: dict, held: list[str], pairs: dict, known: set, perturbations, set_size: int,
-                 to_genes, random_state: int) -> dict:  # fmt: skip
-    """Pseudobulk (over the panel, log1p, ≥ 0) of a fold network's prediction of each held-out pair it knows."""
-    out = {}
-    for c, p in pairs:
-        if c in held and p in known:
-            inputs = values[controls[c]].numpy()
-            cells = respond([net], inputs, perturbations.index(p), set_size, random_state=random_state)
-            out[(c, p)] = to_genes(inputs, cells, controls[c]).astype(np.float64).mean(axis=0)
-    return out
-
-
-def _stack(adata, rows, pairs: dict, controls: dict, perturbations: list[str], folds: list[list[str]],
-           oof: dict, panel: pd.Index, kind: str, layer) -> dict:  # fmt: skip
-    """Training pseudobulks over every gene and the stacking weights (see :mod:`._perturbation_stack`)."""
-    names = pd.Index(adata.var_names.astype(str))
-    expression = data.LogExpression(adata, names, layer=layer, what="adata", kind=kind)
-    groups = {key: rows[r] for key, r in pairs.items()} | {(c, "__control__"): rows[r] for c, r in controls.items()}
-    bulks = stacking.training_bulks(expression, groups, "__control__")
-    in_panel = names.get_indexer(panel)
-    rest = np.setdiff1d(np.arange(len(names)), in_panel) if len(panel) < len(names) else np.arange(len(names))
-    full, baseline_only = {}, {}
-    pair_index = {tuple(pair): i for i, pair in enumerate(bulks["pairs"])}
-    for held in folds:
-        effects = stacking.effects_of(bulks, contexts=[c for c in bulks["contexts"] if c not in held])
-        known = {p for _, p in effects["delta"]}
-        for c in held:
-            if c not in bulks["contexts"]:
-                continue
-            targets = [(c, p) for (d, p) in pairs if d == c and p in known]
-            if not targets:
-                continue
-            control_bulk = bulks["control_bulk"][bulks["contexts"].index(c)]
-            cells = expression.rows(groups[(c, "__control__")])
-            deltas = stacking.baseline_deltas(effects, targets, {c: control_bulk})
-            for i, (_, p) in enumerate(targets):
-                components = np.stack([stacking.shifted_mean(cells, deltas[b][i]) for b in stacking.BASELINES])
-                components -= control_bulk
-                real = bulks["perturbed_bulk"][pair_index[(c, p)]] - control_bulk
-                baseline_only.setdefault(p, []).append((components[:, rest], real[rest]))
-                if (c, p) in oof:
-                    network = oof[(c, p)] - control_bulk[in_panel]
-                    full.setdefault(p, []).append((np.vstack([network, components[:, in_panel]]), real[in_panel]))
-    weights, full_errors = stacking.fit_weights(full, perturbations, len(stacking.COMPONENTS))
-    baseline_weights, rest_errors = stacking.fit_weights(baseline_only, perturbations, len(stacking.BASELINES))
-    return {"genes": list(names), "contexts": bulks["contexts"], "pairs": bulks["pairs"],
-            "control_bulk": bulks["control_bulk"], "perturbed_bulk": bulks["perturbed_bulk"],
-            "weights": weights, "baseline_weights": baseline_weights, "components": list(stacking.COMPONENTS),
-            "alpha": stacking.ALPHA, "folds": folds,
-            "out_of_fold": {"panel": dict(zip([*stacking.COMPONENTS, "stack"], full_errors["errors"], strict=True)),
-                            "other_genes": dict(zip([*stacking.BASELINES, "stack"], rest_errors["errors"],
-                                                    strict=True)),
-                            "n_samples": full_errors["n_samples"], "n_other_genes": len(rest)}}  # fmt: skip
 
 
 @doc_params()
@@ -389,8 +334,9 @@ def train_perturbation(
             one = fit_network(values, controls, perturbations, train_k, val_k, settings, random_state + k,
                               description=f"fold {k + 1}/{len(folds)}")  # fmt: skip
             one.net.cpu()
-            oof |= _oof_network(one.net, values, controls, held, pairs, {p for _, p in train_k}, perturbations,
-                                set_size, to_genes, random_state)  # fmt: skip
+            known = {p for _, p in train_k}
+            oof |= stacking.network_bulks(one.net, values, controls, held, pairs, known, perturbations, set_size,
+                                          to_genes, random_state)  # fmt: skip
             one.validation = f"fold {k + 1}: contexts {held}"
             fitted.append(one)
         folded = fitted
@@ -410,8 +356,8 @@ def train_perturbation(
             nets.append(net)
         stacked = None
         if stack:
-            stacked = _stack(adata, rows, pairs, controls, perturbations, folds or [contexts], oof, panel, kind,
-                             layer)  # fmt: skip
+            stacked = stacking.fit_stack(adata, rows, pairs, controls, perturbations, folds or [contexts], oof,
+                                         panel, kind, layer)  # fmt: skip
             if not folds:
                 logg.warning("one training context: the stacking weights cannot be learned on unseen contexts; "
                              "the network alone predicts its panel, the perturbation mean the other genes")  # fmt: skip
