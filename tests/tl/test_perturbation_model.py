@@ -239,8 +239,10 @@ def test_split_context_and_perturbation_holdout_with_state_toml(tmp_path):
     few = tomllib.loads((tmp_path / "few.toml").read_text())
     assert few["fewshot"]["cellmint.d0"]["test"] == ["KO_A"]
     model = cm.tl.train_perturbation(adata, "perturbation", "control", context_key="donor",
-                                     split_key="perturbation_split", **SMALL)  # fmt: skip
+                                     split_key="perturbation_split", stack=False, **SMALL)  # fmt: skip
     assert model.manifest["data"]["n_cells"] == int((split == "train").sum())
+    assert model.stack is None
+    assert len(model.nets) == 1
 
 
 def test_plots_draw(trained):
