@@ -17,7 +17,11 @@ Peers, each on the same split:
 cellmint trains with its defaults (``cm.tl.train_annotator``), three seeds per task (mean reported).
 ``--ablation`` compares augmentation settings on the same tasks (the evidence for the defaults);
 ``--speed`` measures training throughput on a synthetic 200,000 × 2,000 store (``--full``; 20,000
-cells otherwise).
+cells otherwise). ``--small-reference`` times training on references of about 1,000 cells × 2,000
+genes (CellBench CEL-seq2 + Drop-seq singlets on their 2,000 most variable genes, counts; Zeisel,
+1,000 random cells on 2,000 of its genes, log-normalised): ``cm.tl.train_annotator`` with its
+defaults in a fresh process (first-call costs included) next to ``celltypist.train`` on the same
+cells, in the same run, and reports the ratio.
 """
 
 from __future__ import annotations
@@ -222,6 +226,66 @@ def speed(n_obs: int) -> dict:
     return out
 
 
+_CELLMINT_TRAIN = """
+import sys, time, json, warnings
+warnings.filterwarnings("ignore")
+import anndata as ad
+import cellmint as cm
+adata = ad.read_h5ad(sys.argv[1])
+adata.obs["part"] = "train"
+start = time.perf_counter()
+model = cm.tl.train_annotator(adata, sys.argv[2], split="part", progress=False)
+print(json.dumps({"train_s": time.perf_counter() - start, "epochs": model.manifest["resources"]["epochs"]}))
+"""
+
+
+def small_references(data_dir: Path, repeats: int = 3) -> list[dict]:
+    """Training time of a ~1,000-cell × 2,000-gene reference: cellmint (fresh process) next to celltypist.train."""
+    import anndata as ad
+    import scanpy as sc
+
+    cells = ad.read_h5ad(data_dir / "cellbench_5cl_celseq2_dropseq.h5ad")
+    cells = cells[cells.obs["demuxlet_cls"] == "SNG"].copy()
+    sc.pp.highly_variable_genes(cells, n_top_genes=2000, flavor="seurat_v3")
+    references = {"cellbench_1k (counts)": (cells[:, cells.var["highly_variable"]].copy(), "cell_line", "counts")}
+    zeisel = ad.read_h5ad(data_dir / "zeisel_brain_hier.h5ad")
+    rng = np.random.default_rng(0)
+    zeisel = zeisel[np.sort(rng.choice(zeisel.n_obs, 1000, replace=False)), :2000].copy()
+    references["zeisel_1k (log1p)"] = (zeisel, "level2_class", "lognorm")
+    python = ensure_celltypist()
+    rows = []
+    for name, (adata, key, kind) in references.items():
+        adata.obs = adata.obs[[key]].astype(str)
+        with tempfile.TemporaryDirectory() as work:
+            path = Path(work) / "reference.h5ad"
+            adata.write_h5ad(path)
+            ours = [json.loads(subprocess.run([sys.executable, "-c", _CELLMINT_TRAIN, str(path), key], check=True,
+                                              capture_output=True, text=True).stdout.splitlines()[-1])
+                    for _ in range(repeats)]  # fmt: skip
+            theirs = []
+            if python is not None:
+                values = lognormalised(adata, kind)
+                values.obs["part"] = "train"
+                values.write_h5ad(Path(work) / "train.h5ad")
+                values[:50].write_h5ad(Path(work) / "test.h5ad")
+                env = {**os.environ, "CELLTYPIST_FOLDER": str(Path(work) / "celltypist_home")}
+                for _ in range(repeats):
+                    out = subprocess.run([str(python), str(HERE / "_celltypist_run.py"), str(Path(work) / "train.h5ad"),
+                                          str(Path(work) / "test.h5ad"), key, str(Path(work) / "pred.csv")],
+                                         capture_output=True, text=True, env=env, check=True)  # fmt: skip
+                    theirs.append(json.loads(out.stdout.strip().splitlines()[-1])["train_s"])
+        row = {"reference": name, "cells": adata.n_obs, "genes": adata.n_vars,
+               "cellmint_train_s": float(np.median([o["train_s"] for o in ours])),
+               "cellmint_epochs": ours[0]["epochs"],
+               "celltypist_train_s": float(np.median(theirs)) if theirs else float("nan")}  # fmt: skip
+        row["ratio"] = row["cellmint_train_s"] / row["celltypist_train_s"]
+        rows.append(row)
+        print(f"{name:<24}{adata.n_obs:>6,} × {adata.n_vars:,}  cellmint {row['cellmint_train_s']:6.1f} s "
+              f"({row['cellmint_epochs']} epochs)  celltypist.train {row['celltypist_train_s']:6.1f} s  "
+              f"ratio {row['ratio']:.2f}", flush=True)  # fmt: skip
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--full", action="store_true", help="speed on 200,000 cells (else 20,000)")
@@ -230,7 +294,13 @@ def main() -> None:
     parser.add_argument("--ablation", action="store_true", help="compare augmentation settings")
     parser.add_argument("--seeds", type=int, default=3, help="cellmint seeds per task or ablation setting")
     parser.add_argument("--skip-speed", action="store_true")
+    parser.add_argument("--small-reference", action="store_true", help="training time of 1,000-cell references")
     args = parser.parse_args()
+    if args.small_reference:
+        RESULTS.mkdir(exist_ok=True)
+        rows = small_references(args.data_dir)
+        (RESULTS / "annotator_small_reference.json").write_text(json.dumps(rows, indent=2))
+        return
     tasks = [t for t in args.tasks if t == "cellbench" or args.data_dir.is_dir()]
     if len(tasks) < len(args.tasks):
         print(f"{args.data_dir} not found: running the bundled task only")

@@ -131,7 +131,6 @@ def compact(summary: pd.DataFrame, metrics: list[str]) -> pd.DataFrame:
 
 
 def run_task(task, args, settings):
-    import cellmint as cm
 
     adata, key, control, context, groups = load(task, not args.full and not args.folds)
     seeds = list(range(args.seeds))
@@ -143,9 +142,22 @@ def run_task(task, args, settings):
             table, info = run_fold(adata, key, control, context, held_out, settings, seed, args.bootstrap)
             tables.append(table)
             infos.append({"held_out": held_out, "seed": seed, **info})
+            # every finished fold is kept (tables with their bootstrap replicates), so a run stopped by a time
+            # limit can still be summarised: --summarise <this file>
+            partial = Path(args.out).with_name(f"{Path(args.out).stem}.{task}.tables.pkl")
+            partial.parent.mkdir(parents=True, exist_ok=True)
+            pd.to_pickle({"tables": tables, "folds": infos, "settings": settings}, partial)
             print(f"== {task} · held out {held_out} · seed {seed}: trained {info['train_seconds']} s "
                   f"(epochs {info['networks']}), {info['genes_predicted']} genes predicted (panel "
                   f"{info['panel']}), evaluated {info['evaluate_seconds']} s", flush=True)  # fmt: skip
+    return summarise(task, tables, infos, settings, seeds, groups)
+
+
+def summarise(task, tables, infos, settings, seeds, groups=None):
+    """Print and return the pooled and per-unit summaries of a task's fold tables."""
+    import cellmint as cm
+
+    groups = groups if groups is not None else [f["held_out"] for f in infos if f["seed"] == seeds[0]]
     metrics = [m for m in HEADLINE if m in tables[0]]
     pooled = cm.tl.perturbation_summary(tables, metrics=metrics)
     per_unit = cm.tl.perturbation_summary(tables, by=["method", "context", "seed"], metrics=metrics)
@@ -177,7 +189,14 @@ def main() -> None:
     parser.add_argument("--settings", default="{}", help="JSON keyword dict for train_perturbation")
     parser.add_argument("--folds", type=int, help="only the first N held-out groups of each task")
     parser.add_argument("--out", default=str(RESULTS / "perturbation.json"))
+    parser.add_argument("--summarise", help="summarise the fold tables a run kept (a .tables.pkl file), then stop")
     args = parser.parse_args()
+    if args.summarise:
+        kept = pd.read_pickle(args.summarise)
+        seeds = sorted({f["seed"] for f in kept["folds"]})
+        task = Path(args.summarise).name.split(".")[-3]
+        summarise(task, kept["tables"], kept["folds"], kept["settings"], seeds)
+        return
     args.tasks = args.tasks or "synthetic,glioblastoma,papalexi"
     args.seeds = args.seeds or (3 if args.full else 1)
     settings = json.loads(args.settings)

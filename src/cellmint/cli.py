@@ -4,12 +4,18 @@
 ``cellmint synthetic`` writes a synthetic counts matrix to h5ad, streamed with bounded memory;
 ``cellmint build-store``, ``train`` and ``annotate`` run the main steps on files, for pipelines;
 ``cellmint demo`` runs them end to end on bundled real data.
+
+Errors a user can fix (a missing or damaged file, a wrong column name, a store another process is
+writing) print one line, ``cellmint COMMAND: error: ...``, and exit with status 2; ``--debug`` shows
+the Python traceback instead. An unexpected error (a bug) prints one line asking for a report and
+exits with status 1.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+import traceback
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -78,6 +84,8 @@ def _cmd_synthetic(args: argparse.Namespace) -> int:
     from ._utils._resources import ResourceMonitor
     from .datasets import synthetic
 
+    _output_folder(args.out, "output file")
+
     with ResourceMonitor(n_cells=args.n_obs) as monitor:
         adata = synthetic(
             args.n_obs,
@@ -106,13 +114,18 @@ def _cmd_build_store(args: argparse.Namespace) -> int:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    import anndata as ad
 
+    from ._utils._chunks import read_h5ad
     from .store import Store
     from .tl import train_annotator
 
     source = Path(args.data)
-    data = Store(source) if (source / "manifest.json").is_file() else ad.read_h5ad(source, backed="r")
+    if not source.exists():
+        raise FileNotFoundError(f"No such store or .h5ad file: {source}")
+    if source.is_dir() and not (source / "manifest.json").is_file():
+        raise ValueError(f"{source} is a folder but not a cellmint store (no manifest.json): give a store built by "
+                         "`cellmint build-store`, or an .h5ad file.")  # fmt: skip
+    data = Store(source) if source.is_dir() else read_h5ad(source, backed="r")
     model = train_annotator(data, args.label_keys, split=args.split, model_dir=args.model, layer=args.layer,
                             max_epochs=args.max_epochs, device=args.device, random_state=args.seed,
                             progress=args.progress)  # fmt: skip
@@ -124,8 +137,19 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _output_folder(path: Path, what: str) -> None:
+    """Refuse early an output whose folder does not exist (before a long computation)."""
+    folder = Path(path).absolute().parent
+    if not folder.is_dir():
+        raise FileNotFoundError(f"The folder of the {what} {path} does not exist; create it first.")
+    if Path(path).is_dir():
+        raise IsADirectoryError(f"The {what} {path} is a folder; give a file name.")
+
+
 def _cmd_annotate(args: argparse.Namespace) -> int:
     from .tl import annotate
+
+    _output_folder(args.out, "output CSV")
 
     table = annotate(args.query, args.model, layer=args.layer, key_added=args.key, device=args.device,
                      progress=args.progress)  # fmt: skip
@@ -166,20 +190,30 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     tl.annotate(query, model, progress=False)
     truth, labels = query.obs["cell_line"].astype(str), query.obs["cellmint_cell_line"].astype(str)
     unknown = query.obs["cellmint_cell_line_unknown"].to_numpy()
+    reason = query.obs["cellmint_cell_line_unknown_reason"].astype(str)
     raw = np.asarray(model.classes["cell_line"])[query.obsm["cellmint_cell_line_proba"].to_numpy().argmax(1)]
+    sets = query.obs["cellmint_cell_line_set"].astype(str)
+    covered = [t in s.split("|") for t, s in zip(truth, sets, strict=True)]
     table = pd.DataFrame({
-        "cells": [len(truth)],
-        "accuracy (Unknown counted wrong)": [(labels == truth).mean()],
-        "accuracy of labelled cells": [(labels[~unknown] == truth[~unknown]).mean() if (~unknown).any() else np.nan],
-        "macro-F1 (model's labels)": [f1_score(truth, raw, average="macro")],
-        "Unknown": [unknown.mean()],
-        "median confidence": [query.obs["cellmint_cell_line_confidence"].median()],
-    }, index=["Drop-seq query"]).round(3)  # fmt: skip
+        "cells": [f"{len(truth):,}"],
+        "accuracy (Unknown counted wrong)": [f"{(labels == truth).mean():.3f}"],
+        "accuracy of labelled cells": [f"{(labels[~unknown] == truth[~unknown]).mean():.3f}" if (~unknown).any()
+                                       else "-"],
+        "macro-F1 (model's labels)": [f"{f1_score(truth, raw, average='macro'):.3f}"],
+        "Unknown": [f"{unknown.mean():.3f}"],
+        "  of which: far from the reference": [f"{(reason == 'distance').mean():.3f}"],
+        "  of which: low confidence or margin": [f"{reason.isin(['confidence', 'margin']).mean():.3f}"],
+        "prediction sets (alpha 0.1): coverage": [f"{np.mean(covered):.3f}"],
+        "prediction sets: mean size": [f"{query.obs['cellmint_cell_line_set_size'].mean():.2f}"],
+        "median confidence": [f"{query.obs['cellmint_cell_line_confidence'].median():.3f}"],
+    }, index=["Drop-seq query"])  # fmt: skip
     print(table.T.to_string())
     table.to_csv(out / "metrics.csv")
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    pl.confidence(query, kind="reliability", truth_key="cell_line", ax=axes[0], show=False)
-    pl.confidence(query, kind="confusion", truth_key="cell_line", ax=axes[1], show=False)
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
+    pl.confidence(query, kind="unknown", ax=axes[0], show=False)
+    pl.confidence(query, kind="reliability", truth_key="cell_line", ax=axes[1], show=False)
+    pl.confidence(query, kind="confusion", truth_key="cell_line", ax=axes[2], show=False)
+    fig.suptitle(f"CellBench: {reference.n_obs:,} CEL-seq2 reference cells → {query.n_obs:,} Drop-seq query cells")
     fig.tight_layout()
     fig.savefig(out / "confidence.png", dpi=100)
     plt.close(fig)
@@ -197,6 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="cellmint: atlas-scale single-cell data to trusted annotators and perturbation models.",
     )
     parser.add_argument("--version", action="version", version=f"cellmint {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show the Python traceback of an error")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("datasets", help="verify and summarise the real datasets (bundled ones by default)")
@@ -254,7 +289,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="torch device (default: auto)")
     p.add_argument("--progress", **progress)
     p.set_defaults(func=_cmd_annotate)
+    for command in sub.choices.values():  # --debug after the command too
+        command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                             help="show the Python traceback of an error")  # fmt: skip
     return parser
+
+
+#: errors a user can act on (bad input, missing or damaged files, a busy store): one line, exit status 2
+USER_ERRORS = (ValueError, KeyError, TypeError, IndexError, OSError, RuntimeError)
+
+
+def _one_line(err: BaseException) -> str:
+    """An exception's message (and notes) on one line."""
+    message = err.args[0] if isinstance(err, KeyError) and len(err.args) == 1 else str(err)
+    if isinstance(err, OSError) and err.filename is not None and str(err.filename) not in message:
+        message = f"{message}: {err.filename}"
+    parts = [str(message), *getattr(err, "__notes__", [])]
+    return " ".join(" ".join(part.replace("\n- ", "; ").split()) for part in parts if part)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -262,9 +313,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (FileNotFoundError, FileExistsError, KeyError, ValueError, RuntimeError) as err:
-        print(f"cellmint {args.command}: error: {err}", file=sys.stderr)
-        return 2
+    except KeyboardInterrupt:
+        print(f"cellmint {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:
+        if getattr(args, "debug", False):
+            traceback.print_exc()
+        if isinstance(err, USER_ERRORS):
+            print(f"cellmint {args.command}: error: {_one_line(err)}", file=sys.stderr)
+            return 2
+        print(f"cellmint {args.command}: internal error ({type(err).__name__}: {_one_line(err)}); this is a bug in "
+              "cellmint: please report it with the output of the same command run with --debug.",
+              file=sys.stderr)  # fmt: skip
+        return 1
 
 
 if __name__ == "__main__":  # pragma: no cover

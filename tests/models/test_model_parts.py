@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import scanpy as sc
@@ -118,3 +120,27 @@ def test_temperature_is_not_sharpened_without_errors():
     logits = torch.tensor([[3.0, 0.0], [0.0, 2.0], [4.0, 1.0]])
     assert fit_temperature(logits, torch.tensor([0, 1, 0])) == 1.0
     assert fit_temperature(logits, torch.tensor([0, 1, 1])) > 1.0  # an error: confidence is softened
+
+
+def test_adamw_updates_exactly_as_torch_optim_does():
+    """Our AdamW avoids torch.optim's import of torch._dynamo; the arithmetic must stay torch's."""
+    from cellmint.models._optim import AdamW
+
+    torch.manual_seed(0)
+    ours = torch.nn.Sequential(torch.nn.Linear(20, 16), torch.nn.LayerNorm(16), torch.nn.ReLU(), torch.nn.Linear(16, 3))
+    theirs = copy.deepcopy(ours)
+    optimizers = (AdamW(ours.parameters(), lr=3e-3, weight_decay=1e-2),
+                  torch.optim.AdamW(theirs.parameters(), lr=3e-3, weight_decay=1e-2, foreach=True))  # fmt: skip
+    for _ in range(30):
+        x, y = torch.randn(32, 20), torch.randint(0, 3, (32,))
+        for net, optimizer in zip((ours, theirs), optimizers, strict=True):
+            optimizer.zero_grad()
+            torch.nn.functional.cross_entropy(net(x), y).backward()
+            optimizer.step()
+    for a, b in zip(ours.parameters(), theirs.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-7)
+    state = optimizers[0].state_dict()
+    assert state["step"] == 30
+    restored = AdamW(ours.parameters(), lr=3e-3, weight_decay=1e-2)
+    restored.load_state_dict(state)
+    assert all(torch.equal(a, b) for a, b in zip(restored.exp_avg, optimizers[0].exp_avg, strict=True))

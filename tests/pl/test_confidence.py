@@ -26,7 +26,7 @@ def annotated():
     return adata
 
 
-@pytest.mark.parametrize("kind", ["violin", "hist", "reliability", "confusion", "embedding"])
+@pytest.mark.parametrize("kind", ["violin", "hist", "reliability", "confusion", "embedding", "unknown"])
 def test_every_kind_draws(annotated, kind):
     fig = cm.pl.confidence(annotated, kind=kind, truth_key="cell_type", return_fig=True)
     ax = fig.axes[0]
@@ -35,6 +35,11 @@ def test_every_kind_draws(annotated, kind):
         assert ax.get_title().startswith("cell_type: ECE ")
     if kind == "confusion":
         assert [t.get_text() for t in ax.get_yticklabels()] == sorted(annotated.obs["cell_type"].astype(str).unique())
+    if kind == "unknown":  # one point per cell, split by reason; the legend counts add up to every cell
+        assert sum(len(c.get_offsets()) for c in ax.collections) == annotated.n_obs
+        counts = [int(t.get_text().rsplit("(", 1)[1].rstrip(")").replace(",", "")) for t in ax.get_legend().get_texts()]
+        assert sum(counts) == annotated.n_obs
+        assert ax.get_title().startswith("cell_type: why cells are Unknown")
     plt.close(fig)
 
 

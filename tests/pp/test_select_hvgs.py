@@ -17,7 +17,8 @@ from hypothesis import strategies as st
 import cellmint as cm
 from _helpers import write_zarr_v3
 
-FLAVORS = ["seurat_v3", "seurat_v3_paper", "seurat", "cell_ranger"]
+FLAVORS = ["seurat_v3", "seurat_v3_paper", "seurat", "cell_ranger", "pearson_residuals"]
+COUNT_FLAVORS = ["seurat_v3", "seurat_v3_paper", "pearson_residuals"]
 STORAGES = ["csr", "csc", "dense", "backed", "path_h5ad", "path_zarr", "dask"]
 
 
@@ -67,8 +68,15 @@ def as_storage(adata: ad.AnnData, storage: str, tmp_path):
     return path
 
 
+def scanpy_hvg(adata, **kwargs):
+    """scanpy's answer: pearson_residuals lives in sc.experimental.pp."""
+    if kwargs.get("flavor") == "pearson_residuals":
+        return sc.experimental.pp.highly_variable_genes(adata, **kwargs)
+    return sc.pp.highly_variable_genes(adata, **kwargs)
+
+
 def run_both(adata, data, chunk_size=None, **kwargs):
-    expected = sc.pp.highly_variable_genes(adata.copy(), inplace=False, **kwargs)
+    expected = scanpy_hvg(adata.copy(), inplace=False, **kwargs)
     result = cm.pp.select_hvgs(data, inplace=False, chunk_size=chunk_size, **kwargs)
     return expected, result
 
@@ -92,7 +100,7 @@ def assert_same_table(expected: pd.DataFrame, result: pd.DataFrame, *, exact: bo
 
 
 def _data_for(flavor, counts):
-    return counts if flavor.startswith("seurat_v3") else lognorm(counts)
+    return counts if flavor in COUNT_FLAVORS else lognorm(counts)
 
 
 @pytest.mark.parametrize("storage", STORAGES)
@@ -163,7 +171,7 @@ def test_parity_on_cellbench_technologies(shared_data):
     n_vars=st.integers(60, 150),
     density=st.floats(0.05, 0.9),
     n_batches=st.integers(1, 3),
-    flavor=st.sampled_from(["seurat_v3", "seurat"]),
+    flavor=st.sampled_from(["seurat_v3", "seurat", "pearson_residuals"]),
     seed=st.integers(0, 2**16),
 )
 def test_property_random_shapes_and_sparsity(n_obs, n_vars, density, n_batches, flavor, seed):
@@ -178,7 +186,7 @@ def test_property_random_shapes_and_sparsity(n_obs, n_vars, density, n_batches, 
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # scanpy's own warnings on degenerate random data
-            expected = sc.pp.highly_variable_genes(adata.copy(), inplace=False, **kwargs)
+            expected = scanpy_hvg(adata.copy(), inplace=False, **kwargs)
     except (ValueError, ZeroDivisionError, IndexError):
         with pytest.raises(ValueError, match=r"."):  # where scanpy cannot answer, cellmint says why
             cm.pp.select_hvgs(adata, inplace=False, chunk_size=17, **kwargs)
@@ -425,3 +433,247 @@ def test_key_added_cannot_clobber_statistics_and_float16_works():
     half.X = half.X.toarray().astype(np.float16)
     table = cm.pp.select_hvgs(half, flavor="seurat", n_top_genes=20, inplace=False)
     assert table["highly_variable"].sum() == 20
+
+
+# ---- pearson_residuals: scanpy's own tests (tests/test_highly_variable_genes.py, 1.11.5), mirrored ----
+
+
+@pytest.fixture(
+    scope="module",
+    params=[("dense", "float32"), ("dense", "int64"), ("csr", "float32"), ("csr", "int64")],
+    ids=lambda p: "-".join(p),
+)
+def pbmc3k_small(request, shared_data):
+    """scanpy's ``pbmc3k_parametrized_small``: 1,000 cells × the first 500 genes, three random batches."""
+    layout, dtype = request.param
+    adata = ad.read_h5ad(shared_data / "pbmc3k_raw.h5ad")[:1000, :500].copy()
+    sc.pp.filter_cells(adata, min_genes=1)
+    adata.obs["batch"] = np.random.RandomState(42).randint(0, 3, size=adata.n_obs)  # scanpy's np.random.seed(42)
+    sc.pp.filter_genes(adata, min_cells=1)
+    X = adata.X.astype(dtype)
+    adata.X = X.toarray() if layout == "dense" else X
+    return adata
+
+
+def check_pearson_columns(df: pd.DataFrame, n_top_genes: int) -> None:
+    assert pd.api.types.is_float_dtype(df["residual_variances"].dtype)
+    assert df["highly_variable"].to_numpy().dtype is np.dtype("bool")
+    assert np.sum(df["highly_variable"]) == n_top_genes
+    assert np.nanmax(df["highly_variable_rank"].to_numpy()) <= n_top_genes - 1
+
+
+@pytest.mark.realdata
+def test_pearson_residuals_inputchecks(pbmc3k_small):
+    adata = pbmc3k_small.copy()
+    if adata.X.dtype == np.float32:
+        noninteger = adata.copy()
+        rows, cols = noninteger.X.nonzero()
+        noninteger.X[rows[0], cols[0]] = 0.5
+        # scanpy warns and computes; cellmint refuses unless told to go on, then gives scanpy's answer
+        with pytest.raises(ValueError, match=r"'pearson_residuals' expects raw counts, but X has non-integer values"):
+            cm.pp.select_hvgs(noninteger, flavor="pearson_residuals", n_top_genes=100, inplace=False)
+        kwargs = {"flavor": "pearson_residuals", "n_top_genes": 100, "check_values": False}
+        expected, result = run_both(noninteger, noninteger, **kwargs)
+        assert_same_table(expected, result, exact=True)
+    for theta in [0, -1, np.nan]:
+        with pytest.raises(ValueError, match="Pearson residuals require theta > 0"):
+            cm.pp.select_hvgs(adata, theta=theta, flavor="pearson_residuals", n_top_genes=100)
+    with pytest.raises(ValueError, match=r"Pearson residuals require `clip>=0` or `clip=None`\."):
+        cm.pp.select_hvgs(adata, clip=-1, flavor="pearson_residuals", n_top_genes=100)
+    assert "highly_variable" not in adata.var.columns  # nothing was written
+
+
+@pytest.mark.realdata
+@pytest.mark.parametrize("subset", [True, False], ids=["subset", "full"])
+@pytest.mark.parametrize("clip", [None, np.inf, 30], ids=["noclip", "infclip", "30clip"])
+@pytest.mark.parametrize("theta", [100, np.inf], ids=["100theta", "inftheta"])
+@pytest.mark.parametrize("n_top_genes", [100, 200], ids=["100n", "200n"])
+def test_pearson_residuals_general(pbmc3k_small, subset, clip, theta, n_top_genes):
+    adata = pbmc3k_small.copy()
+    del adata.var
+    kwargs = {"flavor": "pearson_residuals", "n_top_genes": n_top_genes, "clip": clip, "theta": theta}
+    # reference 1: the variance of scanpy's Pearson residuals themselves
+    residuals = sc.experimental.pp.normalize_pearson_residuals(adata, clip=clip, theta=theta, inplace=False)
+    reference = np.var(residuals["X"], axis=0)
+    if subset:
+        reference = reference[np.argsort(-reference)[:n_top_genes]]
+    # reference 2: scanpy's highly variable genes, to the bit
+    expected = sc.experimental.pp.highly_variable_genes(adata.copy(), subset=subset, inplace=False, **kwargs)
+
+    output = cm.pp.select_hvgs(adata, subset=subset, inplace=False, **kwargs)
+    assert_same_table(expected, output, exact=True)
+    assert cm.pp.select_hvgs(adata, subset=subset, inplace=True, **kwargs) is None
+    pd.testing.assert_frame_equal(output, adata.var)  # inplace writes the same table, in scanpy's column order
+    assert adata.uns["hvg"] == {"flavor": "pearson_residuals", "computed_on": "adata.X"}
+
+    variances = output["residual_variances"].to_numpy()
+    np.testing.assert_allclose(np.sort(variances)[::-1] if subset else variances, reference, rtol=1e-5)
+    top = np.sort(np.argsort(-variances)[:n_top_genes])
+    np.testing.assert_array_equal(np.flatnonzero(output["highly_variable"]), top)
+    assert np.nanmin(output["highly_variable_rank"].to_numpy()) == 0
+    check_pearson_columns(output, n_top_genes)
+
+
+@pytest.mark.realdata
+@pytest.mark.parametrize("subset", [True, False], ids=["subset", "full"])
+@pytest.mark.parametrize("n_top_genes", [100, 200], ids=["100n", "200n"])
+def test_pearson_residuals_batch(pbmc3k_small, subset, n_top_genes):
+    adata = pbmc3k_small.copy()
+    del adata.var
+    kwargs = {"flavor": "pearson_residuals", "n_top_genes": n_top_genes, "batch_key": "batch", "subset": subset}
+    expected = sc.experimental.pp.highly_variable_genes(adata.copy(), inplace=False, **kwargs)
+    output = cm.pp.select_hvgs(adata, inplace=False, **kwargs)
+    assert_same_table(expected, output, exact=True)
+    cm.pp.select_hvgs(adata, inplace=True, **kwargs)
+    pd.testing.assert_frame_equal(output, adata.var)
+
+    check_pearson_columns(output, n_top_genes)
+    n_batches = len(np.unique(adata.obs["batch"]))
+    intersection = output["highly_variable_intersection"]
+    assert intersection.to_numpy().dtype is np.dtype("bool")
+    assert 0 < intersection.sum() <= n_top_genes * n_batches
+    assert output["highly_variable"][intersection].all()
+    assert pd.api.types.is_float_dtype(output["highly_variable_rank"].dtype)
+    assert output["highly_variable_nbatches"].to_numpy().dtype is np.dtype("int")
+    assert set(output["highly_variable_nbatches"]) <= {0, 1, 2, 3}
+
+
+# ---- pearson_residuals: what scanpy's tests do not reach ----
+
+
+def test_pearson_default_clip_is_the_first_batchs_as_in_scanpy():
+    adata = counts_with_batches(n_obs=600, n_vars=150)
+    adata.obs["batch"] = np.where(np.arange(adata.n_obs) < 50, "a_small", "b_large")  # first batch (sorted): 50 cells
+    kwargs = {"flavor": "pearson_residuals", "n_top_genes": 30, "batch_key": "batch", "inplace": False}
+    default = cm.pp.select_hvgs(adata, **kwargs)
+    assert_same_table(scanpy_hvg(adata.copy(), **kwargs), default, exact=True)
+    first = cm.pp.select_hvgs(adata, clip=np.sqrt(50), **kwargs)
+    pd.testing.assert_frame_equal(default, first)
+    everyone = cm.pp.select_hvgs(adata, clip=np.sqrt(adata.n_obs), **kwargs)
+    assert not np.array_equal(default["residual_variances"], everyone["residual_variances"])
+
+
+@pytest.mark.parametrize("layout", ["csr", "dense"])
+def test_pearson_non_integer_values_replay_numpys_pairwise_sums(layout):
+    adata = counts_with_batches(n_obs=700, n_vars=120)
+    if layout == "csr":  # float32 values: scipy adds each gene's values pairwise in float32
+        adata.X = adata.X.multiply(np.float32(1.37)).tocsr().astype(np.float32)
+        scanpys = np.asarray(adata.X.tocsc().sum(axis=0)).ravel()
+        in_order = np.float32(np.asarray(adata.X.astype(np.float64).sum(axis=0)).ravel())
+    else:  # float64 values with full mantissas: numpy adds each column pairwise
+        adata.X = adata.X.toarray() / 3.0
+        scanpys = np.asfortranarray(adata.X).sum(axis=0)
+        in_order = np.cumsum(adata.X, axis=0)[-1]
+    assert (scanpys != in_order).any()  # the sums of the values in row order would be off by an ulp
+    kwargs = {"flavor": "pearson_residuals", "n_top_genes": 40, "check_values": False}
+    for batch_key in (None, "batch"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # scanpy's own non-integer warning
+            expected, result = run_both(adata, adata, batch_key=batch_key, chunk_size=64, **kwargs)
+        assert_same_table(expected, result, exact=True)
+
+
+def test_pearson_float32_gene_totals_above_2_24_replay_numpys_pairwise_sums():
+    adata = counts_with_batches(n_obs=1200, n_vars=100)
+    rng = np.random.default_rng(7)
+    X = adata.X.toarray()
+    X[:, 4] = rng.integers(20_000, 45_000, adata.n_obs)  # a gene with 3e7 counts: float32 sums round
+    adata.X = sp.csr_matrix(X.astype(np.float32))
+    column = X[:, 4].astype(np.float32)
+    # numpy's pairwise float32 sum (as scipy's reduceat) is not the exact total rounded once
+    assert np.add.reduceat(column, [0])[0] != np.float32(column.astype(np.float64).sum())
+    expected, result = run_both(adata, adata, flavor="pearson_residuals", n_top_genes=30, chunk_size=100)
+    assert_same_table(expected, result, exact=True)
+
+
+def test_pearson_replayed_sums_equal_numpys_for_every_length():
+    from cellmint.pp import _hvg_pearson
+
+    rng = np.random.default_rng(0)
+    lengths = [*range(1, 300), 383, 1024, 1031, 4097]  # leaves of 1-128 values, one and several levels of splits
+    n_obs = max(lengths) + 1
+    cols = [np.sort(rng.choice(n_obs, n, replace=False)) for n in lengths]
+    values = [rng.random(n).astype(np.float32) * 50 + np.float32(0.25) for n in lengths]
+    X = sp.csc_matrix(
+        (np.concatenate(values), np.concatenate(cols), np.cumsum([0, *lengths])), shape=(n_obs, len(lengths))
+    ).tocsr()
+    codes = np.zeros(n_obs, dtype=np.int64)
+    for sparse in (True, False):
+        data = X if sparse else X.toarray()
+        totals = _hvg_pearson.TotalsPass(codes, 1, len(lengths), np.dtype(np.float32 if sparse else np.float64))
+        for chunk in cm._utils._chunks.iter_row_chunks(data, chunk_size=333):
+            totals(chunk)
+        sums = _hvg_pearson.gene_sums(data, totals.result, codes, totals.result.cell_sums.dtype, sparse=sparse,
+                                      layer=None, chunk_size=333, progress=False)  # fmt: skip
+        # scanpy's sums: scipy's reduceat over CSC columns (float32), numpy's column sums of a float64 array
+        expected = np.asarray(X.tocsc().sum(axis=0)).ravel() if sparse else np.asfortranarray(data, "f8").sum(axis=0)
+        np.testing.assert_array_equal(sums[0], expected)
+
+
+def test_pearson_refuses_cells_without_counts_and_negative_values():
+    adata = counts_with_batches(n_obs=300, n_vars=100)
+    empty = adata.copy()
+    X = empty.X.tolil()
+    X[[4, 9], :] = 0
+    empty.X = X.tocsr()
+    with pytest.raises(ValueError, match=r"Cells without any count: 2 \(e.g. row 4\).*filter_cells"):
+        cm.pp.select_hvgs(empty, flavor="pearson_residuals", n_top_genes=20, inplace=False)
+    negative = adata.copy()
+    negative.X.data[7] = -1.5
+    for check_values in (True, False):
+        with pytest.raises(ValueError, match="has negative values"):
+            cm.pp.select_hvgs(
+                negative, flavor="pearson_residuals", n_top_genes=20, check_values=check_values, inplace=False
+            )
+
+
+def test_pearson_inplace_on_a_layer_and_backed(tmp_path):
+    adata = counts_with_batches(n_obs=500, n_vars=150)
+    adata.layers["counts"] = adata.X.copy()
+    adata.X = sp.csr_matrix(adata.X.shape, dtype=np.float32)  # X empty: only the layer has counts
+    reference = adata.copy()
+    sc.experimental.pp.highly_variable_genes(reference, n_top_genes=40, layer="counts", batch_key="batch")
+    cm.pp.select_hvgs(adata, flavor="pearson_residuals", n_top_genes=40, layer="counts", batch_key="batch")
+    new = [c for c in reference.var.columns if c not in ("program", "program_log2fc")]
+    assert list(adata.var.columns[2:]) == new
+    pd.testing.assert_frame_equal(adata.var[new], reference.var[new])
+    assert adata.uns["hvg"] == reference.uns["hvg"] == {"flavor": "pearson_residuals", "computed_on": "counts"}
+
+    path = tmp_path / "p.h5ad"
+    reference.write_h5ad(path)
+    backed = ad.read_h5ad(path, backed="r")
+    try:
+        view = cm.pp.select_hvgs(backed, flavor="pearson_residuals", n_top_genes=40, layer="counts", subset=True,
+                                 batch_key="batch", key_added="pr")  # fmt: skip
+        assert view.is_view
+        assert list(view.var_names) == list(reference.var_names[reference.var["highly_variable"]])
+        np.testing.assert_array_equal(backed.var["pr_rank"], adata.var["highly_variable_rank"])
+    finally:
+        backed.file.close()
+
+
+@pytest.mark.parametrize("chunk_size", [1, 7, 10_000])
+def test_pearson_chunk_size_never_changes_the_answer(chunk_size):
+    adata = counts_with_batches(n_obs=300, n_vars=200)
+    kwargs = {"flavor": "pearson_residuals", "n_top_genes": 50, "batch_key": "batch", "chunk_size": chunk_size}
+    expected, chunked = run_both(adata, adata, **kwargs)
+    assert_same_table(expected, chunked, exact=True)
+
+
+def test_pearson_backed_memory_is_bounded_by_the_chunk(tmp_path):
+    adata = counts_with_batches(n_obs=20_000, n_vars=1000, seed=5)
+    path = tmp_path / "big.h5ad"
+    adata.write_h5ad(path)
+    matrix_bytes = adata.X.data.nbytes + adata.X.indices.nbytes + adata.X.indptr.nbytes
+    backed = ad.read_h5ad(path, backed="r")
+    kwargs = {"flavor": "pearson_residuals", "n_top_genes": 100, "batch_key": "batch", "chunk_size": 500}
+    cm.pp.select_hvgs(adata[:300].copy(), inplace=False, **kwargs)  # compile the kernels first
+    tracemalloc.start()
+    try:
+        table = cm.pp.select_hvgs(backed, inplace=False, **kwargs)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+        backed.file.close()
+    assert table["highly_variable"].sum() == 100
+    assert peak < matrix_bytes / 4, (peak, matrix_bytes)

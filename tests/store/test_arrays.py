@@ -8,14 +8,14 @@ import zarr
 
 from cellmint.store import _arrays
 from cellmint.store._arrays import ChunkedArray, read_spans
-from cellmint.store._format import numeric_codec
+from cellmint.store._format import numeric_codec, string_codec
 
 
 def make(tmp_path, dtype, chunk=10) -> ChunkedArray:
     group = zarr.open_group(tmp_path / "a.zarr", mode="a", zarr_format=3)
     name = f"x_{np.dtype(dtype).name}"
     if dtype is str:
-        group.create_array(name, shape=(0,), dtype=str, chunks=(chunk,))
+        group.create_array(name, shape=(0,), dtype=str, chunks=(chunk,), compressors=string_codec())
     else:
         group.create_array(name, shape=(0,), dtype=dtype, chunks=(chunk,), compressors=numeric_codec())
     return ChunkedArray(tmp_path / "a.zarr" / name)
@@ -61,12 +61,19 @@ def test_read_spans_gathers_several_arrays_and_spans(tmp_path):
     np.testing.assert_array_equal(out_indices, expected.astype(np.int32) * 2)
 
 
-def test_missing_chunk_is_the_fill_value_and_damage_is_named(tmp_path):
+def test_missing_or_damaged_chunks_are_errors_never_the_fill_value(tmp_path):
     array = make(tmp_path, "int32")
     array.write(20, np.arange(5, dtype=np.int32))  # chunks 0 and 1 never written
-    np.testing.assert_array_equal(array.read(0, 25), np.r_[np.zeros(20, np.int32), np.arange(5)])
+    with pytest.raises(ValueError, match=r"chunk file c/0 of the store array .* \(values 0:10\) is missing"):
+        array.read(0, 25)
+    np.testing.assert_array_equal(array.read(20, 25), np.arange(5))
+    payload = bytearray((array.path / "c" / "2").read_bytes())
+    payload[len(payload) // 2] ^= 1  # one bit
+    (array.path / "c" / "2").write_bytes(bytes(payload))
+    with pytest.raises(ValueError, match=r"chunk file c/2 .* \(values 20:30\) fails its checksum"):
+        array.read(20, 25)
     (array.path / "c" / "2").write_bytes(b"not blosc at all")
-    with pytest.raises(ValueError, match=r"Chunk 2 of the store array .* is damaged"):
+    with pytest.raises(ValueError, match=r"chunk file c/2 .* fails its checksum"):
         array.read(20, 25)
 
 

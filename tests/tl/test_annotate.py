@@ -152,12 +152,14 @@ def test_a_cell_line_missing_from_the_reference_is_unknown_across_technologies()
     model = cm.tl.train_annotator(reference, "cell_line", hidden=(64,), max_epochs=10, lr=1e-3, batch_size=64,
                                   progress=False)  # fmt: skip
     open_set = model.manifest["open_set"]
-    assert open_set["score"] == "relative"
+    assert open_set["rule"] == "neighbourhood"
     assert len(open_set["scale"]) == 4  # one scale per class of the reference
-    assert 1 < open_set["threshold"] < 10
+    assert 1 < open_set["floor"] < 10
     novel = (query.obs["cell_line"] == "H2228").to_numpy()
-    table = cm.tl.annotate(query, model, return_table=True, progress=False)
-    far = table["cellmint_distance"].to_numpy() > open_set["threshold"]
+    annotated = query.copy()
+    cm.tl.annotate(annotated, model, progress=False)
+    table = annotated.obs
+    far = table["cellmint_distance"].to_numpy() > annotated.uns["cellmint"]["annotation"]["max_distance"]
     unknown = table["cellmint_cell_line_unknown"].to_numpy()
     assert far[novel].mean() > 0.8  # the new type: far from every reference cell
     assert unknown[novel].mean() > 0.8

@@ -86,19 +86,27 @@ def test_empty_query_gives_empty_results():
 
 
 def test_annotate_through_inverted_lists_agrees_with_the_exact_search(monkeypatch):
-    adata = cm.datasets.synthetic(2500, 120, n_cell_types=5, random_state=7, progress=False)
-    model = cm.tl.train_annotator(adata, "cell_type", hidden=(32,), max_epochs=4, lr=1e-3, batch_size=128,
-                                  progress=False)  # fmt: skip
-    query = cm.datasets.synthetic(800, 120, n_cell_types=5, random_state=8, progress=False)
+    # a query of new cells from the reference's own expression model (another seed would be another model,
+    # unlike every reference cell: its labels would say nothing about the search)
+    cells = cm.datasets.synthetic(3300, 400, n_cell_types=5, random_state=7, progress=False)
+    model = cm.tl.train_annotator(cells[:2500].copy(), "cell_type", hidden=(32,), max_epochs=8, lr=1e-3,
+                                  batch_size=128, progress=False)  # fmt: skip
+    query = cells[2500:].copy()
     exact = cm.tl.annotate(query, model, knn="all", return_table=True, progress=False)
     assert _knn.reference_search(model, "cpu").exact
     monkeypatch.setattr(_knn, "EXACT_SEARCH", 100)  # the model keeps ~2,000 reference cells
     monkeypatch.setattr(_knn, "_BUILT", weakref.WeakKeyDictionary())  # forget the exact search built above
     listed = cm.tl.annotate(query, model, knn="all", return_table=True, progress=False)
     assert not _knn.reference_search(model, "cpu").exact
-    assert (listed["cellmint_cell_type"] == exact["cellmint_cell_type"]).mean() >= 0.99
-    np.testing.assert_allclose(listed["cellmint_distance"], exact["cellmint_distance"], rtol=0.2)
-    assert np.median(np.abs(listed["cellmint_distance"] - exact["cellmint_distance"])) < 1e-4
+    # every cell's label is its 15 neighbours' vote here (knn="all"): cells whose vote is split can flip
+    assert (listed["cellmint_cell_type"] == exact["cellmint_cell_type"]).mean() >= 0.97
+    own = listed["cellmint_cell_distance"] / exact["cellmint_cell_distance"]
+    assert np.median(np.abs(own - 1)) < 1e-4
+    assert np.quantile(np.abs(own - 1), 0.99) < 0.2
+    # the open-set score also finds the cell's neighbours among the query's cells through the lists
+    ratio = listed["cellmint_distance"] / exact["cellmint_distance"]
+    assert np.median(np.abs(ratio - 1)) < 0.01
+    assert np.quantile(np.abs(ratio - 1), 0.99) < 0.25
 
 
 @pytest.mark.parametrize("n_neighbors", [1, 15])

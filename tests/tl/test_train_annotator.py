@@ -50,7 +50,7 @@ def test_save_load_gives_identical_predictions_and_refuses_tampering(cellbench_m
     n_train = model.manifest["data"]["n_train"]
     assert loaded.reference["latent"].shape == (n_train, 64)
     np.testing.assert_array_equal(loaded.reference["codes"]["cell_line"], model.reference["codes"]["cell_line"])
-    assert 0 < model.manifest["open_set"]["threshold"] < np.inf
+    assert 0 < model.manifest["open_set"]["floor"] < np.inf
     for level, probabilities in model.forward(X, library)[1].items():
         np.testing.assert_array_equal(loaded.forward(X, library)[1][level], probabilities)
     copy = cm.io.write_model(loaded, tmp_path / "copy")
@@ -98,7 +98,9 @@ def test_same_seed_same_weights_and_global_rng_untouched():
 def test_hierarchy_of_two_label_levels(shared_data):
     adata = cm.datasets.zeisel_brain(data_dir=shared_data)
     model = cm.tl.train_annotator(adata, ["level1_class", "level2_class"], **{**SMALL, "max_epochs": 3})
-    assert model.recipe.kind == "lognorm"  # Zeisel's values are log-normalised: detected
+    # Zeisel's values are log1p of counts: detected, and turned back into counts (count-space augmentation)
+    assert model.recipe.kind == "counts"
+    assert model.manifest["data"]["input"]["kind"] == "log" and model.manifest["data"]["input"]["base"] == "e"
     tree = model.hierarchy["level2_class"]
     truth = pd.crosstab(adata.obs["level2_class"], adata.obs["level1_class"])
     expected = {str(fine): str(row.idxmax()) for fine, row in truth.iterrows()}

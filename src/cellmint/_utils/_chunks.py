@@ -296,6 +296,36 @@ def _open_file_element(root: Any, layer: str | None, path: Path) -> MatrixSource
     return _OnDiskDense(elem)
 
 
+def open_h5(path: str | Path):
+    """An HDF5 file opened read-only; a clear ``ValueError`` when the file is not HDF5, truncated or damaged."""
+    import h5py
+
+    path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"{path} is a folder, not an .h5ad file; give the path of the file itself.")
+    try:
+        return h5py.File(path, "r")
+    except FileNotFoundError:
+        raise FileNotFoundError(f"No such file: {path}") from None
+    except OSError as err:  # h5py's reason is in parentheses: "file signature not found", "truncated file: ..."
+        reason = str(err).split("(", 1)[-1].rstrip(")") if "(" in str(err) else str(err)
+        raise ValueError(f"{path} is not a readable .h5ad file ({reason}): it is not HDF5, or it was truncated or "
+                         "damaged (e.g. an interrupted copy). Check or copy the file again.") from None  # fmt: skip
+
+
+def read_h5ad(path: str | Path, *, backed: str | None = "r") -> AnnData:
+    """``anndata.read_h5ad`` with clear errors for files that are not HDF5, are damaged, or hold no AnnData."""
+    import anndata as ad
+
+    open_h5(path).close()
+    try:
+        return ad.read_h5ad(path, backed=backed)
+    except Exception as err:  # anndata raises KeyError, AnnDataReadError, OSError, ... for foreign or damaged files
+        raise ValueError(f"{path} is an HDF5 file, but anndata cannot read an AnnData from it ({type(err).__name__}: "
+                         f"{str(err).splitlines()[0] if str(err) else ''}). Is it an .h5ad file, complete and "
+                         "undamaged?") from None  # fmt: skip
+
+
 @contextmanager
 def open_root(path: str | Path) -> Iterator[Any]:
     """The root group of an ``.h5ad`` file or a ``.zarr`` store, opened read-only (closed on exit)."""
@@ -304,9 +334,7 @@ def open_root(path: str | Path) -> Iterator[Any]:
         raise FileNotFoundError(f"No such file or store: {path}")
     suffix = path.suffix.lower()
     if suffix == ".h5ad" or (suffix in {".h5", ".hdf5"} and _looks_like_h5ad(path)):
-        import h5py
-
-        with h5py.File(path, "r") as root:
+        with open_h5(path) as root:
             yield root
     elif suffix == ".zarr" or (path / "zarr.json").exists() or (path / ".zgroup").exists():
         import zarr
@@ -346,9 +374,7 @@ def open_matrix(data: AnnData | str | Path | Any, *, layer: str | None = None) -
 
 
 def _looks_like_h5ad(path: Path) -> bool:
-    import h5py
-
-    with h5py.File(path, "r") as f:
+    with open_h5(path) as f:
         return "X" in f and "obs" in f
 
 
@@ -394,8 +420,8 @@ def auto_chunk_size(source: MatrixSource, *, fmt: ChunkFormat = "native") -> int
 def _convert(block: np.ndarray | sp.spmatrix, fmt: ChunkFormat):
     if fmt == "dense" and sp.issparse(block):
         return block.toarray()
-    if fmt == "csr" and not sp.issparse(block):
-        return sp.csr_matrix(block)
+    if fmt == "csr" and not sp.issparse(block):  # scipy has no float16 sparse matrices
+        return sp.csr_matrix(block.astype(np.float32) if block.dtype == np.float16 else block)
     return block
 
 

@@ -15,7 +15,11 @@ def resolve_device(device: Any = "auto"):
         if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
             return torch.device("mps")
         return torch.device("cpu")
-    resolved = torch.device(device)
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device={device!r} is not a torch device; use 'auto', 'cpu', 'cuda', 'cuda:1' or "
+                         "'mps'.") from None  # fmt: skip
     if resolved.type == "cuda":
         if not torch.cuda.is_available():
             raise RuntimeError(f"device={device!r} was asked for, but torch sees no CUDA GPU on this machine "

@@ -29,24 +29,29 @@ def _first_problem(values, require_counts):
     return OK, -1
 
 
-def validate_chunk(chunk: RowChunk, *, where: str, require_counts: bool, expectation: str = "", hint: str = "") -> None:
+def validate_chunk(chunk: RowChunk, *, where: str, require_counts: bool, expectation: str = "", hint: str = "",
+                   require_nonnegative: bool = False) -> None:  # fmt: skip
     """Raise a ValueError naming the first NaN/inf (always) or non-count value (``require_counts``).
 
     ``where`` names the matrix (``"X"``, ``"layers['counts']"``); ``expectation`` says who needs
     counts (``"flavor='seurat_v3' expects raw counts"``); ``hint`` says what to do instead.
+    ``require_nonnegative`` refuses negative values only (non-integers pass).
     """
     X = chunk.X
     values = X.data if hasattr(X, "indptr") else np.asarray(X).ravel()
     if values.dtype.kind not in "fiu":
         raise ValueError(f"{where} holds values of dtype {values.dtype}, not numbers.")
     if values.dtype.kind != "f":
-        if require_counts and values.dtype.kind == "i" and values.size and values.min() < 0:
+        signed = require_counts or require_nonnegative
+        if signed and values.dtype.kind == "i" and values.size and values.min() < 0:
             code, index = NEGATIVE, int(np.argmax(values < 0))
         else:
             return
     else:
         scan = values.astype(np.float32) if values.dtype == np.float16 else values  # numba has no float16
         code, index = _first_problem(scan, require_counts)
+        if code == OK and require_nonnegative and not require_counts and values.size and scan.min() < 0:
+            code, index = NEGATIVE, int(np.argmax(scan < 0))
     if code != OK:
         raise value_error(code, values[index], where=where, cells=f"cells {chunk.start}–{chunk.stop - 1}",
                           expectation=expectation, hint=hint)  # fmt: skip

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from .._utils._files import read_manifest_file
+from .._utils._files import check_sealed, read_folder_files
 from ..models._annotator import KIND as ANNOTATOR
 from ..models._annotator import Annotator
 from ..models._artifact import MANIFEST
@@ -29,8 +29,10 @@ def read_model(path: str | Path) -> Any:
     -------
     The model, of the kind its manifest names.
     """
-    kind = read_manifest_file(path, MANIFEST, what="model folder", noun="model").get("kind")
+    manifest = read_folder_files(path, lambda manifest: [], MANIFEST, where="model folder")[0]
+    kind = manifest.get("kind")
     if kind not in _KINDS:
+        check_sealed(manifest, f"the model folder at {path}")  # an edited kind is an edit, not a new kind
         raise ValueError(f"The model at {path} is of kind {kind!r}, which this cellmint cannot read ({list(_KINDS)}).")
     return _KINDS[kind].load(path)
 

@@ -25,50 +25,10 @@ from ._normalize import InputRecipe, normalize
 
 KIND = "cellmint.Annotator"
 REFERENCE = "reference.npz"  # latent + labels of reference cells (nearest-neighbour refinement, open set)
-#: 1: manifest + weights.pt; encoder/heads/regressors as in ``_network``
-FORMAT_VERSION = 1
-
-# Open-set rule (docs/annotator.md; measured by benchmarks/annotate_quality.py). A cell's open-set
-# score is its latent distance to the nearest reference cell divided by the scale of that cell's
-# class: the median distance between a reference cell of the class and its nearest other reference
-# cell. Dense classes (erythrocytes) thus get tight limits and diffuse ones loose limits, and the
-# scale of a small class rests on all its reference cells, not on its few validation cells.
-#: share of validation cells whose relative distance lies within the threshold, before the allowance
-OPEN_SET_QUANTILE = 0.99
-#: the threshold is this many times that quantile: validation cells share the reference's technology,
-#: a query often does not (CEL-seq2 → Drop-seq: about 10% of the cells beyond 1×, 4% beyond 1.25×)
-OPEN_SET_ALLOWANCE = 1.25
-#: reference cells per class whose nearest other reference cell gives the class's scale
-OPEN_SET_SCALE_CELLS = 500
-
-
-def open_set_calibration(spacing: np.ndarray, spacing_class: np.ndarray, distance: np.ndarray,
-                         nearest_class: np.ndarray, n_classes: int) -> dict:  # fmt: skip
-    """Per-class distance scales and the relative-distance threshold of the open-set rule.
-
-    ``spacing``: for reference cells of class ``spacing_class``, the latent distance to their nearest
-    other reference cell (the class's scale is its median); ``distance``: each validation cell's
-    distance to its nearest reference cell, of class ``nearest_class`` (both at the finest level).
-    Returns ``{"scale": [per class], "quantile", "allowance", "threshold", "n_validation"}``
-    (JSON-writable; see :func:`relative_distance`).
-    """
-    spacing, spacing_class = np.asarray(spacing, np.float64), np.asarray(spacing_class)
-    out = {"quantile": OPEN_SET_QUANTILE, "allowance": OPEN_SET_ALLOWANCE, "n_validation": len(distance)}
-    overall = float(np.median(spacing)) if len(spacing) else 1.0
-    scale = np.full(n_classes, overall if overall > 0 else 1.0)
-    for c in np.unique(spacing_class):
-        median = float(np.median(spacing[spacing_class == c]))
-        scale[c] = median if median > 0 else scale[c]  # duplicated cells: keep the overall scale
-    if len(distance) == 0:
-        return {**out, "scale": scale.tolist(), "threshold": float("inf")}
-    relative = relative_distance(distance, nearest_class, scale)
-    threshold = float(np.quantile(relative, OPEN_SET_QUANTILE)) * OPEN_SET_ALLOWANCE
-    return {**out, "scale": scale.tolist(), "threshold": threshold}
-
-
-def relative_distance(distance: np.ndarray, nearest_class: np.ndarray, scale) -> np.ndarray:
-    """Open-set score: latent distance to the nearest reference cell over the scale of that cell's class."""
-    return np.asarray(distance, np.float64) / np.asarray(scale, np.float64)[np.asarray(nearest_class)]
+CALIBRATION = "calibration.npz"  # conformal scores and classes of held-out reference cells, per level
+#: 1: manifest + weights.pt; encoder/heads/regressors as in ``_network``; 2: the manifest carries its own
+#: checksum (``_artifact``). Version 1 folders are still read.
+FORMAT_VERSION = 2
 
 
 def learn_hierarchy(codes: dict[str, np.ndarray], classes: dict[str, list[str]]) -> dict[str, dict]:
@@ -111,7 +71,7 @@ class Annotator:
 
     def __init__(self, net: AnnotatorNet, *, genes: list[str], classes: dict[str, list[str]], hierarchy: dict,
                  recipe: InputRecipe, temperature: dict[str, float], manifest: dict[str, Any],
-                 reference: dict | None = None):  # fmt: skip
+                 reference: dict | None = None, calibration: dict | None = None):  # fmt: skip
         self.net = net.eval()
         self.genes = pd.Index(genes)
         self.classes = {level: list(c) for level, c in classes.items()}
@@ -120,6 +80,7 @@ class Annotator:
         self.temperature = dict(temperature)
         self.manifest = manifest
         self.reference = reference  # {"latent": cells × latent (float16), "codes": {level: int32}}
+        self.calibration = calibration  # {level: {"score": float32, "class": int32}} (models/_conformal.py)
         self.path: Path | None = None
 
     @property
@@ -188,6 +149,11 @@ class Annotator:
             np.savez(buffer, latent=self.reference["latent"],
                      **{f"codes/{level}": codes for level, codes in self.reference["codes"].items()})  # fmt: skip
             extra[REFERENCE] = buffer.getvalue()
+        if self.calibration is not None:
+            buffer = io.BytesIO()
+            np.savez(buffer, **{f"{name}/{level}": values[name] for level, values in self.calibration.items()
+                                for name in ("score", "class")})  # fmt: skip
+            extra[CALIBRATION] = buffer.getvalue()
         self.manifest = write_artifact(path, self._manifest(), self.net.state_dict(), extra, kind=KIND,
                                        format_version=FORMAT_VERSION)  # fmt: skip
         self.path = Path(path)
@@ -196,7 +162,7 @@ class Annotator:
     @classmethod
     def load(cls, path: str | Path) -> Annotator:
         """Read a model folder, refusing damaged, modified or newer-format folders."""
-        manifest, state = read_artifact(path, kind=KIND, format_version=FORMAT_VERSION)
+        manifest, state, files = read_artifact(path, kind=KIND, format_version=FORMAT_VERSION, with_files=True)
         arch = manifest["architecture"]
         net = AnnotatorNet(len(manifest["genes"]), {level: len(c) for level, c in manifest["classes"].items()},
                            hidden=tuple(arch["hidden"]), dropout=arch["dropout"],
@@ -207,12 +173,17 @@ class Annotator:
             raise ValueError(f"The weights in {path} do not fit the architecture in its manifest: {err}") from err
         reference = None
         if REFERENCE in manifest["files"]:  # checksum verified by read_artifact; plain arrays only
-            with np.load(Path(path) / REFERENCE, allow_pickle=False) as stored:
+            with np.load(io.BytesIO(files[REFERENCE]), allow_pickle=False) as stored:
                 reference = {"latent": stored["latent"],
                              "codes": {level: stored[f"codes/{level}"] for level in manifest["classes"]}}  # fmt: skip
+        calibration = None
+        if CALIBRATION in manifest["files"]:
+            with np.load(io.BytesIO(files[CALIBRATION]), allow_pickle=False) as stored:
+                calibration = {level: {name: stored[f"{name}/{level}"] for name in ("score", "class")}
+                               for level in manifest["classes"]}  # fmt: skip
         model = cls(net, genes=manifest["genes"], classes=manifest["classes"], hierarchy=manifest["hierarchy"],
                     recipe=InputRecipe(**manifest["recipe"]), temperature=manifest["temperature"],
-                    manifest=manifest, reference=reference)  # fmt: skip
+                    manifest=manifest, reference=reference, calibration=calibration)  # fmt: skip
         model.path = Path(path)
         return model
 
@@ -231,6 +202,7 @@ class Annotator:
             "metrics": _h5ad_safe(
                 {level: {k: v for k, v in r.items() if k != "confusion"} for level, r in m.get("metrics", {}).items()}
             ),
+            "conformal": _h5ad_safe(m.get("conformal", {})),
             "files": m.get("files", {}),
         }
 

@@ -10,9 +10,16 @@ Each transform mimics a real difference between datasets, and each draws from th
   starting at 0 includes batches with every gene;
 - **count masking** (technical dropouts): each non-zero value is zeroed with probability ``masking``;
 - **Poisson noise** (sampling noise): counts are resampled from a Poisson of their value, in a
-  fraction ``poisson`` of cells.
+  fraction ``poisson`` of cells;
+- **gene scaling** (another technology or chemistry): every gene's values in a batch are multiplied
+  by a factor ``exp(gene_scale · z)``, ``z`` standard normal per gene and batch, and the library
+  sizes follow. Technologies capture genes with different efficiencies: the same cell lines measured
+  with CEL-seq2 and Drop-seq differ by a factor of ``exp(0.5)`` per gene (standard deviation of the
+  log ratio of mean expression, CellBench), with 10x by ``exp(0.7–0.9)``; within one technology, by
+  ``exp(0.1)``.
 
-Thinning and Poisson noise need counts; on log-normalised inputs only dropout and masking apply.
+Thinning, Poisson noise and gene scaling need counts; on log-normalised inputs used as they are,
+only dropout and masking apply.
 """
 
 from __future__ import annotations
@@ -34,6 +41,7 @@ class Augmentation:
     gene_dropout: tuple[float, float] | None = (0.0, 0.15)
     masking: float = 0.0
     poisson: float = 0.0
+    gene_scale: float = 0.0
 
     def __post_init__(self) -> None:
         for name in ("thinning", "gene_dropout"):
@@ -43,6 +51,10 @@ class Augmentation:
         for name in ("masking", "poisson"):
             if not 0 <= getattr(self, name) < 1:
                 raise ValueError(f"augment {name} must be in [0, 1), not {getattr(self, name)!r}.")
+        if not 0 <= self.gene_scale <= 3:
+            raise ValueError(
+                f"augment gene_scale must be in [0, 3] (a log-scale standard deviation), not {self.gene_scale!r}."
+            )
         if self.thinning is not None and self.thinning[0] == 0:
             raise ValueError("augment thinning must keep some counts: its low end must be above 0.")
 
@@ -54,7 +66,7 @@ class Augmentation:
         if augment is None or augment is True:
             return cls()
         if augment is False:
-            return cls(thinning=None, gene_dropout=None, masking=0.0, poisson=0.0)
+            return cls(thinning=None, gene_dropout=None, masking=0.0, poisson=0.0, gene_scale=0.0)
         if isinstance(augment, dict):
             unknown = set(augment) - set(cls.__dataclass_fields__)
             if unknown:
@@ -72,8 +84,11 @@ def _uniform(low: float, high: float, size: int, generator: torch.Generator) -> 
 
 
 @numba.njit(nogil=True, cache=True)
-def _augment_counts(X, keep, noisy, dropped, masking, rng, counts):
-    """One pass over the stored values of a dense batch, in place: thin, resample, drop genes, mask."""
+def _augment_counts(X, keep, noisy, dropped, masking, factor, rng, counts, shift):
+    """One pass over the stored values of a dense batch, in place: thin, resample, drop genes, mask, scale.
+
+    ``shift[i]`` receives what scaling added to cell ``i``'s total (its library size follows).
+    """
     n_cells, n_genes = X.shape
     for i in range(n_cells):
         for j in range(n_genes):
@@ -90,6 +105,9 @@ def _augment_counts(X, keep, noisy, dropped, masking, rng, counts):
                     v = rng.poisson(v)
             if masking > 0 and rng.random() < masking:
                 v = 0
+            if counts and v > 0 and factor[j] != 1.0:
+                shift[i] += v * (factor[j] - 1.0)
+                v = v * factor[j]
             X[i, j] = v
 
 
@@ -112,8 +130,16 @@ def augment_batch(
     if settings.gene_dropout is not None and settings.gene_dropout[1] > 0:
         fraction = float(_uniform(*settings.gene_dropout, 1, generator))
         dropped = torch.rand(n_genes, generator=generator) < fraction
+    factor = torch.ones(n_genes, dtype=torch.float64)
+    if counts and settings.gene_scale > 0:
+        factor = torch.exp(settings.gene_scale * torch.randn(n_genes, generator=generator, dtype=torch.float64))
     seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator))
     out = X.detach().to("cpu", torch.float32, copy=True).contiguous()
     rng = np.random.default_rng(seed)  # per-value draws, seeded from the run's torch generator
-    _augment_counts(out.numpy(), keep.numpy(), noisy.numpy(), dropped.numpy(), float(settings.masking), rng, counts)
-    return out, library_size * keep.to(library_size.dtype)
+    shift = np.zeros(n_cells)
+    _augment_counts(out.numpy(), keep.numpy(), noisy.numpy(), dropped.numpy(), float(settings.masking),
+                    factor.numpy(), rng, counts, shift)  # fmt: skip
+    library = library_size * keep.to(library_size.dtype)
+    if counts and settings.gene_scale > 0:
+        library = (library + torch.as_tensor(shift, dtype=library.dtype)).clamp_min(1.0)
+    return out, library

@@ -33,9 +33,10 @@ from ._artifact import read_artifact, write_artifact
 from ._normalize import InputRecipe
 
 KIND = "cellmint.PerturbationModel"
-#: 1: manifest + weights.pt (network, average effects, optional decoder);
-#: 2: several networks (``nets.{i}.*``, averaged) and the stack (``stack.*``: weights, training pseudobulks)
-FORMAT_VERSION = 2
+#: 1: manifest + weights.pt (network, average effects, optional decoder); 2: the manifest carries its own
+#: checksum (``_artifact``); 3: several networks (``nets.{i}.*``, averaged) and the stack (``stack.*``:
+#: weights, training pseudobulks). Versions 1 and 2 (one network, keys unprefixed) are still read.
+FORMAT_VERSION = 3
 
 
 class PerturbationNet(nn.Module):
@@ -298,7 +299,7 @@ class PerturbationModel:
             stack = dict(manifest["stack"]) | {k.split(".", 1)[1]: state.pop(k).numpy() for k in list(state)
                                                if k.startswith("stack.")}  # fmt: skip
         arch = manifest["architecture"]
-        if manifest.get("format_version", 1) < 2:  # one network, its keys unprefixed
+        if "n_nets" not in manifest:  # formats 1 and 2: one network, its keys unprefixed
             states = [state]
         else:
             states = [{k.split(".", 2)[2]: v for k, v in state.items() if k.startswith(f"nets.{i}.")}

@@ -11,7 +11,10 @@ from .._utils._docs import doc_params
 from ..models._metrics import expected_calibration_error
 from ._figure import finish
 
-KINDS = ("violin", "hist", "reliability", "confusion", "embedding")
+KINDS = ("violin", "hist", "reliability", "confusion", "embedding", "unknown")
+#: colours of the Unknown reasons (tl/_annotate.REASONS) in the "unknown" plot
+_REASON_COLORS = {"labelled": "#9e9e9e", "distance": "#d62728", "confidence": "#1f77b4", "margin": "#ff7f0e",
+                  "coarse level": "#9467bd"}  # fmt: skip
 
 
 def _level(obs: pd.DataFrame, key: str, level: str | None) -> str:
@@ -68,7 +71,9 @@ def confidence(
         (``obsm[f"{{key}}_{{level}}_proba"]``, before nearest-neighbour refinement and Unknown calls) in
         10 bins, with the ECE (needs ``truth_key``); ``"confusion"``: true
         against predicted labels, each row normalised (needs ``truth_key``); ``"embedding"``: cells in
-        ``obsm[f"X_{{basis}}"]`` coloured by confidence.
+        ``obsm[f"X_{{basis}}"]`` coloured by confidence; ``"unknown"``: why cells are Unknown — each cell's
+        open-set score (``obs[f"{{key}}_distance"]``, log scale) against its confidence, coloured by
+        the reason of its Unknown call, with the thresholds annotate used as lines.
     groupby
         ``obs`` column to group the violins by (default: the predicted label).
     truth_key
@@ -138,6 +143,8 @@ def confidence(
         sns.heatmap(table, vmin=0, vmax=1, cmap="Blues", annot=len(table) <= 15, fmt=".2f", ax=ax,
                     cbar_kws={"label": "share of true cells"})  # fmt: skip
         ax.set(xlabel=f"predicted {level}", ylabel=truth_key)
+    elif kind == "unknown":
+        _why_unknown(obs, key, column, conf, adata.uns.get(key, {}).get("annotation", {}), ax)
     else:
         name = f"X_{basis}"
         if name not in adata.obsm:
@@ -147,8 +154,31 @@ def confidence(
         points = ax.scatter(xy[order, 0], xy[order, 1], c=conf[order], s=8, cmap="viridis", vmin=0, vmax=1)
         fig.colorbar(points, ax=ax, label=f"{level} confidence")
         ax.set(xlabel=f"{basis}1", ylabel=f"{basis}2", xticks=[], yticks=[])
-    if threshold is not None and kind in ("violin", "hist"):
-        (ax.axhline if kind == "violin" else ax.axvline)(threshold, ls="--", color="red", lw=1)
-    if kind != "reliability":
+    if threshold is not None and kind in ("violin", "hist", "unknown"):
+        (ax.axvline if kind == "hist" else ax.axhline)(threshold, ls="--", color="red", lw=1)
+    if kind not in ("reliability", "unknown"):
         ax.set_title(f"{level}: {kind}" if kind != "violin" else f"{level}: confidence")
     return finish(fig, ax, show=show, return_fig=return_fig)
+
+
+def _why_unknown(obs: pd.DataFrame, key: str, column: str, conf: np.ndarray, annotation: dict, ax) -> None:
+    """Open-set score against confidence, coloured by the reason of each cell's Unknown call."""
+    for needed in (f"{key}_distance", f"{column}_unknown_reason"):
+        if needed not in obs.columns:
+            raise KeyError(f"adata.obs has no {needed!r}: annotate with this version of cellmint first.")
+    score = obs[f"{key}_distance"].to_numpy(dtype=float)
+    reason = obs[f"{column}_unknown_reason"].astype(str).replace("", "labelled").to_numpy()
+    for name, color in _REASON_COLORS.items():
+        cells = reason == name
+        if cells.any():
+            label = f"{name} ({cells.sum():,})" if name == "labelled" else f"Unknown: {name} ({cells.sum():,})"
+            ax.scatter(np.maximum(score[cells], 1e-3), conf[cells], s=6, color=color, alpha=0.7, linewidths=0,
+                       label=label)  # fmt: skip
+    limit = annotation.get("max_distance")
+    if limit is not None and np.isfinite(limit):
+        ax.axvline(limit, ls="--", color=_REASON_COLORS["distance"], lw=1)
+    ax.set_xscale("log")
+    ax.set(ylim=(0, 1.02), xlabel="open-set score (distance to the reference, relative)", ylabel="confidence",
+           title=f"{column.removeprefix(key + '_')}: why cells are Unknown ({(reason != 'labelled').sum():,} of "
+           f"{len(reason):,})")  # fmt: skip
+    ax.legend(loc="lower left", frameon=False, fontsize="small", markerscale=2)

@@ -19,7 +19,7 @@ is attached) and the blocks are added here in order, so the sums are exact as we
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numba
@@ -272,14 +272,35 @@ def moments(
     transform: Transform | None = None,
     check: ChunkCheck | None = None,
     progress: bool | None = None,
+    also: Callable[[RowChunk], None] | None = None,
 ) -> Moments:
-    """First pass: per-batch Σx, Σx² and detected cells, chunk by chunk (see module docstring)."""
+    """First pass: per-batch Σx, Σx² and detected cells, chunk by chunk (see module docstring).
+
+    ``also`` receives every prepared chunk too, so that a flavour needing more sums than these
+    (``pearson_residuals``) gathers them in the same pass.
+    """
     accumulator = _MomentSums(n_batches, _n_genes(data, layer), arithmetic, with_all=n_batches > 1)
-    for chunk in iter_row_chunks(
-        data, layer=layer, chunk_size=chunk_size, progress=progress, desc="gene moments", prefetch=True
-    ):
-        accumulator.add(_prepared(chunk, transform, check), batch[chunk.start : chunk.stop])
+    for chunk in prepared_chunks(data, layer=layer, chunk_size=chunk_size, progress=progress, desc="gene moments",
+                                 transform=transform, check=check):  # fmt: skip
+        accumulator.add(chunk.X, batch[chunk.start : chunk.stop])
+        if also is not None:
+            also(chunk)
     return accumulator.result()
+
+
+def prepared_chunks(
+    data,
+    *,
+    layer: str | None,
+    chunk_size: int | None,
+    progress: bool | None,
+    desc: str,
+    transform: Transform | None = None,
+    check: ChunkCheck | None = None,
+) -> Iterator[RowChunk]:
+    """Row chunks ready for the kernels: checked, transformed, float16 widened, canonical CSR."""
+    for chunk in iter_row_chunks(data, layer=layer, chunk_size=chunk_size, progress=progress, desc=desc, prefetch=True):
+        yield RowChunk(chunk.start, chunk.stop, _prepared(chunk, transform, check))
 
 
 class _MomentSums:
@@ -345,10 +366,8 @@ def clipped_sums(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Second seurat_v3 pass: Σ min(x, clip) and Σ min(x, clip)² per batch, as ordered float64 sums."""
     sums, squares = np.zeros(clip.shape), np.zeros(clip.shape)
-    for chunk in iter_row_chunks(
-        data, layer=layer, chunk_size=chunk_size, progress=progress, desc="clipped sums", prefetch=True
-    ):
-        _add_clipped(_prepared(chunk, None, None), batch[chunk.start : chunk.stop], clip, sums, squares)
+    for chunk in prepared_chunks(data, layer=layer, chunk_size=chunk_size, progress=progress, desc="clipped sums"):
+        _add_clipped(chunk.X, batch[chunk.start : chunk.stop], clip, sums, squares)
     return sums, squares
 
 

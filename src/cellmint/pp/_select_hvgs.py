@@ -20,13 +20,17 @@ from .._utils import _logging as logg
 from .._utils._chunks import RowChunk, open_matrix, open_root
 from .._utils._docs import doc_params
 from .._utils._values import validate_chunk
-from . import _hvg_dispersion, _hvg_seurat_v3
+from . import _hvg_dispersion, _hvg_pearson, _hvg_seurat_v3
 from ._hvg_stats import arithmetic_for, clipped_sums, moments, scanpy_aggregates_batches
 
-Flavor = Literal["seurat_v3", "seurat_v3_paper", "seurat", "cell_ranger"]
-_COUNT_FLAVORS = ("seurat_v3", "seurat_v3_paper")
-_FLAVORS = (*_COUNT_FLAVORS, "seurat", "cell_ranger")
-_STAT_COLUMNS = ("means", "variances", "variances_norm", "dispersions", "dispersions_norm", "gene_name", "mean_bin")
+Flavor = Literal["seurat_v3", "seurat_v3_paper", "seurat", "cell_ranger", "pearson_residuals"]
+_SEURAT_V3 = ("seurat_v3", "seurat_v3_paper")
+_COUNT_FLAVORS = (*_SEURAT_V3, "pearson_residuals")
+_FLAVORS = (*_SEURAT_V3, "seurat", "cell_ranger", "pearson_residuals")
+_STAT_COLUMNS = (
+    "means", "variances", "variances_norm", "residual_variances", "dispersions", "dispersions_norm", "gene_name",
+    "mean_bin",
+)  # fmt: skip
 _CUTOFF_DEFAULTS = {"min_mean": 0.0125, "max_mean": 3.0, "min_disp": 0.5, "max_disp": np.inf}
 
 
@@ -102,6 +106,8 @@ def _n_obs(inp: _Input, layer: str | None) -> int:
 def _value_check(flavor: str, layer: str | None, check_values: bool):
     where = "X" if layer is None else f"layers[{layer!r}]"
     require_counts = check_values and flavor in _COUNT_FLAVORS
+    # negative values have no Pearson residual (and scanpy's sparse kernel would misread the values after one)
+    require_nonnegative = flavor == "pearson_residuals"
     hint = (
         "Use a layer of counts (e.g. layer='counts'), pick flavor='seurat' for log-normalised data, or pass "
         "check_values=False to proceed anyway."
@@ -113,15 +119,21 @@ def _value_check(flavor: str, layer: str | None, check_values: bool):
             where=where,
             require_counts=require_counts,
             expectation=f"flavor={flavor!r} expects raw counts",
-            hint=hint,
+            hint=hint if require_counts else "Pearson residuals need counts, which are never negative.",
+            require_nonnegative=require_nonnegative,
         )
 
     return check
 
 
-def _check_arguments(flavor: str, n_top_genes: int | None, n_vars: int, cutoffs: dict) -> None:
+def _check_arguments(flavor: str, n_top_genes: int | None, n_vars: int, cutoffs: dict, theta, clip) -> None:
     if flavor not in _FLAVORS:
         raise ValueError(f"flavor must be one of {list(_FLAVORS)}, not {flavor!r}.")
+    if flavor == "pearson_residuals":
+        if not theta > 0:  # scanpy's messages; NaN is refused too
+            raise ValueError(f"Pearson residuals require theta > 0, not theta={theta!r} (np.inf: a Poisson model).")
+        if clip is not None and not clip >= 0:
+            raise ValueError(f"Pearson residuals require `clip>=0` or `clip=None`. Got clip={clip!r}.")
     if n_top_genes is None:
         if flavor in _COUNT_FLAVORS:
             raise ValueError(f"flavor={flavor!r} needs n_top_genes (cutoffs apply to 'seurat' and 'cell_ranger').")
@@ -141,7 +153,9 @@ flavor
     variance on mean (Stuart et al. 2019); they differ only with ``batch_key`` (ties broken by median
     rank vs. by number of batches). ``"seurat"`` (log-normalised data; Satija et al. 2015) and
     ``"cell_ranger"`` (normalised data; Zheng et al. 2017): dispersion normalised within bins of
-    mean expression.""",
+    mean expression. ``"pearson_residuals"`` (raw counts; Lause et al. 2021, scanpy's
+    ``sc.experimental.pp.highly_variable_genes``): variance of the clipped Pearson residuals of a
+    negative-binomial offset model, which its authors recommend for UMI counts.""",
 )
 def select_hvgs(
     adata: AnnData | str | Path,
@@ -157,6 +171,8 @@ def select_hvgs(
     max_disp: float = np.inf,
     span: float = 0.3,
     n_bins: int = 20,
+    theta: float = 100,
+    clip: float | None = None,
     check_values: bool = True,
     key_added: str = "highly_variable",
     subset: bool = False,
@@ -171,9 +187,13 @@ def select_hvgs(
     scanpy: the same genes, the same ranks and the same statistics, bit for bit (gene sums are added
     in scanpy's order and precision; scanpy >= 1.12's per-batch Welford moments are reproduced too).
     With dask, dask computes each block of cells (on a cluster if one is attached) and the blocks
-    are summed in order. Unlike scanpy, duplicate gene names, NaN/inf values, non-counts for the
-    ``seurat_v3`` flavours and ``n_top_genes`` above the number of genes are errors, and duplicate
-    entries of a sparse matrix are added up.
+    are summed in order. ``pearson_residuals`` reads the data three times (gene and cell totals, then
+    the mean and the variance of the residuals, as scanpy's two loops), a fourth time only where
+    scanpy's ``float32`` pairwise gene sums cannot be reproduced from exact totals (see
+    ``check_values``). Unlike scanpy, duplicate gene names, NaN/inf values, non-counts for the
+    count flavours (scanpy only warns), ``n_top_genes`` above the number of genes and, for
+    ``pearson_residuals``, cells without counts (scanpy fails with ``ZeroDivisionError``) are errors,
+    and duplicate entries of a sparse matrix are added up.
 
     Parameters
     ----------
@@ -199,9 +219,19 @@ def select_hvgs(
         Fraction of genes used by each local loess fit (``seurat_v3`` flavours).
     n_bins
         Number of equal-width mean bins (``"seurat"``); ``"cell_ranger"`` uses 5% percentile bins.
+    theta
+        Overdispersion of the negative binomial (``"pearson_residuals"``): the model's variance is
+        ``mu + mu²/theta``; ``np.inf`` is a Poisson model.
+    clip
+        Residuals are clipped to ``[-clip, clip]`` (``"pearson_residuals"``); ``np.inf`` does not clip.
+        ``None`` is scanpy's ``sqrt(n_cells)``; with ``batch_key``, scanpy takes the number of cells
+        of the first batch (in sorted order) for every batch, and so does this function.
     check_values
-        For the ``seurat_v3`` flavours, refuse negative or non-integer values (raw counts expected).
-        NaN and infinite values are refused for every flavour.
+        For the count flavours (``seurat_v3``, ``seurat_v3_paper``, ``pearson_residuals``), refuse
+        negative or non-integer values (raw counts expected) where scanpy only warns; ``False``
+        computes anyway. Negative values are always refused for ``pearson_residuals``, and NaN and
+        infinite values for every flavour. With non-integer values ``pearson_residuals`` reads the
+        data once more to add each gene's values in numpy's pairwise order, as scanpy does.
     key_added
         ``var`` column of the boolean mask; the rank, number of batches and intersection columns
         are ``f"{{key_added}}_rank"``, ``f"{{key_added}}_nbatches"`` and ``f"{{key_added}}_intersection"``.
@@ -224,16 +254,20 @@ def select_hvgs(
         Mean per gene (``log1p`` of the mean of ``expm1`` for ``"seurat"``).
     ``adata.var["variances"]``, ``adata.var["variances_norm"]`` (float64)
         ``seurat_v3`` flavours: variance, and normalised variance averaged over batches.
+    ``adata.var["variances"]``, ``adata.var["residual_variances"]`` (float64)
+        ``pearson_residuals``: variance, and residual variance averaged over batches.
     ``adata.var[f"{{key_added}}_rank"]`` (float32)
-        ``seurat_v3`` flavours: rank by normalised variance (median over batches; NaN outside the top).
+        Count flavours: rank by normalised or residual variance (median over the batches where the
+        gene is in the top; NaN outside the top).
     ``adata.var["dispersions"]`` (float64), ``adata.var["dispersions_norm"]`` (float32)
         Dispersion flavours: dispersion and normalised dispersion.
     ``adata.var[f"{{key_added}}_nbatches"]`` (int64)
         With ``batch_key``: in how many batches the gene is highly variable.
     ``adata.var[f"{{key_added}}_intersection"]`` (bool)
-        With ``batch_key``, dispersion flavours: highly variable in every batch.
+        With ``batch_key``, dispersion flavours and ``pearson_residuals``: in the top of every batch.
     ``adata.uns["hvg"]``
-        ``{{"flavor": flavor}}``, as scanpy.
+        ``{{"flavor": flavor}}``, as scanpy; ``pearson_residuals`` adds ``"computed_on"`` (the layer's
+        name, or ``"adata.X"``).
 
     Examples
     --------
@@ -264,15 +298,19 @@ def select_hvgs(
     if key_added in _STAT_COLUMNS:
         raise ValueError(f"key_added={key_added!r} would overwrite a statistics column; choose another name.")
     cutoffs = {"min_mean": min_mean, "max_mean": max_mean, "min_disp": min_disp, "max_disp": max_disp}
-    _check_arguments(flavor, n_top_genes, len(inp.var_names), cutoffs)
+    _check_arguments(flavor, n_top_genes, len(inp.var_names), cutoffs, theta, clip)
     codes, batches = _batch_codes(inp, batch_key, flavor, layer)
     check = _value_check(flavor, layer, check_values)
     # scanpy >= 1.12 computes seurat_v3's per-batch moments with sc.get.aggregate (Welford), earlier ones from sums
-    welford = flavor in _COUNT_FLAVORS and batch_key is not None and scanpy_aggregates_batches()
+    welford = flavor in _SEURAT_V3 and batch_key is not None and scanpy_aggregates_batches()
     arithmetic = arithmetic_for(inp.data, layer, welford_batches=welford)
     read = {"layer": layer, "chunk_size": chunk_size, "progress": progress}
 
-    if flavor in _COUNT_FLAVORS:
+    if flavor == "pearson_residuals":
+        df = _hvg_pearson.table(inp.data, inp.var_names, codes, len(batches), arithmetic=arithmetic, check=check,
+                                theta=theta, clip=clip, n_top_genes=n_top_genes, batched=batch_key is not None,
+                                **read)  # fmt: skip
+    elif flavor in _SEURAT_V3:
         stats = moments(inp.data, codes, len(batches), arithmetic=arithmetic, check=check, **read)
         clip = _hvg_seurat_v3.clip_values(stats, batches, span=span)
         clipped = clipped_sums(inp.data, codes, clip.values, **read)
@@ -292,7 +330,9 @@ def select_hvgs(
             cutoffs=cutoffs,
         )
     logg.info("    finished", time=start)
-    return _deliver(inp, df, flavor=flavor, batch_key=batch_key, key_added=key_added, subset=subset, inplace=inplace)
+    return _deliver(
+        inp, df, flavor=flavor, batch_key=batch_key, key_added=key_added, subset=subset, inplace=inplace, layer=layer
+    )
 
 
 def _renamed(df: pd.DataFrame, key_added: str) -> pd.DataFrame:
@@ -303,14 +343,21 @@ def _renamed(df: pd.DataFrame, key_added: str) -> pd.DataFrame:
     )
 
 
-def _deliver(inp: _Input, df: pd.DataFrame, *, flavor, batch_key, key_added, subset, inplace):
+def _deliver(inp: _Input, df: pd.DataFrame, *, flavor, batch_key, key_added, subset, inplace, layer):
     df = _renamed(df, key_added)
     if not inplace:
         return df.loc[df[key_added]] if subset else df
     adata = inp.adata
     df = df.loc[adata.var_names]  # scanpy returns some tables sorted by gene name
     columns = [key_added, "means"]
-    if flavor in _COUNT_FLAVORS:
+    uns = {"flavor": flavor}
+    if flavor == "pearson_residuals":  # scanpy's order of columns, the mask last
+        columns = ["means", "variances", "residual_variances", f"{key_added}_rank"]
+        if batch_key is not None:
+            columns += [f"{key_added}_nbatches", f"{key_added}_intersection"]
+        columns.append(key_added)
+        uns["computed_on"] = layer if layer else "adata.X"
+    elif flavor in _SEURAT_V3:
         columns = [key_added, f"{key_added}_rank", "means", "variances", "variances_norm"]
         if batch_key is not None:
             columns.append(f"{key_added}_nbatches")
@@ -323,7 +370,7 @@ def _deliver(inp: _Input, df: pd.DataFrame, *, flavor, batch_key, key_added, sub
         if column == "dispersions_norm":
             values = values.astype(np.float32, copy=False)
         adata.var[column] = values
-    adata.uns["hvg"] = {"flavor": flavor}
+    adata.uns["hvg"] = uns
     logg.hint("added\n" + "\n".join(f"    {c!r}, (adata.var)" for c in columns))
     if not subset:
         return None

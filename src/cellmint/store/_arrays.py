@@ -7,23 +7,32 @@ directly, for the one layout the store creates (see ``_format``): 1-D, regular c
 chunk keys, codecs ``bytes`` (little endian) + ``blosc`` for numbers and ``vlen-utf8`` + ``zstd``
 for strings. Anything else is refused, and tests check that every array round-trips through zarr.
 
-Crash safety: a chunk file is replaced atomically (written to a temporary file, then renamed), so
-rewriting the partly filled last chunk of committed rows can never damage them; ``zarr.json`` is
-replaced the same way when the length changes.
+Integrity: in format 3 every chunk file ends with the crc32c of its bytes (zarr's ``crc32c``
+codec), checked on every read; a chunk file that is missing, fails its checksum or does not decode is
+an error naming the array and the values it holds, never zeros or the fill value.
+
+Crash safety: a chunk file holding committed values is replaced atomically (written to a temporary
+file, then renamed), so rewriting the partly filled last chunk of committed rows can never damage
+them; ``zarr.json`` is replaced the same way when the length changes. With ``_format.FSYNC`` every
+file written is flushed to disk, and :meth:`ChunkedArray.sync` flushes the folders, before the
+manifest commits them.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import google_crc32c
 import numcodecs
 import numpy as np
 
-from .._utils._files import replace_atomically
+from .._utils._files import fsync_folder, replace_atomically, write_file
+from . import _format
 
 _pools: dict[int, ThreadPoolExecutor] = {}
 _local = threading.local()
@@ -51,8 +60,8 @@ def _pool() -> ThreadPoolExecutor:
 
 
 def replace_file(path: Path, payload: bytes) -> None:
-    """Replace a chunk or ``zarr.json`` atomically (not fsynced: the manifest commit is the durable step)."""
-    replace_atomically(path, payload, durable=False)
+    """Replace a chunk or ``zarr.json`` atomically (flushed to disk with ``FSYNC``; the folder by ``sync``)."""
+    replace_atomically(path, payload, durable=_format.FSYNC, sync_folder=False)
 
 
 class ChunkedArray:
@@ -62,16 +71,26 @@ class ChunkedArray:
     ----------
     path
         The array's folder (holding ``zarr.json``).
+    name
+        The array's name in the store (e.g. ``"labels/cell_type"``), for messages.
+    dtype
+        The dtype the store's layout prescribes (``"str"`` for strings); another one is refused.
     """
 
-    def __init__(self, path: str | Path):
+    _LAYOUTS = (["bytes", "blosc"], ["vlen-utf8", "zstd"], ["bytes", "blosc", "crc32c"],
+                ["vlen-utf8", "zstd", "crc32c"])  # fmt: skip
+
+    def __init__(self, path: str | Path, *, name: str | None = None, dtype: str | None = None):
         self.path = Path(path)
+        self.name = name or str(self.path)
         try:
             meta = json.loads((self.path / "zarr.json").read_text())
         except (OSError, json.JSONDecodeError) as err:
-            raise ValueError(f"The store array {self.path} is missing or damaged: {err}") from err
+            raise ValueError(f"The store array {self.name} is missing or damaged ({self.path / 'zarr.json'}: "
+                             f"{err}); the store is damaged: rebuild it or restore it from a "
+                             "copy.") from err  # fmt: skip
         self._meta = meta
-        codecs = [c["name"] for c in meta.get("codecs", [])]
+        codecs = [c.get("name") for c in meta.get("codecs", []) if isinstance(c, dict)]
         grid = meta.get("chunk_grid", {}).get("configuration", {}).get("chunk_shape", [])
         keys = meta.get("chunk_key_encoding", {})
         if (
@@ -79,11 +98,18 @@ class ChunkedArray:
             or len(grid) != 1
             or keys.get("name") != "default"
             or keys.get("configuration", {}).get("separator", "/") != "/"
-            or codecs not in (["bytes", "blosc"], ["vlen-utf8", "zstd"])
+            or codecs not in self._LAYOUTS
         ):
-            raise ValueError(f"The store array {self.path} has a layout this cellmint does not write ({codecs}).")
+            raise ValueError(f"The store array {self.name} has a layout this cellmint does not write ({codecs}); "
+                             f"its zarr.json was modified.")  # fmt: skip
         self.chunk = int(grid[0])
         self.is_str = codecs[0] == "vlen-utf8"
+        self.crc = codecs[-1] == "crc32c"
+        stored = "str" if self.is_str else str(np.dtype(meta.get("data_type")))
+        if dtype is not None and stored != dtype:
+            raise ValueError(f"The store array {self.name} holds {stored} values, not {dtype} as cellmint writes "
+                             "them: its zarr.json was modified. Restore the store from a copy or "
+                             "rebuild it.")  # fmt: skip
         if self.is_str:
             self.dtype = np.dtype(object)
             self.fill = ""
@@ -95,6 +121,7 @@ class ChunkedArray:
             blosc = meta["codecs"][1]["configuration"]
             shuffle = {"noshuffle": 0, "shuffle": 1, "bitshuffle": 2}[blosc.get("shuffle", "shuffle")]
             self._codec = numcodecs.Blosc(cname=blosc["cname"], clevel=blosc["clevel"], shuffle=shuffle)
+        self._dirty = False
 
     @property
     def length(self) -> int:
@@ -105,25 +132,33 @@ class ChunkedArray:
         return self.path / "c" / str(index)
 
     # -- reading ---------------------------------------------------------------------------
+    def _where(self, index: int) -> str:
+        return f"chunk file c/{index} of the store array {self.name} (values {index * self.chunk}:" \
+               f"{(index + 1) * self.chunk})"  # fmt: skip
+
+    def _damaged(self, index: int, problem: str) -> ValueError:
+        return ValueError(f"The {self._where(index)} {problem}: the store is damaged. Store.verify() lists every "
+                          "damaged array and row; rebuild the store or restore it from a copy.")  # fmt: skip
+
     def _decode(self, index: int, out: np.ndarray | None = None) -> np.ndarray:
         """Chunk ``index`` (``out``: a preallocated chunk-sized buffer to decode into; it saves an allocation)."""
         try:
             raw = self._file(index).read_bytes()
-        except FileNotFoundError:  # zarr semantics: a chunk never written holds the fill value
-            values = np.full(self.chunk, self.fill, dtype=self.dtype)
-            if out is not None:
-                out[:] = values
-            return values
+        except FileNotFoundError:  # every chunk of a store is written: a missing one was lost
+            raise self._damaged(index, "is missing") from None
+        if self.crc:
+            if len(raw) < 4 or google_crc32c.value(raw[:-4]) != int.from_bytes(raw[-4:], "little"):
+                raise self._damaged(index, "fails its checksum (crc32c)")
+            raw = memoryview(raw)[:-4]
         try:
             if self.is_str:
                 values = self._vlen.decode(self._codec.decode(raw))
             else:
                 values = np.frombuffer(self._codec.decode(raw, out=out), dtype=self.dtype)
         except Exception as err:  # any codec failure means a damaged chunk file
-            raise ValueError(f"Chunk {index} of the store array {self.path} is damaged: {err}") from err
+            raise self._damaged(index, f"does not decode ({err})") from err
         if len(values) != self.chunk:
-            raise ValueError(f"Chunk {index} of the store array {self.path} holds {len(values)} values, "
-                             f"not {self.chunk}: the file is damaged.")  # fmt: skip
+            raise self._damaged(index, f"holds {len(values)} values, not {self.chunk}")
         return values
 
     def read(self, start: int, stop: int, out: np.ndarray | None = None) -> np.ndarray:
@@ -161,8 +196,12 @@ class ChunkedArray:
             padded[: len(values)] = values
             values = padded
         if self.is_str:
-            return self._codec.encode(self._vlen.encode(np.asarray(values, dtype=object)))
-        return self._codec.encode(np.ascontiguousarray(values, dtype=self.dtype))
+            payload = self._codec.encode(self._vlen.encode(np.asarray(values, dtype=object)))
+        else:
+            payload = self._codec.encode(np.ascontiguousarray(values, dtype=self.dtype))
+        if self.crc:
+            payload = bytes(payload) + google_crc32c.value(payload).to_bytes(4, "little")
+        return payload
 
     def write(self, start: int, values: np.ndarray) -> None:
         """Write ``values`` at ``start:start + len(values)``; values before ``start`` are kept.
@@ -171,9 +210,13 @@ class ChunkedArray:
         mixes both is replaced atomically, later chunks are written in place. The declared length is not
         changed (see :meth:`set_length`).
         """
+        run_writes(self.write_tasks(start, values))
+
+    def write_tasks(self, start: int, values: np.ndarray) -> list:
+        """:meth:`write` as independent tasks (one per chunk file) for :func:`run_writes`."""
         values = np.asarray(values, dtype=object) if self.is_str else np.asarray(values, dtype=self.dtype)
         if len(values) == 0:
-            return
+            return []
         head = start % self.chunk
         if head:  # the chunk already holds values before `start`: keep them
             first = start - head
@@ -181,22 +224,63 @@ class ChunkedArray:
             start = first
         first_chunk = start // self.chunk
         (self.path / "c").mkdir(exist_ok=True)
+        self._dirty = True
 
         def put(i: int) -> None:
             payload = self._encode(values[i * self.chunk : (i + 1) * self.chunk])
             if i == 0 and head:  # this chunk holds committed values: replace it atomically
                 replace_file(self._file(first_chunk), payload)
             else:  # only values beyond the committed ones: a torn write is overwritten on resume
-                self._file(first_chunk + i).write_bytes(payload)
+                write_file(self._file(first_chunk + i), payload, durable=_format.FSYNC)
 
-        list(_pool().map(put, range(-(-len(values) // self.chunk))))
+        return [functools.partial(put, i) for i in range(-(-len(values) // self.chunk))]
 
     def set_length(self, length: int) -> None:
         """Declare the array's length in ``zarr.json`` (atomically); chunks beyond it are left as they are."""
+        run_writes(self.length_tasks(length))
+
+    def length_tasks(self, length: int) -> list:
+        """:meth:`set_length` as a task for :func:`run_writes` (none when the length is already right)."""
         if length == self.length:
-            return
+            return []
         self._meta["shape"] = [int(length)]
-        replace_file(self.path / "zarr.json", json.dumps(self._meta, indent=2).encode())
+        self._dirty = True
+        payload = json.dumps(self._meta, indent=2).encode()
+        return [functools.partial(replace_file, self.path / "zarr.json", payload)]
+
+    def sync(self) -> None:
+        """Flush the folders of the files written since the last call (with ``FSYNC``): renames and new files."""
+        run_writes(self.sync_tasks())
+
+    def sync_tasks(self) -> list:
+        """:meth:`sync` as tasks for :func:`run_writes`."""
+        tasks = []
+        if self._dirty and _format.FSYNC:
+            if (self.path / "c").is_dir():
+                tasks.append(functools.partial(fsync_folder, self.path / "c"))
+            tasks.append(functools.partial(fsync_folder, self.path))
+        self._dirty = False
+        return tasks
+
+
+def run_writes(tasks: list) -> None:
+    """Run write tasks of one or several arrays together, in threads.
+
+    Encoding runs in parallel, and the disk flushes of many files at once, which the file system
+    commits together (one journal commit instead of one per file).
+    """
+    if len(tasks) == 1:
+        tasks[0]()
+    elif tasks:
+        list(_io_pool().map(lambda task: task(), tasks))
+
+
+def _io_pool() -> ThreadPoolExecutor:
+    """Threads that write and flush files (more than the cores: they mostly wait for the disk)."""
+    key = -os.getpid()  # one pool per process, like _pool
+    if key not in _pools:
+        _pools[key] = ThreadPoolExecutor(max_workers=16, thread_name_prefix="cellmint-writes")
+    return _pools[key]
 
 
 def read_spans(requests: list[tuple[ChunkedArray, list[tuple[int, int]], np.ndarray]], *,

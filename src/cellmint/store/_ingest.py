@@ -8,6 +8,7 @@ at a few chunks (``batch_cells`` cells each, about 256 MiB by default).
 
 from __future__ import annotations
 
+import copy
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import numba
@@ -134,3 +135,47 @@ def ingest(writer: StoreWriter, inputs: list[Input], *, first_index: int, progre
                 pending = committer.submit(writer.commit, batch)
         if pending is not None:
             pending.result()
+
+
+def committed_rows_problem(writer: StoreWriter, inp: Input, index: int) -> str | None:
+    """Why ``inp`` does not reproduce the rows the store committed from input ``index`` (``None``: it does).
+
+    A failed build or append resumes with a fixed input only when the rows already committed from it
+    come out the same (every per-batch checksum of the counts and the per-cell arrays matches).
+    """
+    from ._writer import batch_checksum, batch_checksums
+
+    m = writer.manifest
+    params, panel = m["params"], pd.Index(m["genes"])
+    keys = params["label_keys"] + params["obs_keys"] + ([params["group_key"]] if params["group_key"] else [])
+    columns = column_map(inp, panel, params["strip_ensembl_versions"])
+    where = f"{inp.name}: " + ("X" if params["layer"] is None else f"layers[{params['layer']!r}]")
+    categories = writer._categories
+    writer._categories = copy.deepcopy(categories)  # encoding for comparison must not add categories
+    try:
+        for batch in m["batches"]:
+            if batch["input"] != index:
+                continue
+            start, stop = batch["input_start"], batch["input_stop"]
+            if stop > inp.n_obs:
+                return f"it has {inp.n_obs} cells, but rows up to {stop} were committed from it"
+            chunks = iter_row_chunks(inp.data, layer=params["layer"], chunk_size=stop - start, fmt="csr", start=start)
+            try:
+                chunk = next(chunks)
+            finally:
+                chunks.close()  # closes the file it opened
+            try:
+                indptr, indices, data, library_size, n_genes = prepare_chunk(
+                    chunk.X, columns, len(panel), where=where, first_row=start
+                )
+                encoded = writer.encode(input_index=index, input_start=start, indptr=indptr, indices=indices, data=data,
+                                        obs=inp.adata.obs.iloc[start:stop][keys], library_size=library_size,
+                                        n_genes=n_genes)  # fmt: skip
+            except (ValueError, KeyError) as err:
+                return f"its rows {start}:{stop}, committed before, now fail: {err}"
+            if (batch_checksum(indptr, indices, data) != batch["crc32"]
+                    or batch_checksums(encoded) != batch.get("checksums")):  # fmt: skip
+                return f"its rows {start}:{stop} differ from those the store committed"
+    finally:
+        writer._categories = categories
+    return None

@@ -69,7 +69,9 @@ def open_input(item: Any, index: int) -> Input:
         raise FileNotFoundError(f"Input {index}: no such file or folder: {path}")
     suffix = path.suffix.lower()
     if suffix == ".h5ad":
-        adata = ad.read_h5ad(path, backed="r")
+        from .._utils._chunks import read_h5ad
+
+        adata = read_h5ad(path, backed="r")
         return Input(str(path), adata, adata, _file_identity(path))
     if suffix == ".zarr":
         return Input(str(path), path, _zarr_annotations(path), _file_identity(path))
@@ -82,6 +84,13 @@ def open_input(item: Any, index: int) -> Input:
     else:
         raise ValueError(f"Input {index}: cannot read {path} (expected .h5ad, .zarr, 10x .h5 or a 10x mtx folder).")
     return Input(str(path), adata, adata, _file_identity(path))
+
+
+def close_inputs(inputs: list[Input]) -> None:
+    """Close the files :func:`open_input` opened (backed ``.h5ad``), so that the user can rewrite them at once."""
+    for inp in inputs:
+        if inp.identity.get("path") is not None and inp.adata.isbacked:
+            inp.adata.file.close()
 
 
 def _zarr_annotations(path: Path) -> ad.AnnData:
@@ -148,3 +157,56 @@ def gene_panel(inputs: list[Input], genes: Any, strip_versions: bool) -> pd.Inde
 def column_map(inp: Input, panel: pd.Index, strip_versions: bool) -> np.ndarray:
     """For every gene of the input, its column in the panel (-1: not in the panel)."""
     return panel.get_indexer(gene_names(inp, strip_versions)).astype(np.int64)
+
+
+#: what build_store and Store.append do with panel genes an input lacks
+MISSING_GENES = ("error", "zero")
+
+
+def missing_panel_genes(inputs: list[Input], panel: pd.Index, strip_versions: bool) -> list[list[str]]:
+    """For every input, the genes of the panel it lacks (in panel order)."""
+    return [[str(g) for g in panel[~panel.isin(gene_names(inp, strip_versions))]] for inp in inputs]
+
+
+def check_missing_genes(inputs: list[Input], missing: list[list[str]], mode: str, *, allowed: bool = False) -> None:
+    """Refuse inputs that lack panel genes unless ``mode == "zero"`` (or ``allowed``: a ``"union"`` panel)."""
+    if mode not in MISSING_GENES:
+        raise ValueError(f"missing_genes must be 'error' or 'zero', not {mode!r}.")
+    lacking = [(inp, genes) for inp, genes in zip(inputs, missing, strict=True) if genes]
+    if mode == "zero" or allowed or not lacking:
+        return
+    detail = "; ".join(f"{inp.name} lacks {len(genes)}: {genes[:8]}{' …' if len(genes) > 8 else ''}"
+                       for inp, genes in lacking[:4])  # fmt: skip
+    raise ValueError(
+        f"Genes of the panel are missing from {len(lacking)} input(s) ({detail}). Check the gene names (e.g. "
+        "symbols vs Ensembl ids; strip_ensembl_versions=True), drop those genes from `genes`, or pass "
+        "missing_genes='zero' to store them as zero counts (recorded in the manifest)."
+    )
+
+
+def repeated_input(inputs: list[Input], records: list[dict]) -> tuple[Input, str] | None:
+    """An input given twice, or already in the store (``records``): ``(input, where the other one is)``."""
+    seen = {(r.get("fingerprint"), r.get("bytes"), tuple(r.get("shape") or ())): r["name"] for r in records}
+    for inp in inputs:
+        key = (inp.identity.get("fingerprint"), inp.identity.get("bytes"), tuple(inp.identity.get("shape") or ()))
+        if key in seen:
+            return inp, seen[key]
+        seen[key] = inp.name
+    return None
+
+
+def duplicate_names(inputs: list[Input], existing: Any = ()) -> tuple[list[str], str] | None:
+    """Cell names found twice among the inputs, or in an input and ``existing`` (chunks of the store's names).
+
+    Returns up to five examples and where they clash, or ``None``.
+    """
+    names = pd.Index(np.concatenate([np.asarray(inp.adata.obs_names, dtype=object) for inp in inputs]))
+    if not names.is_unique:
+        clashes = names[names.duplicated()].unique()
+        owners = [inp.name for inp in inputs if inp.adata.obs_names.isin(clashes[:1]).any()]
+        return list(map(str, clashes[:5])), f"in {' and '.join(owners[:2])}"
+    for chunk in existing:  # the store's names, a chunk at a time; the inputs' names hashed once
+        hit = names.get_indexer(pd.Index(chunk)) >= 0
+        if hit.any():
+            return list(map(str, np.asarray(chunk)[hit][:5])), "in the store already"
+    return None

@@ -132,13 +132,13 @@ class StoreBatches(torch.utils.data.IterableDataset):
     def _open(self) -> None:
         """Open the store's arrays and load the per-cell vectors once (8 bytes + a few per cell), in this process."""
         path = Path(self.path)
-        self._arrays = {name: ChunkedArray(path / name) for name in ("X/data", "X/indices")}
+        self._arrays = {name: ChunkedArray(path / name, name=name) for name in ("X/data", "X/indices")}
         n = int(self.rows.max()) + 1 if len(self.rows) else 0
-        self._indptr = ChunkedArray(path / "X/indptr").read(0, n + 1)
-        self._library = ChunkedArray(path / "obs/library_size").read(0, n).astype(np.float32)
-        self._labels = {key: ChunkedArray(path / f"labels/{key}").read(0, n).astype(np.int64)
+        self._indptr = ChunkedArray(path / "X/indptr", name="X/indptr").read(0, n + 1)
+        self._library = ChunkedArray(path / "obs/library_size", name="obs/library_size").read(0, n).astype(np.float32)
+        self._labels = {key: ChunkedArray(path / f"labels/{key}", name=f"labels/{key}").read(0, n).astype(np.int64)
                         for key in self.label_keys}  # fmt: skip
-        self._n_vars = int(ChunkedArray(path / "var/names").length)
+        self._n_vars = int(ChunkedArray(path / "var/names", name="var/names").length)
 
     def _read(self, rows: np.ndarray):
         """Counts of sorted unique ``rows``: one read per span of nearby rows (gaps up to MAX_GAP read through).

@@ -17,9 +17,9 @@ DEFAULT_SPLIT = "default"
 TRAIN, VAL, TEST = 0, 1, 2
 
 
-def _check_fractions(test_fraction: float, val_fraction: float) -> None:
+def check_fractions(test_fraction: float, val_fraction: float) -> None:
     for name, value in (("test_fraction", test_fraction), ("val_fraction", val_fraction)):
-        if not 0 <= value < 1:
+        if isinstance(value, bool) or not isinstance(value, int | float | np.number) or not 0 <= value < 1:
             raise ValueError(f"{name} must be in [0, 1), not {value!r}.")
     if test_fraction + val_fraction >= 1:
         raise ValueError("test_fraction + val_fraction must leave cells for training.")
@@ -35,7 +35,7 @@ def assign(
     random_state: int,
 ) -> np.ndarray:
     """Split code (0 train, 1 val, 2 test) of every cell; ``labels``/``groups`` are integer codes or None."""
-    _check_fractions(test_fraction, val_fraction)
+    check_fractions(test_fraction, val_fraction)
     rng = np.random.default_rng(random_state)
     n = n_obs
     fractions = np.array([1 - test_fraction - val_fraction, val_fraction, test_fraction])

@@ -1,7 +1,9 @@
-"""``cm.Store``: read access to a store built by :func:`cellmint.pp.build_store`."""
+"""``cm.Store``: a store built by :func:`cellmint.pp.build_store` — reading, appending, splits, integrity."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import anndata as ad
@@ -10,10 +12,21 @@ import pandas as pd
 import scipy.sparse as sp
 import zarr
 
+from .._utils import _logging as logg
+from .._utils._lock import writer_lock
 from . import _split
 from ._arrays import ChunkedArray
-from ._format import ROW_CHUNK, numeric_codec, read_manifest, write_manifest
-from ._writer import batch_checksum
+from ._format import (
+    LOCK,
+    ROW_CHUNK,
+    array_kind,
+    numeric_codec,
+    read_manifest,
+    require_writable,
+    values_checksum,
+    write_manifest,
+)
+from ._writer import sync_created
 
 
 class Store:
@@ -38,8 +51,30 @@ class Store:
 
     def _array(self, name: str) -> ChunkedArray:
         if name not in self._arrays:
-            self._arrays[name] = ChunkedArray(self.path / name)
+            self._arrays[name] = ChunkedArray(self.path / name, name=name, dtype=array_kind(name, self.manifest).dtype)
         return self._arrays[name]
+
+    def reload(self) -> Store:
+        """Read the manifest again: see the cells, inputs and splits other handles or processes committed since."""
+        self.manifest = read_manifest(self.path)
+        self._arrays = {}
+        return self
+
+    @contextmanager
+    def _writing(self) -> Iterator[None]:
+        """Hold the store's writer lock, with this handle's manifest brought up to date first.
+
+        A handle that another writer overtook reloads here (with a note in the log), so what it then
+        writes builds on the newest commit; the commit itself is a compare-and-swap on the manifest.
+        """
+        with writer_lock(self.path / LOCK, what=f"the store at {self.path}"):
+            current = read_manifest(self.path)
+            if current.get("generation") != self.manifest.get("generation"):
+                logg.info(f"    {self.path} changed since this Store read it (generation "
+                          f"{self.manifest.get('generation')} → {current.get('generation')}): reloaded")  # fmt: skip
+                self.manifest, self._arrays = current, {}
+            require_writable(current, self.path)
+            yield
 
     def _column(self, name: str) -> np.ndarray:
         """The committed values of a per-cell array."""
@@ -139,6 +174,10 @@ class Store:
         -------
         AnnData with the split's cells in store order; ``obs["split"]`` names their part when ``split`` is given.
         """
+        if subset not in _split.SPLIT_NAMES:
+            raise ValueError(f"subset must be one of {_split.SPLIT_NAMES}, not {subset!r}.")
+        if split is not None and split not in self.splits:
+            raise KeyError(f"No split {split!r} in this store; splits: {self.splits}. Make one with make_split().")
         X = self.read_rows(0, self.n_obs)
         adata = ad.AnnData(X=X, obs=self.obs(), var=pd.DataFrame(index=self.var_names))
         if split is None:
@@ -147,47 +186,58 @@ class Store:
         adata.obs["split"] = pd.Categorical.from_codes(codes, categories=list(_split.SPLIT_NAMES))
         return adata[codes == _split.SPLIT_NAMES.index(subset)].copy()
 
-    def append(self, data, *, progress: bool | None = None) -> Store:
+    def append(self, data, *, missing_genes: str | None = None, allow_duplicates: bool = False,
+               progress: bool | None = None) -> Store:  # fmt: skip
         """Add the cells of more inputs to a finished store, batch by batch and crash-safe like a build.
 
         Parameters
         ----------
         data
             AnnData or path, or a list of them, with the store's label, group and obs columns. Genes are
-            matched to the store's panel by name; panel genes an input lacks are zero there.
+            matched to the store's panel by name.
+        missing_genes
+            Panel genes an input lacks: ``"error"`` refuses the input and lists them, ``"zero"`` stores zero
+            counts (recorded per input in the manifest); ``None`` follows the store's build.
+        allow_duplicates
+            Store an input that is already in the store, and cells whose names already occur in the store
+            or twice in the inputs. By default these are refused.
         progress
             Progress bar per input.
 
         Returns
         -------
         This store, extended. Existing splits keep their cells; appended cells belong to no part
-        (code -1) until a split is made again. An interrupted append resumes when called again.
-        """
-        from ._ingest import check_inputs, ingest
-        from ._inputs import open_input
-        from ._writer import StoreWriter
+        (code -1) until a split is made again.
 
-        items = list(data) if isinstance(data, list | tuple) else [data]
-        writer = StoreWriter(self.path)
-        m = writer.manifest
-        inputs = [open_input(item, len(m["inputs"]) + i) for i, item in enumerate(items)]
-        params = m["params"]
-        keys = params["label_keys"] + params["obs_keys"] + ([params["group_key"]] if params["group_key"] else [])
-        check_inputs(inputs, keys)
-        records = [{"name": inp.name, **inp.identity, "n_obs": int(inp.n_obs)} for inp in inputs]
-        if m["state"] == "complete":
-            m["inputs"] += records
-            m["state"] = "building"
-            write_manifest(self.path, m)
-        elif m["inputs"][-len(records) :] != records:
-            raise ValueError(
-                f"The store at {self.path} has an unfinished build or append of other inputs; finish that first."
-            )
-        ingest(writer, inputs, first_index=len(m["inputs"]) - len(inputs), progress=progress)
-        writer.finish()
-        self.manifest = read_manifest(self.path)
-        self._arrays = {}
-        return self
+        Notes
+        -----
+        If the append fails (a bad value in an input, a crash), the batches committed so far stay and
+        the store is marked unfinished: call ``append`` again with the same inputs to resume, or with an
+        input fixed after its committed rows, or call :meth:`rollback` to return to the store as it was
+        before the append. Only one process writes a store at a time (a second one gets an error).
+        """
+        from ._append import append
+
+        with self._writing():
+            append(self, data, missing_genes=missing_genes, allow_duplicates=allow_duplicates, progress=progress)
+        return self.reload()
+
+    def rollback(self) -> Store:
+        """Undo an unfinished append: the store returns to its state before it, complete and verifiable.
+
+        The cells, inputs and categories the failed or interrupted append committed are dropped. An
+        unfinished *build* has no earlier state: resume it with :func:`cellmint.pp.build_store` (same
+        arguments) or rebuild it with ``overwrite=True``.
+
+        Returns
+        -------
+        This store, rolled back.
+        """
+        from ._append import rollback
+
+        with self._writing():
+            rollback(self)
+        return self.reload()
 
     # -- splits ------------------------------------------------------------------------------
     @property
@@ -199,7 +249,8 @@ class Store:
         """Part of every cell in split ``name``: 0 train, 1 val, 2 test; -1 for cells appended afterwards."""
         if name not in self.splits:
             raise KeyError(f"No split {name!r} in this store; splits: {self.splits}. Make one with make_split().")
-        stored = self._array(f"splits/{name}").read(0, self.manifest["splits"][name]["n_obs"])
+        info = self.manifest["splits"][name]
+        stored = self._array(info.get("array", f"splits/{name}")).read(0, info["n_obs"])
         return np.concatenate([stored, np.full(self.n_obs - len(stored), -1, dtype=np.int8)])
 
     def split_rows(self, name: str, subset: str = "train") -> np.ndarray:
@@ -246,12 +297,30 @@ class Store:
         -------
         Cells per part and label class (rows: classes; columns: train, val, test), as recorded.
         """
-        if name in self.splits and not overwrite:
-            raise ValueError(f"A split named {name!r} exists; pass overwrite=True to replace it.")
+        _split.check_fractions(test_fraction, val_fraction)
+        if not isinstance(name, str) or not name or "/" in name or name.startswith("."):
+            raise ValueError(f"A split's name must be a non-empty string without '/', not {name!r}.")
+        with self._writing():
+            if not self.complete:
+                raise ValueError(f"The store at {self.path} is unfinished ({self.n_obs:,} cells committed): a split "
+                                 "now would leave out the cells still to come. Resume the build (cm.pp.build_store "
+                                 "with the same arguments) or the append (Store.append again, or Store.rollback()) "
+                                 "first.")  # fmt: skip
+            if name in self.splits and not overwrite:
+                raise ValueError(f"A split named {name!r} exists; pass overwrite=True to replace it.")
+            return self._make_split(name, test_fraction=test_fraction, val_fraction=val_fraction,
+                                    group_key=group_key, stratify_labels=stratify_labels, label_key=label_key,
+                                    random_state=random_state)  # fmt: skip
+
+    def _make_split(self, name: str, *, test_fraction, val_fraction, group_key, stratify_labels, label_key,
+                    random_state) -> pd.DataFrame:  # fmt: skip
         obs = self.obs()
         group_key = None if group_key is False else (group_key or self.manifest["group_key"])
         if group_key is not None and group_key not in obs.columns:
-            raise KeyError(f"group_key {group_key!r} is neither the store's group nor one of its obs_keys.")
+            raise KeyError(f"group_key {group_key!r} is neither the store's group nor one of its obs_keys "
+                           f"({[self.manifest['group_key'], *self.manifest['obs_keys']]}).")  # fmt: skip
+        if label_key is not None and label_key not in self.label_keys:
+            raise KeyError(f"label_key {label_key!r} is not a label key of the store ({self.label_keys}).")
         label_key = label_key or (self.label_keys[0] if self.label_keys else None)
         labels = obs[label_key].cat.codes.to_numpy() if (stratify_labels and label_key) else None
         groups = obs[group_key].astype(str).to_numpy() if group_key is not None else None
@@ -262,27 +331,39 @@ class Store:
             test_fraction=test_fraction,
             val_fraction=val_fraction,
             random_state=random_state,
-        )
+        ).astype(np.int8)
         if groups is not None and (leaks := _split.leakage(groups, codes)):
             raise AssertionError(f"groups in several parts: {leaks[:5]}")  # pragma: no cover - by construction
+        # a new array for every version of a split: the one the manifest names stays intact until the commit
+        array = f"splits/{name}-{self.manifest['generation'] + 1}"
         root = zarr.open_group(self.path, mode="r+")
         splits = root.require_group("splits")
-        if name in splits:
-            del splits[name]
-        splits.create_array(name, shape=(0,), dtype="int8", chunks=(ROW_CHUNK,), compressors=numeric_codec())
-        self._arrays.pop(f"splits/{name}", None)
-        self._array(f"splits/{name}").write(0, codes.astype(np.int8))
-        self._array(f"splits/{name}").set_length(self.n_obs)
+        if array.split("/", 1)[1] in splits:
+            del splits[array.split("/", 1)[1]]
+        splits.create_array(array.split("/", 1)[1], shape=(0,), dtype="int8", chunks=(ROW_CHUNK,),
+                            compressors=numeric_codec())  # fmt: skip
+        self._arrays.pop(array, None)
+        written = self._array(array)
+        written.write(0, codes)
+        written.set_length(self.n_obs)
+        written.sync()
+        sync_created(self.path, ["splits/zarr.json", "splits"])  # made by zarr: on disk before the commit names them
         parts = pd.Categorical.from_codes(codes, categories=list(_split.SPLIT_NAMES))
         classes = obs[label_key] if label_key else pd.Series(["all"] * self.n_obs, index=obs.index)
         table = pd.crosstab(pd.Series(classes.to_numpy(), name=label_key or "cells"), pd.Series(parts, name="split"))
         table = table.reindex(columns=list(_split.SPLIT_NAMES), fill_value=0)
+        replaced = self.manifest.get("splits", {}).get(name, {}).get("array", f"splits/{name}")
         self.manifest.setdefault("splits", {})[name] = {
             "test_fraction": test_fraction, "val_fraction": val_fraction, "group_key": group_key,
             "label_key": label_key if stratify_labels else None, "random_state": random_state, "n_obs": self.n_obs,
             "cells": {part: int((codes == i).sum()) for i, part in enumerate(_split.SPLIT_NAMES)},
+            "array": array, "crc32": values_checksum(codes),
         }  # fmt: skip
         write_manifest(self.path, self.manifest)
+        if name in self.splits and replaced != array and (self.path / replaced).is_dir():
+            import shutil
+
+            shutil.rmtree(self.path / replaced)  # the replaced version, no longer named by the manifest
         return table
 
     # -- streaming ---------------------------------------------------------------------------
@@ -360,6 +441,16 @@ class Store:
 
         if balance not in BALANCE_EXPONENT:
             raise ValueError(f"balance must be None, 'sqrt' or 'inverse', not {balance!r}.")
+        for arg, value, minimum in (("batch_size", batch_size, 1), ("block_size", block_size, 1),
+                                    ("fetch_blocks", fetch_blocks, 1), ("start_batch", start_batch, 0),
+                                    ("num_workers", num_workers, 0)):  # fmt: skip
+            if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < minimum:
+                raise ValueError(f"{arg} must be an integer ≥ {minimum}, not {value!r}.")
+        if worker_start_method not in (None, "fork", "spawn", "forkserver"):
+            raise ValueError(f"worker_start_method must be None, 'fork', 'spawn' or 'forkserver', "
+                             f"not {worker_start_method!r}.")  # fmt: skip
+        if label_key is not None and label_key not in self.label_keys:
+            raise KeyError(f"label_key {label_key!r} is not a label key of the store ({self.label_keys}).")
         if rows is not None:
             rows = np.unique(np.asarray(rows, dtype=np.int64))
             if len(rows) and (rows[0] < 0 or rows[-1] >= self.n_obs):
@@ -393,7 +484,12 @@ class Store:
 
     # -- integrity ---------------------------------------------------------------------------
     def verify(self) -> dict:
-        """Check the store against its manifest: checksums of every batch, row counts, CSR invariants.
+        """Check every array of the store against the checksums its manifest commits.
+
+        Counts (CSR invariants, gene indices, crc32 per batch), every per-cell array (names, library size,
+        detected genes, input, labels, groups, obs columns: crc32 per batch), the gene panel against
+        ``var/names``, every split (crc32, groups kept whole) and the arrays' lengths. The manifest's own
+        checksum was checked when the store was opened; each chunk file's crc32c is checked as it is read.
 
         Returns
         -------
@@ -402,54 +498,11 @@ class Store:
         Raises
         ------
         ValueError
-            Listing every problem found (corrupted batch, truncated array, invalid gene index, …).
+            Listing every problem found, each naming the array and the rows (batch and input) affected.
         """
-        problems = []
-        n, nnz = self.n_obs, self.nnz
-        for name, need in (("X/indptr", n + 1), ("X/indices", nnz), ("X/data", nnz), ("obs/names", n)):
-            if self._array(name).length < need:
-                problems.append(f"{name} holds {self._array(name).length} values, the manifest commits {need}")
-        if not problems:
-            indptr = self._array("X/indptr").read(0, n + 1)
-            if indptr[0] != 0 or indptr[-1] != nnz or np.any(np.diff(indptr) < 0):
-                problems.append("X/indptr does not run from 0 to nnz in increasing order")
-            expected_rows = 0
-            for i, batch in enumerate(self.manifest["batches"]):
-                r0, r1 = batch["rows"]
-                if r0 != expected_rows:
-                    problems.append(f"batch {i} starts at row {r0}, expected {expected_rows}")
-                expected_rows = r1
-                lo, hi = int(indptr[r0]), int(indptr[r1])
-                if [lo, hi] != batch["nnz"]:
-                    problems.append(f"batch {i} (rows {r0}:{r1}) spans values {lo}:{hi}, manifest says {batch['nnz']}")
-                    continue
-                try:
-                    indices, data = self._array("X/indices").read(lo, hi), self._array("X/data").read(lo, hi)
-                except ValueError as err:  # a chunk file that no longer decodes
-                    problems.append(f"batch {i} (rows {r0}:{r1}): {err}")
-                    continue
-                if indices.size and (indices.min() < 0 or indices.max() >= self.n_vars):
-                    problems.append(f"batch {i} (rows {r0}:{r1}) has gene indices outside the panel")
-                if batch_checksum(indptr[r0 : r1 + 1], indices, data) != batch["crc32"]:
-                    problems.append(f"batch {i} (rows {r0}:{r1}, input {batch['input']}) fails its crc32 checksum")
-            if expected_rows != n:
-                problems.append(f"committed batches cover {expected_rows} rows, the manifest says {n}")
-            problems += self._split_problems()
-        if problems:
-            raise ValueError(f"The store at {self.path} is damaged:\n- " + "\n- ".join(problems))
-        return {"batches": len(self.manifest["batches"]), "cells": n, "nnz": nnz}
+        from ._verify import verify
 
-    def _split_problems(self) -> list[str]:
-        problems = []
-        splits = self.manifest.get("splits", {})
-        obs = self.obs() if any(info["group_key"] is not None for info in splits.values()) else None
-        for name, info in splits.items():
-            codes = self.split_codes(name)[: info["n_obs"]]
-            if info["group_key"] is not None:
-                groups = obs[info["group_key"]].astype(str).to_numpy()[: info["n_obs"]]
-                if leaks := _split.leakage(groups, codes):
-                    problems.append(f"split {name!r} puts groups in several parts: {leaks[:5]}")
-        return problems
+        return verify(self)
 
     def summary(self) -> dict:
         """Cells, genes, stored counts, inputs, and the class balance per label key and per group."""

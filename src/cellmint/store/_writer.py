@@ -2,12 +2,15 @@
 
 Two stages, so that ingest can overlap them: :meth:`StoreWriter.encode` (caller's thread) turns a
 chunk of cells into a :class:`Batch` (codes for labels, groups and obs columns; categories only grow),
-and :meth:`StoreWriter.commit` (a writer thread) writes its arrays, then commits it.
+and :meth:`StoreWriter.commit` (a writer thread) writes its arrays, flushes them to disk, then
+commits it with the checksums of every array. A writer is only made by a caller that holds the
+store's lock (``build_store``, ``Store.append``).
 """
 
 from __future__ import annotations
 
 import copy
+import os
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,8 +21,22 @@ import pandas as pd
 import zarr
 
 from .. import __version__
-from ._arrays import ChunkedArray
-from ._format import DATA_CHUNK, FORMAT_VERSION, ROW_CHUNK, numeric_codec, read_manifest, write_manifest
+from .._utils._files import fsync_folder
+from . import _format
+from ._arrays import ChunkedArray, run_writes
+from ._format import (
+    DATA_CHUNK,
+    FORMAT_VERSION,
+    ROW_CHUNK,
+    array_kind,
+    numeric_codec,
+    read_manifest,
+    require_writable,
+    row_arrays,
+    string_codec,
+    values_checksum,
+    write_manifest,
+)
 
 
 def batch_checksum(indptr: np.ndarray, indices: np.ndarray, data: np.ndarray) -> int:
@@ -32,7 +49,7 @@ def batch_checksum(indptr: np.ndarray, indices: np.ndarray, data: np.ndarray) ->
 
 def _row_array(group: zarr.Group, name: str, dtype: Any) -> None:
     if dtype is str:
-        group.create_array(name, shape=(0,), dtype=str, chunks=(ROW_CHUNK,))
+        group.create_array(name, shape=(0,), dtype=str, chunks=(ROW_CHUNK,), compressors=string_codec())
     else:
         group.create_array(name, shape=(0,), dtype=dtype, chunks=(ROW_CHUNK,), compressors=numeric_codec())
 
@@ -41,12 +58,37 @@ def _is_number(column: pd.Series) -> bool:
     return pd.api.types.is_numeric_dtype(column) and not isinstance(column.dtype, pd.CategoricalDtype)
 
 
-def create(path: Path, *, panel: pd.Index, label_keys, group_key, obs_keys, inputs, params: dict) -> StoreWriter:
-    """A new, empty store at ``path`` (which must not exist).
+def sync_created(root: Path, names: list[str]) -> None:
+    """Flush files and folders (relative to the store ``root``) that others (zarr) created, with ``FSYNC``."""
+    if not _format.FSYNC:
+        return
+    for name in names:
+        path = Path(root) / name
+        if path.is_dir():
+            fsync_folder(path)
+        elif path.is_file():
+            with open(path, "rb+") as fh:
+                os.fsync(fh.fileno())
 
-    ``obs_keys`` columns that are numbers in the first input are stored as float64, others as codes.
+
+def input_record(inp, index: int, missing_genes: list[str]) -> dict:
+    """How the manifest records an input: name, identity (path, size, fingerprint), cells, panel genes it lacks."""
+    return {"name": inp.name, **inp.identity, "n_obs": int(inp.n_obs), "missing_genes": list(missing_genes)}
+
+
+def identity_of(record: dict) -> dict:
+    """The part of an input record that recognises the input (what a resumed build compares)."""
+    return {k: v for k, v in record.items() if k not in ("name", "missing_genes")}
+
+
+def create(path: Path, *, panel: pd.Index, label_keys, group_key, obs_keys, inputs, params: dict,
+           missing: list[list[str]]) -> StoreWriter:  # fmt: skip
+    """A new, empty store at ``path`` (a folder holding nothing but the lock file); call it holding the lock.
+
+    ``obs_keys`` columns that are numbers in the first input are stored as float64, others as codes;
+    ``missing``: per input, the panel genes it lacks.
     """
-    root = zarr.open_group(path, mode="w-", zarr_format=3)
+    root = zarr.open_group(path, mode="a", zarr_format=3)  # "w" would delete the lock file
     root.attrs["cellmint_store"] = {"format_version": FORMAT_VERSION}
     X = root.create_group("X")
     X.create_array("indptr", shape=(0,), dtype="int64", chunks=(ROW_CHUNK,), compressors=numeric_codec())
@@ -67,8 +109,10 @@ def create(path: Path, *, panel: pd.Index, label_keys, group_key, obs_keys, inpu
     for key in obs_keys:
         _row_array(table, key, "float64" if numeric[key] else "int32")
     var = root.create_group("var")
-    var.create_array("names", shape=(len(panel),), dtype=str, chunks=(max(1, len(panel)),))
-    var["names"][:] = np.asarray(panel, dtype=str)
+    var.create_array("names", shape=(0,), dtype=str, chunks=(max(1, len(panel)),), compressors=string_codec())
+    names = ChunkedArray(Path(path) / "var" / "names", name="var/names")
+    names.write(0, np.asarray(panel, dtype=object))
+    names.set_length(len(panel))
     manifest = {
         "format_version": FORMAT_VERSION,
         "cellmint_version": __version__,
@@ -83,12 +127,17 @@ def create(path: Path, *, panel: pd.Index, label_keys, group_key, obs_keys, inpu
         "groups": [],
         "obs_keys": list(obs_keys),
         "obs_table": {key: [] for key in obs_keys if not numeric[key]},
-        "inputs": [{"name": inp.name, **inp.identity, "n_obs": int(inp.n_obs)} for inp in inputs],
+        "inputs": [input_record(inp, i, genes) for i, (inp, genes) in enumerate(zip(inputs, missing, strict=True))],
         "batches": [],
         "params": params,
+        "generation": 0,
     }
+    indptr = ChunkedArray(Path(path) / "X" / "indptr", name="X/indptr")
+    indptr.write(0, np.zeros(1, dtype=np.int64))
+    # the folders and zarr.json files zarr just made are on disk before the first commit names them
+    created = [Path(folder, name) for folder, folders, files in os.walk(path) for name in [*files, "."]]
+    sync_created(path, [str(p.relative_to(path)) for p in created])
     write_manifest(path, manifest)
-    ChunkedArray(Path(path) / "X" / "indptr").write(0, np.zeros(1, dtype=np.int64))
     return StoreWriter(path)
 
 
@@ -116,13 +165,18 @@ class StoreWriter:
         self.path = Path(path)
         self.manifest = read_manifest(path)
         m = self.manifest
-        names = ["obs/names", "obs/library_size", "obs/n_genes", "obs/input"]
-        names += [f"labels/{k}" for k in m["label_keys"]] + [f"obs_table/{k}" for k in m["obs_keys"]]
-        names += ["groups"] if m["group_key"] is not None else []
-        self._row_arrays = {name: ChunkedArray(self.path / name) for name in names}
-        self._X = {name: ChunkedArray(self.path / "X" / name) for name in ("indptr", "indices", "data")}
+        require_writable(m, self.path)
+        self._row_arrays = {name: self._open(name) for name in row_arrays(m)}
+        self._X = {name: self._open(f"X/{name}") for name in ("indptr", "indices", "data")}
         self._categories = copy.deepcopy(self._category_lists(m))
         self._truncate_to_committed()
+
+    def _open(self, name: str) -> ChunkedArray:
+        return ChunkedArray(self.path / name, name=name, dtype=array_kind(name, self.manifest).dtype)
+
+    def arrays(self) -> list[ChunkedArray]:
+        """Every array this writer appends to."""
+        return [*self._X.values(), *self._row_arrays.values()]
 
     @staticmethod
     def _category_lists(m: dict) -> dict:
@@ -136,6 +190,8 @@ class StoreWriter:
         self._X["data"].set_length(nnz)
         for array in self._row_arrays.values():
             array.set_length(n)
+        for array in self.arrays():
+            array.sync()
 
     def resume_row(self, input_index: int) -> int:
         """First row of input ``input_index`` not yet committed."""
@@ -185,26 +241,36 @@ class StoreWriter:
         """Write a batch beyond the committed rows, then commit it in one atomic manifest replacement."""
         m = self.manifest
         n0, nnz0, rows, nnz = m["n_obs"], m["nnz"], batch.n_obs, int(batch.indptr[-1])
-        self._X["indices"].write(nnz0, np.asarray(batch.indices, dtype=np.int32))
-        self._X["data"].write(nnz0, np.asarray(batch.data, dtype=np.float32))
-        self._X["indptr"].write(n0 + 1, nnz0 + batch.indptr[1:])
+        X = self._X
+        tasks = [*X["indices"].write_tasks(nnz0, np.asarray(batch.indices, dtype=np.int32)),
+                 *X["data"].write_tasks(nnz0, np.asarray(batch.data, dtype=np.float32)),
+                 *X["indptr"].write_tasks(n0 + 1, nnz0 + batch.indptr[1:])]  # fmt: skip
         for name, values in batch.rows.items():
-            self._row_arrays[name].write(n0, values)
-        self._X["indptr"].set_length(n0 + rows + 1)
-        self._X["indices"].set_length(nnz0 + nnz)
-        self._X["data"].set_length(nnz0 + nnz)
+            tasks += self._row_arrays[name].write_tasks(n0, values)
+        tasks += X["indptr"].length_tasks(n0 + rows + 1) + X["indices"].length_tasks(nnz0 + nnz)
+        tasks += X["data"].length_tasks(nnz0 + nnz)
         for array in self._row_arrays.values():
-            array.set_length(n0 + rows)
+            tasks += array.length_tasks(n0 + rows)
+        run_writes(tasks)  # all files of the batch at once: their flushes to disk overlap
+        run_writes([task for array in self.arrays() for task in array.sync_tasks()])
+        # every byte of the batch is on disk before the manifest names it
         m["batches"].append({
             "input": batch.input_index, "input_start": batch.input_start, "input_stop": batch.input_start + rows,
             "rows": [n0, n0 + rows], "nnz": [nnz0, nnz0 + nnz],
             "crc32": batch_checksum(batch.indptr, batch.indices, batch.data),
+            "checksums": batch_checksums(batch),
         })  # fmt: skip
         m.update(batch.categories)
         m["n_obs"], m["nnz"] = n0 + rows, nnz0 + nnz
         write_manifest(self.path, m)
 
     def finish(self) -> None:
-        """Mark the store complete."""
+        """Mark the store complete (and forget how to undo the append that just finished)."""
         self.manifest["state"] = "complete"
+        self.manifest.pop("append", None)
         write_manifest(self.path, self.manifest)
+
+
+def batch_checksums(batch: Batch) -> dict[str, int]:
+    """crc32 of the batch's values in every per-cell array (``_format.values_checksum``)."""
+    return {name: values_checksum(values) for name, values in batch.rows.items()}

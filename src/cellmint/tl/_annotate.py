@@ -10,8 +10,7 @@ class: the open-set score), and optionally a nearest-neighbour vote among refere
 
 from __future__ import annotations
 
-import itertools
-import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import anndata as ad
@@ -19,38 +18,19 @@ import numpy as np
 import pandas as pd
 
 from .._utils import _logging as logg
-from .._utils._chunks import iter_row_chunks
 from .._utils._device import resolve_device
 from .._utils._docs import doc_params
 from ..io._models import resolve_model
-from ..models._annotator import Annotator, relative_distance
-from ..store._inputs import without_ensembl_versions
-from ._knn import reference_search
+from ..models import _conformal as conformal
+from ..models import _open_set as open_set_rule
+from ..models._annotator import Annotator
+from ._calls import REASONS, Decision, final_calls, vote
+from ._knn import NearestReference, reference_search
+from ._query import MIN_OVERLAP, WARN_OVERLAP, QueryRows, align_genes
+
+__all__ = ["MIN_OVERLAP", "UNKNOWN", "WARN_OVERLAP", "align_genes", "annotate"]
 
 UNKNOWN = "Unknown"
-#: below this share of the model's genes found in the query, annotation refuses to run
-MIN_OVERLAP = 0.3
-#: below this share, a warning says labels may suffer
-WARN_OVERLAP = 0.8
-
-
-def align_genes(query: pd.Index, model_genes: pd.Index, *, strip_versions: bool) -> tuple[np.ndarray, dict]:
-    """For each model gene, its column in the query (-1: missing), and a summary of the overlap."""
-    if strip_versions:
-        query, model_genes = without_ensembl_versions(query), without_ensembl_versions(model_genes)
-    if not query.is_unique:
-        dup = query[query.duplicated()].unique()
-        raise ValueError(f"The query's gene names are not unique ({len(dup)}, e.g. {list(dup[:3])}); "
-                         "make them unique (adata.var_names_make_unique()) or pass gene_key=.")  # fmt: skip
-    columns = query.get_indexer(model_genes).astype(np.int64)
-    present = columns >= 0
-    overlap = {
-        "n_model_genes": len(model_genes),
-        "n_found": int(present.sum()),
-        "fraction": float(present.mean()) if len(present) else 0.0,
-        "missing": np.asarray(model_genes[~present][:100].astype(str), dtype=object),
-    }
-    return columns, overlap
 
 
 #: with ``chunk_size=None``, cells per chunk such that the chunk densified over the model's genes takes about
@@ -65,109 +45,133 @@ DENSE_CHUNK_BYTES = 8 * 2**20
 SEARCH_BATCH = 8192
 
 
-def _open_set_rule(annotator: Annotator, max_distance: float | str) -> tuple[np.ndarray, np.ndarray, float]:
-    """The open-set rule: per-class scales, the reference cells' codes at their level, and the threshold.
+@dataclass
+class _Search:
+    """The reference search and the open-set scale: per reference class, the spacing distances are divided by."""
 
-    Model folders written before the relative rule hold no class scales: their distances stay
-    absolute (scale 1), compared with the absolute threshold they were saved with.
-    """
-    open_set = annotator.manifest.get("open_set", {})
-    level = open_set.get("level", annotator.label_keys[-1])
-    scale = np.asarray(open_set.get("scale", np.ones(len(annotator.classes[level]))), dtype=np.float64)
-    codes = np.asarray(annotator.reference["codes"][level])
-    threshold = float(open_set.get("threshold", np.inf) if max_distance == "auto" else max_distance)
-    return scale, codes, threshold
+    index: NearestReference
+    scale: np.ndarray  # per class of the open-set level
+    codes: np.ndarray  # reference cells' classes at that level
+    mean: np.ndarray  # the projection of latents where query neighbourhoods are found
+    axes: np.ndarray  # latent × PROJECTION_DIMS
 
+    @classmethod
+    def of(cls, annotator: Annotator, device) -> _Search | None:
+        """The model's search on ``device``; ``None`` for a model without reference cells.
 
-def _vote(neighbours: np.ndarray, distances: np.ndarray, codes: np.ndarray, n_classes: int) -> np.ndarray:
-    """Per cell, the share of its neighbours' (inverse-distance) weight per class."""
-    weights = 1.0 / (distances + 1e-6)
-    votes = np.zeros((len(neighbours), n_classes), dtype=np.float32)
-    np.add.at(votes, (np.repeat(np.arange(len(neighbours)), neighbours.shape[1]), codes[neighbours].ravel()),
-              weights.ravel())  # fmt: skip
-    return votes / votes.sum(axis=1, keepdims=True)
-
-
-def _top_two(values: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per row: the largest value's column, the largest value, and its lead over the second largest."""
-    label = values.argmax(axis=1)
-    first = np.take_along_axis(values, label[:, None], axis=1)[:, 0]
-    if values.shape[1] < 2:
-        return label, first, first.copy()
-    second = np.partition(values, -2, axis=1)[:, -2]
-    return label, first, first - second
-
-
-class _Decision:
-    """Per level, the calls of one chunk of cells (coarse to fine): codes, confidence, margin, flags.
-
-    ``codes`` index the level's classes, with ``len(classes)`` for cells called Unknown (or, with
-    ``unknown=False``, for no cell). A fine level only considers the children of the coarse call.
-    """
-
-    def __init__(self, annotator: Annotator, *, min_confidence: float, min_margin: float, unknown: bool):
-        self.annotator = annotator
-        self.min_confidence, self.min_margin, self.unknown = min_confidence, min_margin, unknown
-        levels = annotator.label_keys
-        self.parent_of = {}  # fine level → per fine class, its parent's code at the level before (-1: none)
-        for coarse, fine in itertools.pairwise(levels):
-            tree = annotator.hierarchy.get(fine)
-            if tree is not None:
-                index = {c: i for i, c in enumerate(annotator.classes[coarse])}
-                self.parent_of[fine] = np.array([index.get(tree["parents"].get(c, ""), -1)
-                                                 for c in annotator.classes[fine]])  # fmt: skip
-
-    def doubtful(self, proba: dict[str, np.ndarray]) -> np.ndarray:
-        """Cells whose network confidence or margin is low at some level (candidates for refinement)."""
-        low = [self._low(*_top_two(p)[1:]) for p in proba.values()]
-        return np.logical_or.reduce(low)
-
-    def _low(self, confidence: np.ndarray, margin: np.ndarray) -> np.ndarray:
-        return (confidence < self.min_confidence) | (margin < self.min_margin)
-
-    def __call__(self, proba: dict[str, np.ndarray], votes: dict[str, np.ndarray], voted: np.ndarray,
-                 refine_all: bool, far: np.ndarray) -> dict[str, dict[str, np.ndarray]]:  # fmt: skip
-        """``{level: {"codes", "confidence", "margin", "unknown", "refined", "proba"}}`` for the chunk.
-
-        ``votes[level]`` holds the neighbour votes of the cells ``voted`` (row positions); a voted
-        cell is refined when its call is low-confidence (or always, ``refine_all``).
+        Model folders written before the relative rule hold no class scales: their distances stay
+        absolute (scale 1).
         """
-        out, parent, n_parent = {}, None, 0
-        for level, classes in self.annotator.classes.items():
-            p, n_classes = proba[level], len(classes)
-            allowed = None
-            if parent is not None and level in self.parent_of:
-                # keep the levels consistent: children of the coarse call; under an Unknown coarse
-                # call the fine probabilities stay as they are (the fine call is Unknown too)
-                allowed = (self.parent_of[level][None, :] == parent[:, None]) | (parent == n_parent)[:, None]
-                p = np.where(allowed, p, 0.0)
-                total = p.sum(axis=1, keepdims=True)
-                p = np.divide(p, total, out=np.zeros_like(p), where=total > 0)
-            label, confidence, margin = _top_two(p)
-            low = self._low(confidence, margin)
-            refine = np.zeros(len(p), dtype=bool)
-            if len(voted):
-                refine[voted] = True
-                refine &= low | refine_all
-            if refine.any():
-                # the refined call's confidence and margin are the vote's, so all three columns
-                # describe the same call and a split vote stays a low-confidence (Unknown) cell
-                row = np.full(len(p), -1)
-                row[voted] = np.arange(len(voted))
-                vote = votes[level][row[refine]]
-                if allowed is not None:
-                    vote = np.where(allowed[refine], vote, 0.0)
-                label[refine], confidence[refine], margin[refine] = _top_two(vote)
-                low[refine] = self._low(confidence[refine], margin[refine])
-            is_unknown = low | far
-            if parent is not None:
-                is_unknown |= parent == n_parent  # no fine call under an unknown coarse one
-            codes = np.where(is_unknown, n_classes, label) if self.unknown else label
-            out[level] = {"codes": codes.astype(np.int32), "confidence": confidence.astype(np.float32),
-                          "margin": margin.astype(np.float32), "unknown": is_unknown, "refined": refine,
-                          "proba": p.astype(np.float32, copy=False)}  # fmt: skip
-            parent, n_parent = codes, n_classes
-        return out
+        if annotator.reference is None:
+            return None
+        open_set = annotator.manifest.get("open_set", {})
+        level = open_set.get("level", annotator.label_keys[-1])
+        scale = np.asarray(open_set.get("scale", np.ones(len(annotator.classes[level]))), dtype=np.float64)
+        mean, axes = open_set_rule.projection(annotator)
+        return cls(reference_search(annotator, device), scale, np.asarray(annotator.reference["codes"][level]), mean,
+                   axes)  # fmt: skip
+
+
+def _searched(pending: list, search: _Search | None, decide: Decision, annotator: Annotator, knn: str,
+              n_neighbors: int) -> tuple[dict, dict, np.ndarray, np.ndarray | None]:  # fmt: skip
+    """Search the pending cells' nearest reference cells and make their calls (one batch, any chunks).
+
+    Returns the calls per level, the network's probabilities per level, the cells' relative
+    distances to the reference (zero without a search) and their projected latents (float16).
+    """
+    latent = np.concatenate([part[0] for part in pending])
+    proba = {level: np.concatenate([part[1][level] for part in pending]) for level in annotator.classes}
+    distance, coordinates = np.zeros(len(latent), dtype=np.float32), None
+    votes, voted = {}, np.zeros(0, dtype=np.int64)
+    if search is not None:
+        # every cell needs its nearest reference cell (open set); only the cells that may be
+        # refined need all n_neighbors: the network's confidence or margin is low at some
+        # level (knn="low_confidence"), or every cell (knn="all"). Each cell is searched once:
+        # its first neighbour is the one a search for the nearest alone finds (same lists probed)
+        if knn == "all":
+            voted = np.arange(len(latent))
+        elif knn == "low_confidence":
+            voted = np.flatnonzero(decide.doubtful(proba))
+        nearest, nearest_distance = np.zeros(len(latent), np.int64), np.zeros(len(latent), np.float32)
+        rest = np.ones(len(latent), dtype=bool)
+        rest[voted] = False
+        if rest.any():
+            found, dist = search.index.query(latent[rest], k=1)
+            nearest[rest], nearest_distance[rest] = found[:, 0], dist[:, 0]
+        if len(voted):
+            neighbours, dist = search.index.query(latent[voted], k=n_neighbors)
+            nearest[voted], nearest_distance[voted] = neighbours[:, 0], dist[:, 0]
+            votes = {level: vote(neighbours, dist, np.asarray(annotator.reference["codes"][level]), len(classes))
+                     for level, classes in annotator.classes.items()}  # fmt: skip
+        distance = open_set_rule.relative_distance(nearest_distance, search.codes[nearest], search.scale)
+        distance = distance.astype(np.float32)
+        coordinates = ((latent - search.mean) @ search.axes).astype(np.float16)
+    return decide(proba, votes, voted, knn == "all"), proba, distance, coordinates
+
+
+class _Calls:
+    """The calls of every searched batch, gathered per level (prediction sets packed 8 classes a byte)."""
+
+    def __init__(self, annotator: Annotator, *, keep_proba: bool, calibration: dict | None):
+        self.levels = {level: [] for level in annotator.classes}
+        self.n_classes = {level: len(c) for level, c in annotator.classes.items()}
+        self.keep_proba, self.calibration = keep_proba, calibration
+        self.parts: list[np.ndarray] = []
+        self.coordinates: list[np.ndarray] = []
+
+    def add(self, calls: dict, proba: dict, distance: np.ndarray, coordinates: np.ndarray | None) -> None:
+        for level, result in calls.items():
+            if not self.keep_proba:
+                del result["proba"]
+            if self.calibration is not None:
+                members = conformal.prediction_sets(proba[level], self.calibration["thresholds"][level])
+                result["members"] = np.packbits(members, axis=1)
+            self.levels[level].append(result)
+        self.parts.append(distance)
+        if coordinates is not None:
+            self.coordinates.append(coordinates)
+
+    def distances(self) -> tuple[np.ndarray, np.ndarray]:
+        """Each cell's own relative distance, and its open-set score (:mod:`~cellmint.models._open_set`)."""
+        distance = np.concatenate(self.parts) if self.parts else np.zeros(0, dtype=np.float32)
+        if not self.coordinates:
+            return distance, distance
+        coordinates = np.concatenate(self.coordinates)
+        self.coordinates = []
+        return distance, open_set_rule.neighbourhood_scores(coordinates, distance)
+
+    def level(self, level: str) -> dict[str, np.ndarray]:
+        """The level's columns over all cells, in order (the parts are released)."""
+        parts, self.levels[level] = self.levels[level], []
+        n = self.n_classes[level]
+        empty = {"label": np.zeros(0, np.int32), "confidence": np.zeros(0, np.float32),
+                 "margin": np.zeros(0, np.float32), "unknown": np.zeros(0, bool), "refined": np.zeros(0, bool),
+                 "proba": np.zeros((0, n), np.float32), "members": np.zeros((0, (n + 7) // 8), np.uint8)}  # fmt: skip
+        names = parts[0].keys() if parts else empty.keys()
+        return {name: np.concatenate([part[name] for part in parts]) if parts else empty[name] for name in names}
+
+    def members(self, column: dict[str, np.ndarray], level: str) -> np.ndarray:
+        return np.unpackbits(column["members"], axis=1, count=self.n_classes[level]).astype(bool)
+
+
+def _calibration(annotator: Annotator, alpha: float | None, class_conditional: bool) -> dict | None:
+    """Per level, the class thresholds of the prediction sets at ``alpha`` and what the model recorded of them."""
+    if alpha is None:
+        return None
+    if annotator.calibration is None:
+        logg.warning("    this model keeps no conformal calibration (saved before cellmint had it): no prediction sets")
+        return None
+    out = {"thresholds": {}, "summary": {}}
+    recorded = annotator.manifest.get("conformal", {})
+    for level, classes in annotator.classes.items():
+        stored = annotator.calibration[level]
+        out["thresholds"][level] = conformal.thresholds(stored["score"], stored["class"], len(classes), alpha,
+                                                        class_conditional=class_conditional)  # fmt: skip
+        out["summary"][level] = {"alpha": alpha, "class_conditional": class_conditional,
+                                 "n_calibration": len(stored["score"]),
+                                 "trained_coverage": recorded.get(level, {}).get(
+                                     "class" if class_conditional else "marginal", {})}  # fmt: skip
+    return out
 
 
 @doc_params()
@@ -186,6 +190,8 @@ def annotate(
     min_confidence: float = 0.5,
     min_margin: float = 0.1,
     max_distance: float | str = "auto",
+    alpha: float | None = 0.1,
+    class_conditional: bool = False,
     project: bool = True,
     cluster_key: str | None = None,
     unknown_label: str = UNKNOWN,
@@ -239,10 +245,15 @@ def annotate(
         Open-set threshold on the relative distance: a cell's latent distance to its nearest
         reference cell, divided by the scale of that reference cell's class (finest level): the
         median distance between the class's reference cells and their nearest other reference cell.
-        ``"auto"`` takes the model's: 1.25 times the relative distance within which 99% of its
-        validation cells lie (the allowance is for queries from another technology than the
-        reference's). Model folders saved before cellmint used relative distances hold an absolute
-        threshold (99% of the validation cells), applied to absolute distances.
+        ``"auto"``: the model's rule, fitted to this query (see :func:`~cellmint.models._annotator.query_threshold`
+        and the docs page "Reading Unknown and prediction sets"); a number fixes the threshold.
+    alpha
+        Prediction sets: each cell gets the set of classes that holds its true class with
+        probability at least ``1 - alpha`` (split conformal, calibrated on the model's held-out
+        reference cells; a guarantee for cells like those, not under a shift of technology).
+        ``None``: no sets.
+    class_conditional
+        Calibrate the sets per class, so that the coverage holds within every class (larger sets).
     project
         Write the model's embedding projections (models trained with ``embedding_keys``).
     cluster_key
@@ -267,11 +278,20 @@ def annotate(
     - ``obs[f"{{key_added}}_{{level}}_confidence"]``, ``..._margin`` (float), ``..._unknown`` (bool);
     - ``obsm[f"{{key_added}}_{{level}}_proba"]``: calibrated probabilities (DataFrame, classes as columns).
 
+    - ``obs[f"{{key_added}}_{{level}}_unknown_reason"]``: why a cell is Unknown (categorical:
+      ``"distance"``, ``"confidence"``, ``"margin"``, ``"coarse level"``, or ``""`` for a trusted call;
+      the first that applies, in that order);
+    - ``obs[f"{{key_added}}_{{level}}_set"]``, ``..._set_size``: the prediction set (classes joined by
+      ``"|"``, ``""`` when empty) and its size (with ``alpha``).
+
     With ``cluster_key``, also ``obs[f"{{key_added}}_{{level}}_majority"]`` per level. Also
-    ``obs[f"{{key_added}}_distance"]`` (the relative distance to the reference of ``max_distance``),
+    ``obs[f"{{key_added}}_distance"]`` (the open-set score compared with ``max_distance``: the median
+    relative distance to the reference of the cell and its nearest query cells),
+    ``obs[f"{{key_added}}_cell_distance"]`` (the cell's own relative distance),
     ``obsm[f"X_{{key_added}}_{{name}}"]`` for each projected embedding, and
-    ``uns[key_added]["annotation"]`` (model folder, gene overlap, thresholds, counts of Unknown and
-    refined cells).
+    ``uns[key_added]["annotation"]`` (model folder, gene overlap, the input scale detected, thresholds
+    and how the open-set one was set, counts of Unknown cells per level and reason, of refined cells,
+    and the prediction sets' alpha, calibration and mean size).
     """
     if cluster_key is not None and (isinstance(adata, str | Path) or cluster_key not in adata.obs.columns):
         raise KeyError(f"adata.obs has no cluster column {cluster_key!r}.")
@@ -283,120 +303,74 @@ def annotate(
     if clashes:
         raise ValueError(f"The model has a class named {unknown_label!r} (level {clashes[0]!r}); pass another "
                          "unknown_label= so that untrusted cells stay distinguishable.")  # fmt: skip
+    calibration = _calibration(annotator, alpha, class_conditional)
     target = adata.copy() if copy and not is_path else adata
-    if is_path:
-        from .._utils._chunks import open_root
-
-        with open_root(adata) as root:  # obs: its names only (a file's obs columns can be large)
-            index_key = root["obs"].attrs["_index"]
-            names = pd.Index(ad.io.read_elem(root["obs"][index_key]), name=None if index_key == "_index" else index_key)
-            obs = pd.DataFrame(index=names)
-            var = ad.io.read_elem(root["var"])
-    else:
-        obs, var = target.obs, target.var
-    names = pd.Index(var[gene_key].astype(str)) if gene_key is not None else pd.Index(var.index.astype(str))
-    if gene_key is not None and gene_key not in var.columns:
-        raise KeyError(f"var has no column {gene_key!r}.")
-    columns, overlap = align_genes(names, annotator.genes, strip_versions=strip_ensembl_versions)
-    if overlap["fraction"] < MIN_OVERLAP:
-        raise ValueError(f"Only {overlap['n_found']} of the model's {overlap['n_model_genes']} genes "
-                         f"({overlap['fraction']:.0%}) are in the query, below the {MIN_OVERLAP:.0%} floor: check "
-                         "gene identifiers (symbols or Ensembl ids; strip_ensembl_versions=True).")  # fmt: skip
-    if overlap["fraction"] < WARN_OVERLAP:
-        warnings.warn(f"Only {overlap['fraction']:.0%} of the model's genes are in the query; labels may be less "
-                      "accurate (missing genes are treated as not detected).", UserWarning, stacklevel=2)  # fmt: skip
+    rows = QueryRows(adata, target, annotator.genes, annotator.recipe, layer=layer, gene_key=gene_key,
+                     strip_versions=strip_ensembl_versions)  # fmt: skip
+    obs = rows.obs
     torch_device = resolve_device(device)
     start = logg.info(f"annotating {len(obs):,} cells with {annotator!r}")
-    present = np.flatnonzero(columns >= 0)
-    if annotator.reference is not None:
-        index = reference_search(annotator, torch_device)
-        scale, reference_codes, threshold = _open_set_rule(annotator, max_distance)
-    else:  # no reference kept with the model: no open-set call, no refinement
-        index, threshold = None, float("inf")
-    decide = _Decision(annotator, min_confidence=min_confidence, min_margin=min_margin, unknown=unknown)
+    search = _Search.of(annotator, torch_device)
+    decide = Decision(annotator, min_confidence=min_confidence, min_margin=min_margin, unknown=unknown)
     keep_proba = cluster_key is not None or not (return_table or is_path)
-    calls = {level: [] for level in annotator.classes}
-    projections, distances = {}, []
-    chunk_size = chunk_size or max(64, DENSE_CHUNK_BYTES // (4 * max(1, len(annotator.genes))))
+    found = _Calls(annotator, keep_proba=keep_proba, calibration=calibration)
+    projections: dict[str, list] = {}
     pending: list[tuple[np.ndarray, dict[str, np.ndarray]]] = []  # network outputs not yet searched
-
-    def judge() -> None:
-        """Search the pending cells' nearest reference cells and make their calls (one batch, any chunks)."""
-        latent = np.concatenate([part[0] for part in pending])
-        proba = {level: np.concatenate([part[1][level] for part in pending]) for level in annotator.classes}
-        pending.clear()
-        distance = np.zeros(len(latent))
-        votes, voted = {}, np.zeros(0, dtype=np.int64)
-        if index is not None:
-            # every cell needs its nearest reference cell (open set); only the cells that may be
-            # refined need all n_neighbors: the network's confidence or margin is low at some
-            # level (knn="low_confidence"), or every cell (knn="all"). Each cell is searched once:
-            # its first neighbour is the one a search for the nearest alone finds (same lists probed)
-            if knn == "all":
-                voted = np.arange(len(latent))
-            elif knn == "low_confidence":
-                voted = np.flatnonzero(decide.doubtful(proba))
-            nearest, nearest_distance = np.zeros(len(latent), np.int64), np.zeros(len(latent), np.float32)
-            rest = np.ones(len(latent), dtype=bool)
-            rest[voted] = False
-            if rest.any():
-                found, dist = index.query(latent[rest], k=1)
-                nearest[rest], nearest_distance[rest] = found[:, 0], dist[:, 0]
-            if len(voted):
-                neighbours, dist = index.query(latent[voted], k=n_neighbors)
-                nearest[voted], nearest_distance[voted] = neighbours[:, 0], dist[:, 0]
-                votes = {level: _vote(neighbours, dist, np.asarray(annotator.reference["codes"][level]), len(classes))
-                         for level, classes in annotator.classes.items()}  # fmt: skip
-            distance = relative_distance(nearest_distance, reference_codes[nearest], scale)
-        distances.append(distance.astype(np.float32))
-        for level, result in decide(proba, votes, voted, knn == "all", distance > threshold).items():
-            if not keep_proba:
-                del result["proba"]
-            calls[level].append(result)
-
-    for chunk in iter_row_chunks(adata, layer=layer, chunk_size=chunk_size, fmt="csr", progress=progress,
-                                 desc="annotating"):  # fmt: skip
-        X = chunk.X
-        library = np.asarray(X.sum(axis=1), dtype=np.float64).ravel()
-        dense = np.zeros((X.shape[0], len(annotator.genes)), dtype=np.float32)
-        dense[:, present] = X[:, columns[present]].toarray()
-        latent, proba, projected = annotator.forward(dense, library, device=torch_device)
-        del dense
+    chunk_size = chunk_size or max(64, DENSE_CHUNK_BYTES // (4 * max(1, len(annotator.genes))))
+    for _, _, values, library in rows.chunks(chunk_size, progress=progress):
+        latent, proba, projected = annotator.forward(values, library, device=torch_device)
+        del values
         if project:
-            for key, values in projected.items():
-                projections.setdefault(key, []).append(values)
+            for key, coordinates in projected.items():
+                projections.setdefault(key, []).append(coordinates)
         pending.append((latent, proba))
         if sum(len(part[0]) for part in pending) >= SEARCH_BATCH:
-            judge()
+            found.add(*_searched(pending, search, decide, annotator, knn, n_neighbors))
+            pending = []
     if pending:
-        judge()
-    n = len(obs)
+        found.add(*_searched(pending, search, decide, annotator, knn, n_neighbors))
+    distance, score = found.distances()
+    if search is not None:
+        threshold, open_set = open_set_rule.query_threshold(annotator.manifest.get("open_set", {}), score,
+                                                            max_distance)  # fmt: skip
+    else:  # no reference kept with the model: no open-set call, no refinement
+        threshold, open_set = float("inf"), {"rule": "none (the model keeps no reference cells)"}
+    far = score > threshold
     table = pd.DataFrame(index=obs.index)
-    info = {"overlap": overlap, "min_confidence": min_confidence, "min_margin": min_margin, "knn": knn,
-            "max_distance": float(threshold), "n_neighbors": n_neighbors, "unknown": {}, "refined": {}}  # fmt: skip
+    info = {"overlap": rows.overlap, "input": rows.scale.to_dict() if rows.scale is not None else {},
+            "min_confidence": min_confidence, "min_margin": min_margin, "knn": knn, "max_distance": float(threshold),
+            "open_set": open_set, "n_neighbors": n_neighbors, "unknown": {}, "unknown_reasons": {}, "refined": {},
+            "prediction_sets": {}}  # fmt: skip
     probabilities = {}
     for level, classes in annotator.classes.items():
-        parts = calls.pop(level)
-        column = {name: np.concatenate([part[name] for part in parts]) if parts else np.zeros(0)
-                  for name in ("codes", "confidence", "margin", "unknown", "refined")}  # fmt: skip
+        column = found.level(level)
+        codes, flags, reason = final_calls(column, far, n_classes=len(classes), unknown=unknown,
+                                            min_confidence=min_confidence, min_margin=min_margin)  # fmt: skip
         key = f"{key_added}_{level}"
-        codes = column["codes"].astype(np.int32)
         table[key] = pd.Categorical.from_codes(codes, categories=[*classes, unknown_label])
-        table[f"{key}_confidence"] = column["confidence"].astype(np.float32)
-        table[f"{key}_margin"] = column["margin"].astype(np.float32)
-        table[f"{key}_unknown"] = column["unknown"].astype(bool)
-        info["unknown"][level] = int(column["unknown"].sum())
+        table[f"{key}_confidence"] = column["confidence"]
+        table[f"{key}_margin"] = column["margin"]
+        table[f"{key}_unknown"] = flags
+        table[f"{key}_unknown_reason"] = pd.Categorical.from_codes(reason, categories=["", *REASONS])
+        info["unknown"][level] = int(flags.sum())
+        info["unknown_reasons"][level] = {name: int((reason == i).sum()) for i, name in enumerate(REASONS, start=1)}
         info["refined"][level] = int(column["refined"].sum())
+        if calibration is not None:
+            members = found.members(column, level)
+            table[f"{key}_set"] = conformal.set_labels(members, classes)
+            table[f"{key}_set_size"] = members.sum(axis=1).astype(np.int16)
+            info["prediction_sets"][level] = {**calibration["summary"][level],
+                                              "mean_size": float(members.sum(axis=1).mean()) if len(members) else 0.0,
+                                              "n_empty": int((members.sum(axis=1) == 0).sum())}  # fmt: skip
         if keep_proba:
-            proba = np.concatenate([part["proba"] for part in parts]) if parts else np.zeros((0, len(classes)))
-            probabilities[level] = pd.DataFrame(proba, index=obs.index, columns=classes)
+            probabilities[level] = pd.DataFrame(column["proba"], index=obs.index, columns=classes)
         if cluster_key is not None:  # soft majority vote: summed probabilities per cluster
             clusters = obs[cluster_key].astype(str)
             votes_per_cluster = probabilities[level].groupby(clusters.to_numpy()).sum()
             winner = votes_per_cluster.idxmax(axis=1)
             table[f"{key}_majority"] = pd.Categorical(clusters.map(winner).to_numpy(), categories=classes)
-        del parts
-    table[f"{key_added}_distance"] = np.concatenate(distances) if distances else np.zeros(n, dtype=np.float32)
+    table[f"{key_added}_distance"] = score
+    table[f"{key_added}_cell_distance"] = distance
     logg.info(f"    finished: {', '.join(f'{k}: {v:,} Unknown' for k, v in info['unknown'].items())}", time=start)
     if return_table or is_path:
         return table

@@ -16,7 +16,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from .._utils._chunks import iter_row_chunks
-from ..models._normalize import detect_kind
+from ..models._scale import InputScale, check_values, detect_scale, recover_counts
 from ..store import _split
 from ..store._sampling import BALANCE_EXPONENT, MemoryBatches, StoreLoader
 from ..store._store import Store
@@ -121,24 +121,48 @@ def _embeddings(adata, keys: list[str]) -> dict[str, np.ndarray]:
     return out
 
 
+def _declared(scale: InputScale, declared: str, where: str) -> InputScale:
+    """The detected scale, after checking it against what the caller declared (``input=``): verified, not trusted."""
+    if declared == "counts" and scale.kind != "counts":
+        raise ValueError(f"input='counts', but {where} holds {scale.describe()}. Pass input='auto' (recognised log "
+                         "scales are turned back into counts) or the raw counts with `layer=`.")  # fmt: skip
+    if declared == "lognorm" and scale.kind == "counts":
+        raise ValueError(f"input='lognorm', but {where} holds raw counts (non-negative integers only). Pass "
+                         "input='auto' or 'counts', or the log-normalised values with `layer=`.")  # fmt: skip
+    return scale
+
+
 def from_anndata(adata, label_keys: list[str], *, split: str, layer: str | None, genes: Any, group_key: str | None,
                  input_kind: str, random_state: int, embedding_keys: list[str]) -> TrainingData:  # fmt: skip
+    """Training cells of an AnnData: the panel as CSR in memory, values checked in every cell.
+
+    What the matrix holds is told from its first cells (:func:`~cellmint.models._scale.detect_scale`):
+    counts are kept; a recognised log scale (log1p of CP10k, log2(CPM + 1), ...) is turned back into
+    counts, so the model is a counts model that accepts any recognised query; values of an
+    unrecognised scale are used as they are (``lognorm`` recipe).
+    """
     panel = gene_panel(adata, genes)
     embeddings = _embeddings(adata, embedding_keys)
     columns = pd.Index(adata.var_names.astype(str)).get_indexer(panel)
     labels = {key: _label_codes(adata, key) for key in label_keys}
-    blocks, library = [], []
+    where = "adata.X" if layer is None else f"adata.layers[{layer!r}]"
+    names = adata.obs_names
+    blocks, library, scale = [], [], None
     for chunk in iter_row_chunks(adata, layer=layer, fmt="csr"):
         X = chunk.X
+        if scale is None:
+            scale = _declared(detect_scale(X, where=where, names=names, start=chunk.start), input_kind, where)
+        check_values(X, where=where, names=names, start=chunk.start, counts=scale.kind == "counts")
+        if scale.kind == "log":
+            X = recover_counts(X, scale)
         library.append(np.asarray(X.sum(axis=1), dtype=np.float64).ravel())
         blocks.append(X[:, columns].astype(np.float32))
+    if scale is None:
+        raise ValueError("The AnnData has no cells to train on.")
     matrix = sp.csr_matrix(sp.vstack(blocks, format="csr"))
     matrix.sort_indices()
-    library = np.concatenate(library) if library else np.zeros(0)
-    where = "adata.X" if layer is None else f"adata.layers[{layer!r}]"
-    kind = detect_kind(matrix.data[:1_000_000], where=where) if input_kind == "auto" else input_kind
-    if kind == "counts" and matrix.nnz and (matrix.data < 0).any():
-        raise ValueError(f"{where} has negative values; raw counts cannot be negative.")
+    library = np.concatenate(library)
+    kind = "counts" if scale.recoverable else "lognorm"
     codes = {key: c for key, (c, _) in labels.items()}
     parts, how = _parts(adata, split, codes[label_keys[-1]], group_key, random_state)
     finest = label_keys[-1]
@@ -154,6 +178,7 @@ def from_anndata(adata, label_keys: list[str], *, split: str, layer: str | None,
         loader = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=num_workers)
         return StoreLoader(loader, None)
 
-    summary = {"source": "anndata", "split": how, "n_obs": int(adata.n_obs), "layer": layer or ""}
+    summary = {"source": "anndata", "split": how, "n_obs": int(adata.n_obs), "layer": layer or "",
+               "input": scale.to_dict()}  # fmt: skip
     classes = {key: c for key, (_, c) in labels.items()}
     return TrainingData(panel, classes, codes, parts, kind, summary, make_loader, embeddings)
