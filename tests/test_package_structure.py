@@ -18,6 +18,7 @@ FIRST_PARAMETER_EXCEPTIONS = {
     "train_annotator": "data",
     "evaluate_perturbation": "pred",
     "perturbation_baselines": "train",
+    "perturbation_summary": "tables",
     "perturbation": "data",
 }
 

@@ -362,6 +362,72 @@ def test_no_perturbation_effect_when_effect_is_zero():
     np.testing.assert_array_equal(a.uns["synthetic"]["perturbation_log2fc"]["pert_0"], 0.0)
 
 
+def test_earlier_arguments_give_the_counts_of_earlier_versions():
+    """context_response draws from its own seed stream, only when used: the counts of earlier calls are pinned."""
+    import hashlib
+
+    a = synthetic(600, 200, n_perturbations=2, random_state=1, progress=False)
+    digest = hashlib.sha256()
+    codes = (a.obs[c].cat.codes.to_numpy().astype(np.int64) for c in a.obs)
+    for arr in (a.X.data, a.X.indices.astype(np.int64), a.X.indptr.astype(np.int64), *codes):
+        digest.update(np.ascontiguousarray(arr).tobytes())
+    assert digest.hexdigest() == "a1f82d065b658cde2aaee73e4e4ce10d0a0ca76ad172d2e665840d15959a1822"
+    assert "context_response" not in a.uns["synthetic"]
+    assert "donor_state" not in a.uns["synthetic"]
+
+
+@pytest.fixture(scope="module")
+def contexts() -> ad.AnnData:
+    return synthetic(12000, 600, n_donors=20, n_perturbations=4, context_response=1.0, random_state=2,
+                     progress=False)  # fmt: skip
+
+
+def test_context_responses_follow_each_donors_state(contexts):
+    """Per donor, the observed fold changes follow the recorded truth, which differs between donors."""
+    a, uns = contexts, contexts.uns["synthetic"]
+    X, obs = _dense(a.X), a.obs
+    assert uns["context_response"] == 1.0
+    assert uns["donor_state"].shape == (20, 2)
+    for pert in ("pert_0", "pert_2"):
+        genes = a.var_names.get_indexer(uns["perturbation_genes"][pert])
+        truth = uns["perturbation_log2fc_by_donor"][pert]
+        assert truth.shape == (20, len(genes))
+        assert truth.std(axis=0).max() > 0.3  # the response differs by donor
+        observed, expected = [], []
+        for d in range(20):
+            donor = (obs["donor"] == f"donor_{d}").to_numpy()
+            control = donor & (obs["perturbation"] == "control").to_numpy()
+            cells = donor & (obs["perturbation"] == pert).to_numpy()
+            observed.append(np.log2((X[np.ix_(cells, genes)].mean(0) + 0.05) / (X[np.ix_(control, genes)].mean(0)
+                                                                                + 0.05)))  # fmt: skip
+            expected.append(truth[d])
+        observed, expected = np.concatenate(observed), np.concatenate(expected)
+        assert np.corrcoef(observed, expected)[0, 1] > 0.8
+        # conditional genes (log2fc 0 at state 0) go up in some donors and down in others
+        conditional = uns["perturbation_log2fc"][pert] == 0
+        assert conditional.sum() == len(genes) // 2
+        assert ((truth[:, conditional] > 0.3).any(0) & (truth[:, conditional] < -0.3).any(0)).any()
+
+
+def test_perturbation_fraction_sets_how_many_genes_a_perturbation_moves():
+    a = synthetic(400, 300, n_perturbations=2, perturbation_fraction=0.1, random_state=1, progress=False)
+    assert all(len(g) == 30 for g in a.uns["synthetic"]["perturbation_genes"].values())
+    assert a.uns["synthetic"]["perturbation_fraction"] == 0.1
+
+
+def test_donor_state_shows_in_control_cells(contexts):
+    a, uns = contexts, contexts.uns["synthetic"]
+    X = _dense(a.X)
+    control = (a.obs["perturbation"] == "control").to_numpy()
+    library = X.sum(1, keepdims=True)
+    for k in range(2):
+        genes = a.var_names.get_indexer(uns["state_genes"][f"state_{k}"])
+        level = [np.log2((X[control & (a.obs["donor"] == f"donor_{d}").to_numpy()][:, genes]
+                          / library[control & (a.obs["donor"] == f"donor_{d}").to_numpy()]).mean() + 1e-6)
+                 for d in range(20)]  # fmt: skip
+        assert np.corrcoef(level, uns["donor_state"][f"state_{k}"])[0, 1] > 0.8
+
+
 def test_batches_shift_expression():
     a = synthetic(
         4000,
@@ -405,6 +471,9 @@ def test_batches_shift_expression():
         ({"dispersion": float("nan")}, "dispersion"),
         ({"donor_effect": -1}, "donor_effect"),
         ({"batch_effect": -1}, "batch_effect"),
+        ({"context_response": -0.5}, "context_response"),
+        ({"perturbation_fraction": 0.0}, "perturbation_fraction"),
+        ({"perturbation_fraction": 1.5}, "perturbation_fraction"),
         ({"chunk_size": 0}, "chunk_size"),
         ({"n_jobs": 0}, "n_jobs"),
         ({"random_state": -1}, "random_state"),

@@ -34,15 +34,15 @@ def make_cells(values: dict, *, context: str | None = None, prefix: str = "c") -
     return ad.AnnData(np.concatenate(list(values.values())).astype(np.float64), obs=obs, var=pd.DataFrame(index=GENES))
 
 
-def tiny(seed: int, shift: float = 0.0, *, context: str | None = None, prefix: str = "c") -> ad.AnnData:
-    """Log-normalised values: 5 control cells and 4 cells for each of 3 perturbations, 6 genes."""
+def tiny(seed: int, shift: float = 0.0, *, context: str | None = None, prefix: str = "c", n: int = 4) -> ad.AnnData:
+    """Log-normalised values: n + 1 control cells and n cells for each of 3 perturbations, 6 genes."""
     rng = np.random.default_rng(seed)
     effect = {"ctrl": 0.0, "G1": 1.0, "G2": -0.5, "G4": 0.7}
     values = {}
     for p, size in effect.items():
-        n = 5 if p == "ctrl" else 4
+        size_p = n + 1 if p == "ctrl" else n
         pattern = np.linspace(-1, 1, 6) * size * (1 + 0.5 * PERTURBATIONS.index(p) if p != "ctrl" else 0)
-        values[p] = np.clip(2.0 + pattern + shift + rng.normal(0, 0.3, (n, 6)), 0.01, None)
+        values[p] = np.clip(2.0 + pattern + shift + rng.normal(0, 0.3, (size_p, 6)), 0.01, None)
     return make_cells(values, context=context, prefix=prefix)
 
 
@@ -55,7 +55,8 @@ def dense(adata: ad.AnnData, perturbation: str) -> np.ndarray:
 
 def test_pseudobulk_metrics_match_numpy():
     real, pred = tiny(0), tiny(1, shift=0.2)
-    table = evaluate_perturbation(pred, real, **KEYS, baselines=(), normalize_to=None).set_index("perturbation")
+    table = evaluate_perturbation(pred, real, **KEYS, baselines=(), normalize_to=None)
+    table = table[table["method"] == "model"].set_index("perturbation")
     for p in PERTURBATIONS:
         real_bulk, pred_bulk = dense(real, p).mean(0), dense(pred, p).mean(0)
         real_delta, pred_delta = real_bulk - dense(real, "ctrl").mean(0), pred_bulk - dense(pred, "ctrl").mean(0)
@@ -132,19 +133,147 @@ def test_top_genes_fall_back_to_lowest_p_values():
     assert list(pm.top_genes(de, 3)) == [0, 2, 3]  # two significant genes < 3: lowest p-values
 
 
+def test_de_comparison_metrics_by_hand():
+    real = {"fdr": np.array([0.01, 0.2, 0.04, 0.001, 0.5]), "log2_fold_change": np.array([1.0, 2.0, -0.5, -3.0, 0.1])}
+    pred = {"fdr": np.array([0.03, 0.01, 0.3, 0.02, 0.6]), "log2_fold_change": np.array([0.5, 1.0, 0.2, -1.0, 0.0])}
+    # real significant genes 0, 2, 3 (log2FC 1, -0.5, -3); predicted 0.5, 0.2, -1: signs + + - against + - -
+    assert pm.de_direction_match(real, pred) == pytest.approx(2 / 3)
+    assert pm.de_spearman_lfc_sig(real, pred) == pytest.approx(1.0)  # ranks 3, 2, 1 on both sides
+    assert pm.de_sig_genes_recall(real, pred) == pytest.approx(2 / 3)  # predicted significant: 0, 1, 3
+    # scores −log10(FDR) = 1.52, 2, 0.52, 1.70, 0.22; labels 1 0 1 1 0. ROC: 3 of 6 (positive, negative) pairs ordered
+    assert pm.significance_auc(real, pred, "roc") == pytest.approx(0.5)
+    # ranked: 2 (−), 1.70 (+), 1.52 (+), 0.52 (+), 0.22 (−): precisions 1/2, 2/3, 3/4 at the positives
+    assert pm.significance_auc(real, pred, "pr") == pytest.approx((1 / 2 + 2 / 3 + 3 / 4) / 3)
+    nothing = {"fdr": np.full(5, 0.9), "log2_fold_change": np.zeros(5)}
+    for function in (pm.de_direction_match, pm.de_spearman_lfc_sig, pm.de_sig_genes_recall, pm.significance_auc):
+        assert np.isnan(function(nothing, pred)), function.__name__
+    # number of significant genes across perturbations (those with real significant genes only)
+    assert pm.de_spearman_sig([5, 0, 3, 8], [4, 2, 1, 9]) == pytest.approx(1.0)
+    assert pm.de_spearman_sig([5, 3, 8], [4, 9, 1]) == pytest.approx(-1.0)
+    assert pm.de_spearman_sig([0, 0], [3, 1]) == 1.0  # cell-eval: agreement when nothing is significant
+    assert np.isnan(pm.de_spearman_sig([4, 0], [3, 1]))
+
+
+def test_discrimination_scores_with_l2_and_cosine_distances():
+    genes = ["A", "B", "C"]
+    real = np.array([[1.0, 0, 0], [0, 1, 0], [1, 1, 0]])
+    pred = np.array([[1.0, 0.1, 0], [0.9, 1, 0], [0, 0, 0]])
+    # p0: nearest its own (L2 0.1); p1: nearer p2's delta (L2 0.1) than its own (0.9), and in cosine too
+    assert pm.discrimination_scores(real, pred, genes, ["x", "y", "z"], "l2")[:2] == pytest.approx([1, 2 / 3])
+    cosine = pm.discrimination_scores(real, pred, genes, ["x", "y", "z"], "cosine")
+    # a zero predicted delta is equally far (cosine distance 1) from every real delta: ties count half
+    assert cosine == pytest.approx([1, 2 / 3, 1 - (0 + 0.5 * 2) / 3])
+    with pytest.raises(ValueError, match="distance must be one of"):
+        pm.discrimination_scores(real, pred, genes, ["x", "y", "z"], "l3")
+
+
+def test_pearson_edistance_matches_brute_force():
+    rng = np.random.default_rng(8)
+
+    def energy(x, y):
+        def mean_distance(a, b):
+            return np.mean([np.linalg.norm(u - v) for u, v in itertools.product(a, b)])
+
+        return 2 * mean_distance(x, y) - mean_distance(x, x) - mean_distance(y, y)
+
+    control, pred_control = rng.normal(0, 1, (6, 3)), rng.normal(0, 1, (5, 3))
+    real = [rng.normal(shift, 1, (4, 3)) for shift in (0.5, 1.0, 2.0)]
+    pred = [rng.normal(shift, 1, (5, 3)) for shift in (0.2, 1.5, 1.8)]
+    expected = np.corrcoef([energy(r, control) for r in real], [energy(q, pred_control) for q in pred])[0, 1]
+    assert pm.pearson_edistance(real, control, pred, pred_control) == pytest.approx(expected, abs=1e-10)
+    assert np.isnan(pm.pearson_edistance(real[:1], control, pred[:1], pred_control))
+
+
+def test_clustering_agreement_of_identical_and_shuffled_groups():
+    pytest.importorskip("igraph", reason="clustering_agreement needs igraph")
+    rng = np.random.default_rng(0)
+    centres = np.repeat(rng.normal(0, 5, (3, 8)), 6, axis=0)
+    real = centres + rng.normal(0, 0.1, centres.shape)
+    assert pm.clustering_agreement(real, real + rng.normal(0, 0.01, real.shape)) == pytest.approx(1.0)
+    assert pm.clustering_agreement(real, rng.permutation(real)) < 0.5
+    assert np.isnan(pm.clustering_agreement(real[:2], real[:2]))
+
+
+def test_cell_eval_normalization_uses_each_objects_median_library_size():
+    from cellmint.tl._perturbation_data import median_normalized
+
+    counts = np.array([[1, 3, 0], [2, 2, 4], [0, 0, 0], [5, 5, 10]], dtype=np.float32)
+    adata = ad.AnnData(counts)
+    library = counts.sum(1)  # 4, 8, 0, 20: the median over cells with counts is 8
+    expected = np.log1p(counts / (library[:, None] / 8).clip(min=1e-12))
+    expected[2] = 0.0
+    dense = median_normalized(adata, layer=None, what="x").X
+    np.testing.assert_allclose(dense, expected, rtol=1e-6)
+    # sparse: scanpy takes the median over all cells (4, 8, 0, 20 → 6)
+    sparse = median_normalized(ad.AnnData(sp.csr_matrix(counts)), layer=None, what="x").X.toarray()
+    np.testing.assert_allclose(sparse, np.log1p(counts / (library[:, None] / 6).clip(min=1e-12)), rtol=1e-6)
+    logged = ad.AnnData(np.log1p(counts) + 0.5)
+    assert median_normalized(logged, layer=None, what="x") is logged
+    real, pred = tiny(0), tiny(1)
+    with pytest.raises(ValueError, match="normalization must be one of"):
+        evaluate_perturbation(pred, real, **KEYS, normalization="median")
+
+
+def test_bootstrap_with_every_cell_once_gives_the_point_estimates():
+    from cellmint.tl import _perturbation_scores as scores
+
+    rng = np.random.default_rng(2)
+    pred, real = rng.gamma(2, 1, (7, 5)), rng.gamma(2, 1, (9, 5))
+    pred_control, real_control = rng.gamma(2, 1, (6, 5)), rng.gamma(2, 1, (8, 5))
+    ones = [np.ones((1, len(x))) for x in (pred, pred_control, real, real_control)]
+    bulks = [scores.weighted_means(w, x) for w, x in zip(ones, (pred, pred_control, real, real_control), strict=True)]
+    named = {m: m for m in ("pearson_delta", "mse", "mae", "mse_delta", "mae_delta")} | {"pearson_delta_top": "top"}
+    values = scores.bulk_replicates(*bulks, np.array([0, 3]), named)
+    delta_pred, delta_real = pred.mean(0) - pred_control.mean(0), real.mean(0) - real_control.mean(0)
+    assert values["pearson_delta"][0] == pytest.approx(pm.pearson(delta_pred, delta_real))
+    assert values["top"][0] == pytest.approx(pm.pearson(delta_pred[[0, 3]], delta_real[[0, 3]]))
+    assert values["mse"][0] == pytest.approx(pm.mean_squared_error(pred.mean(0), real.mean(0)))
+    assert values["mae_delta"][0] == pytest.approx(pm.mean_absolute_error(delta_pred, delta_real))
+    yy = scores.self_term(real, ones[2])
+    energy = scores.energy_replicates(pred, real, ones[0], ones[2], yy)
+    assert energy[0] == pytest.approx(pm.energy_distance(pred, real, max_cells=None))
+    # a cell drawn twice is not a pair at distance 0: the replicate's self term stays on the data's scale
+    doubled = np.concatenate([np.full((1, 8), 1.0), [[2.0]]], axis=1)
+    assert scores.self_term(real, doubled)[0] == pytest.approx(scores.self_term(real, ones[2])[0], rel=0.2)
+
+
+def test_scaled_scores_place_a_value_between_the_best_baseline_and_the_ceiling():
+    from cellmint.tl import _perturbation_scores as scores
+
+    # the ceiling: the true response's score, from split halves (n cells split, shared control cells)
+    assert scores.noise_ceiling("pearson_delta", 0.6, 100, 400) == pytest.approx(np.sqrt(1.2 / 1.6))
+    assert scores.noise_ceiling("overlap_at_50", 0.6, 100, 400) == pytest.approx(1.2 / 1.6)
+    assert np.isnan(scores.noise_ceiling("pearson_delta_top100", -0.1, 100, 400))
+    assert scores.noise_ceiling("mse_delta", 0.8, 100, 400) == pytest.approx(0.8 * 1.25 / 4)
+    assert scores.noise_ceiling("mae", 0.8, 100, 400) == pytest.approx(0.8 * np.sqrt(1.25 / 4))
+    assert scores.noise_ceiling("pearson_edistance", 0.8, 100, 400) == pytest.approx(0.8)
+
+    assert scores.scaled(0.7, 0.5, 0.9, 1.0) == pytest.approx(0.5)
+    assert scores.scaled(3.0, 5.0, 1.0, 0.0) == pytest.approx(0.5)  # lower is better
+    assert scores.scaled(0.4, 0.5, 0.9, 1.0) == pytest.approx(-0.25)
+    assert np.isnan(scores.scaled(0.7, 0.9, 0.8, 1.0))  # the replicate is not better than the baseline: no room
+    assert scores.interval(np.arange(101.0)) == pytest.approx((2.5, 97.5))
+    assert np.isnan(scores.interval(np.r_[np.arange(100.0), np.full(150, np.nan)])).all()  # mostly undefined
+
+
 # -- evaluate_perturbation ---------------------------------------------------------------------------------------
 
 
 def test_perfect_prediction():
     real = tiny(0)
-    table = evaluate_perturbation(real, real, **KEYS, baselines=(), normalize_to=None)
+    table = evaluate_perturbation(real, real, **KEYS, baselines=(), normalize_to=None, ceiling=False)
     assert table["method"].eq("model").all()
     assert list(table["perturbation"]) == PERTURBATIONS
     assert table["pearson_delta"].to_numpy() == pytest.approx(1.0)
     assert table[["mse", "mae", "mse_delta", "mae_delta"]].to_numpy() == pytest.approx(0.0)
-    assert table["discrimination_score_l1"].to_numpy() == pytest.approx(1.0)
+    for column in ("discrimination_score_l1", "discrimination_score_l2", "discrimination_score_cosine",
+                   "pearson_edistance", "de_spearman_sig"):  # fmt: skip
+        assert table[column].to_numpy() == pytest.approx(1.0), column
     assert table["energy_distance"].to_numpy() == pytest.approx(0.0, abs=1e-6)
     assert (table["de_nsig_real"] == table["de_nsig_pred"]).all()
+    # intervals of a perfect prediction scored against itself: resampled real cells, the same prediction
+    assert (table["energy_distance_low"] <= table["energy_distance"] + 1e-9).all()
+    assert (table["pearson_delta_high"] <= 1.0).all()
 
 
 def test_gene_order_does_not_matter_and_extra_genes_are_ignored():
@@ -175,11 +304,12 @@ def test_counts_are_normalised_like_log1p_values():
 def test_contexts_are_evaluated_separately_with_their_own_controls():
     real = ad.concat([tiny(0, context="A"), tiny(2, shift=1.0, context="B")])
     pred = ad.concat([tiny(1, shift=0.1, context="A", prefix="p"), tiny(3, shift=0.9, context="B", prefix="p")])
-    both = evaluate_perturbation(pred, real, **KEYS, context_key="context", baselines=(), normalize_to=None)
+    options = {"baselines": (), "normalize_to": None, "ceiling": False, "n_bootstrap": 0}
+    both = evaluate_perturbation(pred, real, **KEYS, context_key="context", **options)
     assert list(both["context"]) == ["A"] * 3 + ["B"] * 3
     for context in ("A", "B"):
         alone = evaluate_perturbation(pred[pred.obs["context"] == context], real[real.obs["context"] == context],
-                                      **KEYS, baselines=(), normalize_to=None)  # fmt: skip
+                                      **KEYS, **options)  # fmt: skip
         part = both[both["context"] == context].drop(columns="context").reset_index(drop=True)
         pd.testing.assert_frame_equal(part, alone.drop(columns="context"))
 
@@ -188,8 +318,8 @@ def test_prediction_without_controls_uses_the_real_ones():
     real, pred = tiny(0), tiny(1, shift=0.2)
     without = pred[pred.obs["perturbation"] != "ctrl"].copy()
     with_real_controls = ad.concat([real[real.obs["perturbation"] == "ctrl"], without])
-    expected = evaluate_perturbation(with_real_controls, real, **KEYS, baselines=())
-    pd.testing.assert_frame_equal(evaluate_perturbation(without, real, **KEYS, baselines=()), expected)
+    expected = evaluate_perturbation(with_real_controls, real, **KEYS, baselines=(), n_bootstrap=0)
+    pd.testing.assert_frame_equal(evaluate_perturbation(without, real, **KEYS, baselines=(), n_bootstrap=0), expected)
 
 
 def test_mismatched_inputs_raise_clear_errors():
@@ -218,12 +348,65 @@ def test_mismatched_inputs_raise_clear_errors():
 def test_metric_choice_and_scores():
     real, pred = tiny(0), tiny(1, shift=0.2)
     table = evaluate_perturbation(pred, real, **KEYS, metrics=["mse", "overlap_at_3"], top_k=3, normalize_to="control")
-    assert list(table.columns) == ["method", "context", "perturbation", "n_real", "n_pred", "mse", "overlap_at_3",
-                                   "mse_score", "overlap_at_3_score"]  # fmt: skip
-    assert list(table["method"].unique()) == ["model", "control"]  # no train: only the control baseline
+    assert list(table.columns) == ["method", "context", "perturbation", "n_real", "n_pred", "n_control", "mse",
+                                   "overlap_at_3", "mse_scaled", "mse_low", "mse_high", "mse_scaled_low",
+                                   "mse_scaled_high", "overlap_at_3_scaled", "mse_score",
+                                   "overlap_at_3_score"]  # fmt: skip
+    # no train: only the control baseline; then the split-half replicate
+    assert list(table["method"].unique()) == ["model", "control", "replicate"]
     model, control = (table[table["method"] == m].set_index("perturbation") for m in ("model", "control"))
     assert model["mse_score"].to_numpy() == pytest.approx(1 - model["mse"] / control["mse"])
     assert control["mse_score"].to_numpy() == pytest.approx(0.0)
+
+
+def test_predictions_made_from_control_cells_are_resampled_with_them():
+    real, train = tiny(0), ad.concat([tiny(2, shift=0.3, context="t1"), tiny(3, shift=0.1, context="t2")])
+    real.obs["context"] = "held"
+    table = evaluate_perturbation(real, real, **KEYS, context_key="context", train=train, n_bootstrap=50)
+    boot = table.attrs["bootstrap"]
+    for p in PERTURBATIONS:
+        # the control baseline's cells are the real control cells: its delta is 0 in every replicate, never noise
+        assert np.isnan(boot[("control", "held", p)]["pearson_delta"]).all()
+        assert np.isfinite(boot[("perturbation_mean", "held", p)]["pearson_delta"]).all()
+        assert boot[("control", "held", p)]["mse_delta"].std() > 0  # the real cells are resampled
+    assert pd.concat([table, table]).shape[0] == 2 * len(table)  # attrs do not get in pandas' way
+
+
+def test_summary_pools_units_against_one_best_baseline():
+    real = ad.concat([tiny(0, context="A", n=40), tiny(2, shift=1.0, context="B", n=40)])
+    pred = ad.concat([tiny(1, shift=0.1, context="A", prefix="p", n=40),
+                      tiny(3, shift=0.9, context="B", prefix="p", n=40)])  # fmt: skip
+    train = ad.concat([tiny(4, shift=0.5, context="C", prefix="t"), tiny(5, shift=0.2, context="D", prefix="t")])
+    table = evaluate_perturbation(pred, real, **KEYS, context_key="context", train=train, n_bootstrap=40)
+    summary = cm.tl.perturbation_summary(table).set_index("method")
+    assert list(summary.index) == ["model", "control", "perturbation_mean", "context_mean", "linear", "replicate"]
+    rows = table[table["method"] == "model"]
+    means = {b: table.loc[table["method"] == b, "mse_delta"].mean() for b in table.attrs["baselines"]}
+    best = min(means, key=means.get)
+    replicate = table[table["method"] == "replicate"]
+    # the truth differs from the real cells by their noise alone; two halves by twice the noise of half the cells
+    factor = (1 + replicate["n_real"] / replicate["n_control"]) / 4
+    ceiling = (replicate["mse_delta"] * factor).mean()
+    assert summary.loc["model", "mse_delta_ceiling"] == pytest.approx(ceiling)
+    model = summary.loc["model"]
+    assert model["n"] == 6
+    assert model["mse_delta"] == pytest.approx(rows["mse_delta"].mean())
+    assert model["mse_delta_baseline"] == best
+    expected = (rows["mse_delta"].mean() - means[best]) / (ceiling - means[best])
+    assert model["mse_delta_scaled"] == pytest.approx(expected)
+    assert model["mse_delta_low"] < model["mse_delta_high"]
+    assert model["mse_delta_scaled_low"] < model["mse_delta_scaled"] < model["mse_delta_scaled_high"]
+    assert model["pearson_delta_low"] < model["pearson_delta"] < model["pearson_delta_high"]
+    assert summary.loc[best, "mse_delta_scaled"] == pytest.approx(0.0)
+    assert summary.loc["replicate", "mse_delta_scaled"] < 1.0
+    assert np.isnan(model["overlap_at_N_low"])  # DE-based metrics are not resampled
+    # several tables (seeds, folds), per unit
+    again = evaluate_perturbation(pred, real, **KEYS, context_key="context", train=train, n_bootstrap=40,
+                                  random_state=1).assign(seed=1)  # fmt: skip
+    per_unit = cm.tl.perturbation_summary([table.assign(seed=0), again], by=["method", "context"])
+    assert per_unit.set_index(["method", "context"]).loc[("model", "A"), "n"] == 6  # 3 perturbations × 2 tables
+    with pytest.raises(KeyError, match="seed"):
+        cm.tl.perturbation_summary(table, by=["method", "seed"])
 
 
 # -- baselines ---------------------------------------------------------------------------------------------------
@@ -300,28 +483,39 @@ def test_context_mean_uses_the_target_context_and_unknown_perturbations_raise():
 # -- cell-eval parity and real data ------------------------------------------------------------------------------
 
 
-def test_parity_with_cell_eval():
-    """cell-eval 0.8.2's values on a shared fixture (written by benchmarks/celleval_parity.py)."""
-    fixture = np.load(DATA / "celleval_fixture.npz")
-    reference = pd.read_csv(DATA / "celleval_reference.csv", index_col="perturbation")
+@pytest.mark.parametrize("fixture", ["small", "large"])
+@pytest.mark.parametrize(("given", "normalization"), [("log1p", "cellmint"), ("counts", "cell-eval")])
+def test_parity_with_cell_eval(fixture, given, normalization):
+    """cell-eval 0.8.2's values of every metric on two shared fixtures (written by benchmarks/celleval_parity.py).
+
+    ``given="log1p"``: cell-eval was given cellmint's log1p values; ``"counts"``: the counts, which it
+    normalises to each object's median library size, as ``normalization="cell-eval"`` does.
+    """
+    pytest.importorskip("igraph", reason="clustering_agreement needs igraph (cell-eval's Leiden clustering)")
+    filename = {"small": "celleval_fixture.npz", "large": "celleval_fixture_large.npz"}[fixture]
+    data = np.load(DATA / filename)
+    reference = pd.read_csv(DATA / "celleval_reference.csv")
+    reference = reference[(reference["fixture"] == fixture) & (reference["input"] == given)]
+    reference = reference.drop(columns=["fixture", "input"]).set_index("perturbation")
 
     def cells(which):
-        labels = fixture[f"{which}_labels"]
+        labels = data[f"{which}_labels"]
         obs = pd.DataFrame({"target": labels}, index=[f"{which}{i}" for i in range(len(labels))])
-        var = pd.DataFrame(index=fixture["genes"])
-        return ad.AnnData(fixture[f"{which}_counts"].astype(np.float32), obs=obs, var=var)
+        return ad.AnnData(data[f"{which}_counts"].astype(np.float32), obs=obs, var=pd.DataFrame(index=data["genes"]))
 
     ours = evaluate_perturbation(cells("pred"), cells("real"), perturbation_key="target", control="non-targeting",
-                                 baselines=(), top_k=50, normalize_to=None).set_index("perturbation")  # fmt: skip
-    shared = {"pearson_delta": "pearson_delta", "mse": "mse", "mae": "mae", "mse_delta": "mse_delta",
-              "mae_delta": "mae_delta", "discrimination_score_l1": "discrimination_score_l1",
-              "overlap_at_N": "overlap_at_N", "overlap_at_50": "overlap_at_50", "precision_at_N": "precision_at_N",
-              "precision_at_50": "precision_at_50", "de_nsig_real": "de_nsig_counts_real",
-              "de_nsig_pred": "de_nsig_counts_pred"}  # fmt: skip
+                                 baselines=(), top_k=50, normalize_to=None, metrics="all", ceiling=False, n_bootstrap=0,
+                                 normalization=normalization).set_index("perturbation")  # fmt: skip
     assert list(ours.index) == list(reference.index)
-    for column, theirs in shared.items():
-        assert ours[column].to_numpy(dtype=float) == pytest.approx(reference[theirs].to_numpy(), abs=1e-6), column
-    assert reference["discrimination_score_l1"].min() < 1  # the fixture has confusable perturbations
+    assert len(reference.columns) == 28  # every metric of cell-eval's "full" profile
+    renamed = {"de_nsig_counts_real": "de_nsig_real", "de_nsig_counts_pred": "de_nsig_pred"}
+    for theirs in reference.columns:
+        mine = ours[renamed.get(theirs, theirs)].to_numpy(dtype=float)
+        assert mine == pytest.approx(reference[theirs].to_numpy(), abs=1e-6, nan_ok=True), theirs
+    assert reference["discrimination_score_l1"].min() < 1 or fixture == "large"  # confusable perturbations
+    if fixture == "large":  # more than 50 and 100 significant genes: the overlaps at k differ
+        assert (reference["overlap_at_50"] != reference["overlap_at_N"]).any()
+        assert (reference["overlap_at_100"] != reference["overlap_at_200"]).any()
 
 
 def test_glioblastoma_held_out_patient():
@@ -330,10 +524,10 @@ def test_glioblastoma_held_out_patient():
     real, train = adata[held_out], adata[~held_out]
     table = evaluate_perturbation(real, real, perturbation_key="condition", control="ctrl", context_key="patient_id",
                                   train=train).set_index("method")  # fmt: skip
-    assert list(table.index) == ["model", "control", "perturbation_mean", "context_mean", "linear"]
+    assert list(table.index) == ["model", "control", "perturbation_mean", "context_mean", "linear", "replicate"]
     assert table.loc["model", "pearson_delta"] == pytest.approx(1.0)
     assert np.isnan(table.loc["model", "discrimination_score_l1"])  # one perturbation per context
-    assert table["de_nsig_real"].eq(table.loc["model", "de_nsig_pred"]).all()
+    assert table["de_nsig_real"].drop(index="replicate").eq(table.loc["model", "de_nsig_pred"]).all()
     assert table["de_nsig_real"].iloc[0] > 50
     # the average training effect of panobinostat predicts the held-out patient better than no effect
     for metric in ("mse_delta", "energy_distance"):
@@ -342,3 +536,12 @@ def test_glioblastoma_held_out_patient():
     assert table.loc["perturbation_mean", "pearson_delta"] > 0.4
     assert np.isnan(table.loc["control", "pearson_delta"])  # a zero delta has no correlation
     assert table.loc["control", "mse_delta_score"] < 0 == table.loc["perturbation_mean", "mse_delta_score"]
+    # on the 0–1 scale: the best baseline is 0; 1 the true response, whose score the split halves estimate. The
+    # real cells scored against themselves (no sampling noise at all) are above it, a half of them below
+    for metric in ("pearson_delta_top100", "energy_distance", "mse_delta"):
+        baselines = table.loc[["control", "perturbation_mean", "context_mean", "linear"], f"{metric}_scaled"]
+        assert baselines.max() == pytest.approx(0.0), metric
+        assert table.loc["model", f"{metric}_scaled"] > 1.0
+        assert table.loc["replicate", f"{metric}_scaled"] < 1.0
+        low, high = table.loc["linear", [f"{metric}_low", f"{metric}_high"]]
+        assert low < table.loc["linear", metric] < high

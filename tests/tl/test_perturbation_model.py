@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import tomllib
+from pathlib import Path
 
 import anndata as ad
 import matplotlib
@@ -21,6 +22,7 @@ import matplotlib.pyplot as plt
 SMALL = {"hidden": 16, "gene_dim": 4, "n_heads": 2, "n_layers": 1, "set_size": 16, "sets_per_batch": 4,
          "max_epochs": 3, "device": "cpu", "progress": False}  # fmt: skip
 N_GENES = 40
+DATA = Path(__file__).parent / "_data"
 #: log fold changes of the two perturbations on the first genes
 EFFECTS = {"KO_A": np.r_[np.full(5, 1.5), np.zeros(N_GENES - 5)], "KO_B": np.r_[np.zeros(5), np.full(5, -1.2),
                                                                                np.zeros(N_GENES - 10)]}  # fmt: skip
@@ -77,7 +79,7 @@ def test_untrained_model_is_the_perturbation_mean_baseline():
     model = cm.tl.train_perturbation(train, "perturbation", "control", context_key="donor",
                                      **{**SMALL, "lr": 0.0, "effect_bins": 1})  # fmt: skip
     held = adata[(adata.obs["donor"] == "d3") & (adata.obs["perturbation"] == "control")].copy()
-    pred = cm.tl.predict_perturbation(held, model, "KO_A", device="cpu")
+    pred = cm.tl.predict_perturbation(held, model, "KO_A", device="cpu", predictor="network")
     baseline = cm.tl.perturbation_baselines(train, held, ["KO_A"], perturbation_key="perturbation",
                                             control="control", context_key="donor",
                                             baselines=["perturbation_mean"])["perturbation_mean"]  # fmt: skip
@@ -117,7 +119,7 @@ def test_untrained_binned_model_follows_how_the_training_responses_spread():
     for bins in (1, 10):
         model = cm.tl.train_perturbation(train, "perturbation", "control", context_key="donor", input="lognorm",
                                          **{**SMALL, "set_size": 100, "lr": 0.0, "effect_bins": bins})  # fmt: skip
-        pred = cm.tl.predict_perturbation(controls, model, "narrow", device="cpu")
+        pred = cm.tl.predict_perturbation(controls, model, "narrow", device="cpu", predictor="network")
         predicted = pred.X[pred.obs["is_predicted"].to_numpy()]
         np.testing.assert_allclose(predicted.mean(0) - controls.X.mean(0), 0.5, atol=0.1)
         spread[bins] = np.median(predicted.std(0) / controls.X.std(0))
@@ -130,12 +132,13 @@ def test_folders_written_before_binned_effects_still_load(trained, tmp_path):
 
     adata, _, _ = trained
     train = adata[adata.obs["donor"] != "d3"].copy()
-    model = cm.tl.train_perturbation(train, "perturbation", "control", context_key="donor",
-                                     **{**SMALL, "effect_bins": 1})  # fmt: skip
+    model = cm.tl.train_perturbation(train, "perturbation", "control", context_key="donor", stack=False,
+                                     **{**SMALL, "effect_bins": 1, "effect_input": False})  # fmt: skip
     state = dict(model.net.state_dict())
     state["average_effect"] = state.pop("binned_effect")[:, 0]  # the old format: one mean effect per perturbation
     manifest = model._manifest()
-    manifest["architecture"] = {k: v for k, v in manifest["architecture"].items() if k != "effect_bins"}
+    manifest["architecture"] = {k: v for k, v in manifest["architecture"].items()
+                                if k not in ("effect_bins", "effect_input")}  # fmt: skip
     write_artifact(tmp_path / "old", manifest, state, kind="cellmint.PerturbationModel", format_version=1)
     held = adata[(adata.obs["donor"] == "d3") & (adata.obs["perturbation"] == "control")].copy()
     old = cm.tl.predict_perturbation(held, cm.io.read_model(tmp_path / "old"), "KO_A", device="cpu")
@@ -163,8 +166,13 @@ def test_gene_order_and_extra_genes_do_not_change_predictions(trained):
     order = np.random.default_rng(0).permutation(N_GENES)
     shuffled = held[:, order].copy()
     second = cm.tl.predict_perturbation(shuffled, model, "KO_B", device="cpu", random_state=3)
-    np.testing.assert_array_equal(first.X, second.X)
-    assert list(second.var_names) == list(model.genes)
+    assert list(second.var_names) == list(shuffled.var_names)  # every gene of the input, in its order
+    np.testing.assert_allclose(first[:, second.var_names].X, second.X, rtol=1e-6, atol=1e-6)
+    alone = cm.tl.predict_perturbation(shuffled, model, "KO_B", device="cpu", random_state=3, predictor="network")
+    np.testing.assert_array_equal(
+        cm.tl.predict_perturbation(held, model, "KO_B", device="cpu", random_state=3, predictor="network").X, alone.X
+    )
+    assert list(alone.var_names) == list(model.genes)
     missing = held[:, 1:].copy()
     with pytest.raises(ValueError, match="missing from adata"):
         cm.tl.predict_perturbation(missing, model, "KO_B", device="cpu")
@@ -233,8 +241,10 @@ def test_split_context_and_perturbation_holdout_with_state_toml(tmp_path):
     few = tomllib.loads((tmp_path / "few.toml").read_text())
     assert few["fewshot"]["cellmint.d0"]["test"] == ["KO_A"]
     model = cm.tl.train_perturbation(adata, "perturbation", "control", context_key="donor",
-                                     split_key="perturbation_split", **SMALL)  # fmt: skip
+                                     split_key="perturbation_split", stack=False, **SMALL)  # fmt: skip
     assert model.manifest["data"]["n_cells"] == int((split == "train").sum())
+    assert model.stack is None
+    assert len(model.nets) == 1
 
 
 def test_plots_draw(trained):
@@ -250,6 +260,10 @@ def test_plots_draw(trained):
     fig = cm.pl.perturbation(table, kind="metrics", return_fig=True)
     assert len(fig.axes) >= 3
     assert fig.axes[0].get_title().startswith("pearson_delta")
+    plt.close(fig)
+    fig = cm.pl.perturbation(table, kind="scaled", metrics=["pearson_delta", "energy_distance"], return_fig=True)
+    assert [ax.get_title() for ax in fig.axes] == ["pearson_delta (scaled)", "energy_distance (scaled)"]
+    assert next(t.get_text() for t in fig.axes[0].get_yticklabels()) == "model"
     plt.close(fig)
 
 
@@ -280,3 +294,109 @@ def test_embedding_model_predicts_genes_through_its_decoder(tmp_path):
     del held.obsm["X_pca"]
     with pytest.raises((KeyError, ValueError), match="X_pca"):
         cm.tl.predict_perturbation(held, model, "KO_A", device="cpu")
+
+
+# -- the stacked default -----------------------------------------------------------------------------------------
+
+
+def test_simplex_least_squares_finds_the_best_convex_combination():
+    from cellmint.tl._perturbation_stack import simplex_least_squares
+
+    rng = np.random.default_rng(0)
+    components = rng.normal(size=(4, 200))
+    exact = components[2]
+    weights = simplex_least_squares(components @ components.T, components @ exact)
+    np.testing.assert_allclose(weights, [0, 0, 1, 0], atol=1e-8)
+    mixed = 0.3 * components[0] + 0.7 * components[3]
+    np.testing.assert_allclose(simplex_least_squares(components @ components.T, components @ mixed),
+                               [0.3, 0, 0, 0.7], atol=1e-8)  # fmt: skip
+    # outside the simplex (2 × a component): the nearest point on it, never a weight below 0
+    weights = simplex_least_squares(components @ components.T, components @ (2 * components[1]))
+    assert weights.min() >= 0
+    assert weights.sum() == pytest.approx(1.0)
+    assert weights[1] == pytest.approx(1.0)
+
+
+def shifted_screen(n_contexts: int = 5, cells: int = 80, seed: int = 4) -> ad.AnnData:
+    """Log-normalised cells whose response is the same shift in every context: the perturbation mean is exact."""
+    rng = np.random.default_rng(seed)
+    shift = {"up": np.r_[np.full(6, 1.2), np.zeros(N_GENES - 6)], "down": np.r_[np.zeros(6), np.full(6, -0.8),
+                                                                              np.zeros(N_GENES - 12)]}  # fmt: skip
+    blocks, obs = [], []
+    for c in range(n_contexts):
+        centre = rng.uniform(2.0, 4.0, N_GENES)
+        for label in ("control", *shift):
+            blocks.append(np.clip(centre + shift.get(label, 0) + rng.normal(0, 0.4, (cells, N_GENES)), 0, None))
+            obs += [{"perturbation": label, "donor": f"d{c}"}] * cells
+    frame = pd.DataFrame(obs, index=[f"c{i}" for i in range(len(obs))])
+    return ad.AnnData(np.vstack(blocks).astype(np.float32), obs=frame,
+                      var=pd.DataFrame(index=[f"g{i}" for i in range(N_GENES)]))  # fmt: skip
+
+
+def test_stacked_default_is_never_below_an_exact_baseline():
+    adata = shifted_screen()
+    train, held = adata[adata.obs["donor"] != "d4"].copy(), adata[adata.obs["donor"] == "d4"].copy()
+    # a network that learns fast and wrongly (large learning rate, few epochs) next to an exact baseline
+    model = cm.tl.train_perturbation(train, "perturbation", "control", context_key="donor",
+                                     **{**SMALL, "lr": 0.05, "max_epochs": 4, "early_stopping": None})  # fmt: skip
+    weights = model.stack_weights()
+    assert (weights["perturbation_mean"] + weights["network"] > 0.8).all()
+    scores = {}
+    for predictor in ("stack", "network"):
+        pred = cm.tl.predict_perturbation(held, model, ["up", "down"], device="cpu", predictor=predictor)
+        table = cm.tl.evaluate_perturbation(pred, held, perturbation_key="perturbation", control="control",
+                                            context_key="donor", train=train, metrics=["mse_delta", "pearson_delta"],
+                                            n_bootstrap=0)  # fmt: skip
+        scores[predictor] = table.groupby("method", sort=False)[["mse_delta", "pearson_delta"]].mean()
+    stack, baselines = scores["stack"].loc["model"], scores["stack"].drop(index=["model", "replicate"])
+    assert stack["mse_delta"] <= baselines["mse_delta"].min() * 1.1
+    assert stack["pearson_delta"] >= baselines["pearson_delta"].max() - 0.01
+    # the stack is at least as good as the network alone
+    assert stack["mse_delta"] <= scores["network"].loc["model", "mse_delta"] * 1.05
+
+
+def test_every_gene_of_the_input_is_predicted_and_its_source_recorded():
+    adata = screen(seed=5)
+    train = adata[adata.obs["donor"] != "d3"].copy()
+    panel = list(adata.var_names[:20])
+    model = cm.tl.train_perturbation(train, "perturbation", "control", context_key="donor", genes=panel, **SMALL)
+    assert list(model.genes) == panel
+    assert len(model.stack["genes"]) == N_GENES
+    held = adata[(adata.obs["donor"] == "d3") & (adata.obs["perturbation"] == "control")].copy()
+    extra = ad.AnnData(sp.hstack([held.X, held.X[:, :1]]).tocsr(), obs=held.obs,
+                       var=pd.DataFrame(index=[*held.var_names, "new_gene"]))  # fmt: skip
+    pred = cm.tl.predict_perturbation(extra, model, ["KO_A", "KO_B"], device="cpu")
+    assert list(pred.var_names) == [*adata.var_names, "new_gene"]
+    source = pred.var["prediction_source"].astype(str)
+    assert (source.iloc[:20] == "network+baselines").all()
+    assert (source.iloc[20:40] == "baselines").all()
+    assert source.iloc[40] == "control (gene not in training data)"
+    is_control = ~pred.obs["is_predicted"].to_numpy()
+    for p in ("KO_A", "KO_B"):  # a gene never trained on keeps its control values
+        rows = (pred.obs["perturbation"] == p).to_numpy()
+        np.testing.assert_allclose(pred.X[rows, 40], pred.X[is_control, 40])
+    assert set(pred.uns["cellmint_perturbation"]["weights"].columns) == {"network", "control", "perturbation_mean",
+                                                                         "context_mean", "linear"}  # fmt: skip
+    # the baselines' own stack is the weighted sum of perturbation_baselines' predictions, cell by cell
+    only = cm.tl.predict_perturbation(held, model, ["KO_A"], device="cpu", predictor="baselines")
+    baselines = cm.tl.perturbation_baselines(train, held, ["KO_A"], perturbation_key="perturbation",
+                                             control="control", context_key="donor")  # fmt: skip
+    weights = model.stack_weights(baselines_only=True).loc["KO_A"]
+    expected = sum(weights[b] * np.asarray(baselines[b].X[baselines[b].obs["is_predicted"].to_numpy()])
+                   for b in weights.index)  # fmt: skip
+    np.testing.assert_allclose(only.X[only.obs["is_predicted"].to_numpy()], expected, atol=1e-5)
+
+
+def test_folders_of_the_first_format_still_load_and_predict():
+    """A model folder written by cellmint before stacking (format 1, frozen in tests/tl/_data) predicts as it did."""
+    folder = DATA / "perturbation_model_v1"
+    stored = np.load(DATA / "perturbation_model_v1_prediction.npz", allow_pickle=False)
+    model = cm.io.read_model(folder)
+    assert model.stack is None
+    assert len(model.nets) == 1
+    adata = screen()
+    held = adata[(adata.obs["donor"] == "d3") & (adata.obs["perturbation"] == "control")].copy()
+    pred = cm.tl.predict_perturbation(held, model, ["KO_A", "KO_B"], device="cpu")  # falls back to the network
+    assert pred.uns["cellmint_perturbation"]["predictor"] == "network"
+    assert list(pred.var_names) == list(stored["genes"])
+    np.testing.assert_allclose(pred.X, stored["X"], rtol=1e-5, atol=1e-5)

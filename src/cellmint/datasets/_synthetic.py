@@ -18,6 +18,7 @@ from .._utils._h5ad import write_h5ad_streamed
 from .._utils._progress import progress_bar
 from .._utils._threads import default_threads
 from ._synthetic_model import (
+    _STREAM_CONTEXT,
     _STREAM_LABELS,
     _STREAM_MODEL,
     MODEL_VERSION,
@@ -81,6 +82,18 @@ def _annotations(
         uns["perturbation_log2fc"] = {
             name: lfc.astype(np.float32) for name, lfc in zip(pert_names, extras["perturbation_log2fc"], strict=True)
         }
+    if "donor_state" in extras:
+        uns["donor_state"] = pd.DataFrame(
+            extras["donor_state"].astype(np.float32),
+            index=pd.Index([f"donor_{d}" for d in range(n_donors)], dtype=object),
+            columns=pd.Index([f"state_{k}" for k in range(extras["donor_state"].shape[1])], dtype=object),
+        )
+        uns["state_genes"] = {f"state_{k}": gene_names[g].astype(str) for k, g in enumerate(extras["state_genes"])}
+        if n_perturbations:
+            uns["perturbation_log2fc_by_donor"] = {
+                name: lfc.astype(np.float32)
+                for name, lfc in zip(pert_names, extras["perturbation_log2fc_by_donor"], strict=True)
+            }
     return obs, var, uns
 
 
@@ -114,6 +127,8 @@ def synthetic(
     n_batches: int = 2,
     n_perturbations: int = 0,
     perturbation_effect: float = 1.0,
+    perturbation_fraction: float | None = None,
+    context_response: float = 0.0,
     mean_library_size: float = 2000.0,
     dispersion: float = 0.5,
     donor_effect: float = 0.15,
@@ -147,9 +162,17 @@ def synthetic(
     - donors and batches multiply every gene by log-normal factors (``donor_effect``,
       ``batch_effect``: sd of the natural log); donors are *nested* in batches (donor *i* is in
       batch ``i % n_batches``), as when each donor's sample is processed in one batch;
-    - a perturbation moves its own set of ~0.5% of the genes (at least 5) up or down (half each);
+    - a perturbation moves its own set of ~0.5% of the genes (``perturbation_fraction``; at least 5) up
+      or down (half each);
       the absolute log2 fold change is ``perturbation_effect`` times a per-perturbation strength
       (0.5-1.5) times a per-gene log-normal factor (sd 0.3);
+    - with ``context_response > 0`` the donors are *contexts* whose responses differ in a shared way:
+      each donor has a latent state (2 standard normal numbers) that its cells show on two state
+      programs of ~1% of the genes each (``2 ** state`` fold), and every perturbation's response
+      depends on it: its own genes' log2 fold changes are scaled by ``2 ** (context_response · a·state)``,
+      and as many *conditional* genes move by ``context_response · perturbation_effect · u · (b·state)``
+      (up in some donors, down in others), with per-perturbation directions ``a``, ``b`` and per-gene
+      ``u`` (log-normal size, random sign). The truth is in ``uns["synthetic"]``;
     - the library size ``L_c`` is log-normal around ``mean_library_size`` (sd 0.4 of the log), scaled
       by a cell-type factor (RNA content) and a batch factor (sequencing depth);
     - ``mu_cg = L_c * w_cg * f_pg / sum_g' w_cg'`` with ``w_cg`` the product of the baseline, program,
@@ -185,6 +208,16 @@ def synthetic(
         ``obs["perturbation"]`` column.
     perturbation_effect
         Typical absolute log2 fold change a perturbation applies to its genes; 0 for no effect.
+    perturbation_fraction
+        Share of the genes each perturbation moves; ``None``: 0.5% (at least 5 genes). Strong drugs
+        and knock-outs of regulators move hundreds of genes (then top-100 DE metrics measure real
+        responses, not noise).
+    context_response
+        How much perturbation responses differ between donors, through each donor's latent state
+        (see above); 0 (the default) gives every donor the same response and draws no state, so
+        the counts are those of earlier versions. With many donors (say ``n_donors=24``) this is a
+        screen with many contexts whose responses share structure, to test whether a model learns
+        how a response depends on its context.
     mean_library_size
         Mean expected number of counts (UMIs) per cell.
     dispersion
@@ -245,7 +278,13 @@ def synthetic(
         ``dispersion``, ``donor_effect``, ``batch_effect``, ``random_state``), ``model_version``
         and ``block_size`` (cells per seeded block). With perturbations also
         ``perturbation_genes`` and ``perturbation_log2fc``: dicts from perturbation name to the names
-        of the genes it moves and their log2 fold changes.
+        of the genes it moves and their log2 fold changes (and ``perturbation_fraction`` when given).
+        With ``context_response > 0`` also
+        ``context_response``, ``donor_state`` (DataFrame donors × ``state_0``, ``state_1``),
+        ``state_genes`` (dict: state → gene names) and ``perturbation_log2fc_by_donor`` (dict:
+        perturbation → array donors × its genes, the true log2 fold changes in each donor); then
+        ``perturbation_genes`` includes the conditional genes, whose ``perturbation_log2fc`` (the
+        response at state 0) is 0.
 
     Notes
     -----
@@ -294,6 +333,11 @@ def synthetic(
             "batches and every batch needs a donor."
         )
     perturbation_effect = _check_float("perturbation_effect", perturbation_effect)
+    context_response = _check_float("context_response", context_response)
+    if perturbation_fraction is not None:
+        perturbation_fraction = _check_float("perturbation_fraction", perturbation_fraction)
+        if not 0 < perturbation_fraction <= 1:
+            raise ValueError(f"`perturbation_fraction` must be in (0, 1], got {perturbation_fraction}.")
     mean_library_size = _check_float("mean_library_size", mean_library_size, positive=True)
     dispersion = _check_float("dispersion", dispersion)
     donor_effect = _check_float("donor_effect", donor_effect)
@@ -326,6 +370,9 @@ def synthetic(
         dispersion=dispersion,
         donor_effect=donor_effect,
         batch_effect=batch_effect,
+        context_response=context_response,
+        context_rng=np.random.default_rng([random_state, _STREAM_CONTEXT]) if context_response > 0 else None,
+        **({} if perturbation_fraction is None else {"perturbation_fraction": perturbation_fraction}),
     )
     labels = _labels(
         np.random.default_rng([random_state, _STREAM_LABELS]),
@@ -353,6 +400,10 @@ def synthetic(
         "random_state": random_state,
         "block_size": block_rows,
     }
+    if context_response > 0:  # recorded only when used: earlier arguments give the same uns as before
+        params["context_response"] = context_response
+    if perturbation_fraction is not None:
+        params["perturbation_fraction"] = perturbation_fraction
     obs, var, uns = _annotations(
         n_obs,
         n_vars,

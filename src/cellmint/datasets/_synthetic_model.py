@@ -39,6 +39,12 @@ _BLOCK_COUNTS = 1 << 21  # expected counts per seeded block of cells
 _MAX_BLOCK_ROWS = 1024
 _MAX_CLUSTER = float(2**24)  # cap of one logarithmic cluster (float32 counts are exact up to 2**24)
 _STREAM_MODEL, _STREAM_LABELS, _STREAM_BLOCKS = 0, 1, 2  # seed streams: (random_state, stream[, block])
+#: seed stream of the donor states and context-dependent responses (drawn only when context_response > 0, so
+#: the other streams, and every output of earlier arguments, are unchanged)
+_STREAM_CONTEXT = 3
+_STATE_DIM = 2  # dimensions of a donor's latent state
+_STATE_FRACTION = 0.01  # genes per state program (one per dimension), as a fraction of n_vars (at least 4)
+_STATE_LOG2FC = 1.0  # log2 fold change of a state program's genes per unit of the donor's state
 
 
 @dataclass
@@ -59,12 +65,20 @@ class _Model:
     prob: np.ndarray  # (n_s * n_batches, G) float32 alias acceptance
     alias: np.ndarray  # (n_s * n_batches, G) int32 alias target
     ratio: np.ndarray  # (n_donors * G,) float32 e_dg / env_bg <= 1, flat
-    target_keys: np.ndarray  # sorted int64 perturbation * G + gene (perturbation 0 is control)
+    target_keys: np.ndarray  # sorted int64 code * G + gene (code 0 is control; see code_stride)
     target_fold: np.ndarray  # fold change of each target key
     target_mask: np.ndarray  # (G,) bool: target of some perturbation
-    up_ptr: np.ndarray  # (n_pert + 2,) pointer over perturbation index into up_genes / up_extra
-    up_genes: np.ndarray  # up-regulated targets, grouped by perturbation
+    up_ptr: np.ndarray  # (n_codes + 1,) pointer over response code into up_genes / up_extra
+    up_genes: np.ndarray  # up-regulated targets, grouped by response code
     up_extra: np.ndarray  # their fold change - 1
+    #: a perturbed cell's response code: its perturbation index (0: the same response in every donor), or
+    #: ``donor * code_stride + perturbation`` when responses differ by donor; controls have code 0
+    code_stride: int = 0
+
+    def response_codes(self, pert: np.ndarray, donor: np.ndarray) -> np.ndarray:
+        if not self.code_stride:
+            return pert
+        return np.where(pert > 0, donor * self.code_stride + pert, 0)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -137,6 +151,9 @@ def _build_model(
     dispersion: float,
     donor_effect: float,
     batch_effect: float,
+    context_response: float = 0.0,
+    context_rng: np.random.Generator | None = None,
+    perturbation_fraction: float = _PERTURBATION_FRACTION,
 ) -> tuple[_Model, dict]:
     G = n_vars
     n_s = n_cell_types * n_subtypes
@@ -179,6 +196,10 @@ def _build_model(
     e_batch = np.exp(batch_effect * rng.standard_normal((n_batches, G)))
     e_donor = np.exp(donor_effect * rng.standard_normal((n_donors, G)))
     e = e_donor * e_batch[batch_of_donor]
+    context = None
+    if context_response > 0:
+        context = _donor_states(context_rng, n_donors, pick_weight, np.asarray(program) == "none")
+        e = e * context["expression_factor"]
     env = np.stack([e[batch_of_donor == b].max(axis=0) for b in range(n_batches)])  # (n_batches, G)
 
     type_size_f = np.exp(_TYPE_SIZE_LOG_SD * rng.standard_normal(n_cell_types))
@@ -188,7 +209,7 @@ def _build_model(
 
     # perturbations: each moves its own gene set, up and down; the other genes keep their counts
     norm = w @ e.T  # (n_s, n_donors): sum_g w_sg * e_dg
-    n_de = min(G, max(5, round(_PERTURBATION_FRACTION * G))) if n_perturbations else 0
+    n_de = min(G, max(5, round(perturbation_fraction * G))) if n_perturbations else 0
     pert_genes, pert_lfc, folds = [], [], []
     for _ in range(n_perturbations):
         genes = np.sort(_weighted_sample(rng, pick_weight, n_de))
@@ -199,17 +220,29 @@ def _build_model(
         pert_genes.append(genes)
         pert_lfc.append(lfc)
         folds.append(fold)
-    if n_perturbations:
+    code_stride, by_donor = 0, None
+    if context is not None and n_perturbations:
+        pert_genes, pert_lfc, by_donor = _context_responses(context_rng, context, pert_genes, pert_lfc, pick_weight,
+                                                            perturbation_effect, context_response)  # fmt: skip
+        code_stride = n_perturbations + 1
+        codes = [d * code_stride + p + 1 for d in range(n_donors) for p in range(n_perturbations)]
+        index = np.concatenate([np.full(len(pert_genes[c % code_stride - 1]), c) for c in codes])
+        genes = np.concatenate([pert_genes[c % code_stride - 1] for c in codes])
+        fold = 2.0 ** np.concatenate([by_donor[c % code_stride - 1][c // code_stride] for c in codes])
+        n_codes = n_donors * code_stride
+    elif n_perturbations:
         index = np.repeat(np.arange(1, n_perturbations + 1), n_de)
         genes, fold = np.concatenate(pert_genes), np.concatenate(folds)
+        n_codes = n_perturbations + 1
     else:
         index, genes, fold = np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0)
-    target_keys = index * np.int64(G) + genes  # sorted: by perturbation, then gene
+        n_codes = 1
+    target_keys = index * np.int64(G) + genes  # sorted: by response code, then gene
     target_mask = np.zeros(G, dtype=bool)
     target_mask[genes] = True
     up = fold > 1.0
-    up_ptr = np.zeros(n_perturbations + 2, dtype=np.int64)
-    up_ptr[2:] = np.cumsum(np.bincount(index[up], minlength=n_perturbations + 1)[1:])
+    up_ptr = np.zeros(n_codes + 1, dtype=np.int64)
+    up_ptr[1:] = np.cumsum(np.bincount(index[up], minlength=n_codes))
 
     # proposal tables: one per (subtype, batch) profile, over the envelope of its donors
     proposal = (w[:, None, :] * env[None, :, :]).reshape(n_s * n_batches, G)
@@ -240,6 +273,7 @@ def _build_model(
         up_ptr=up_ptr,
         up_genes=genes[up],
         up_extra=fold[up] - 1.0,
+        code_stride=code_stride,
     )
     extras = {
         "program": program,
@@ -247,7 +281,59 @@ def _build_model(
         "perturbation_genes": pert_genes,
         "perturbation_log2fc": pert_lfc,
     }
+    if context is not None:
+        extras |= {"donor_state": context["state"], "state_genes": context["genes"],
+                   "perturbation_log2fc_by_donor": by_donor}  # fmt: skip
     return model, extras
+
+
+def _donor_states(rng: np.random.Generator, n_donors: int, pick_weight: np.ndarray, free: np.ndarray) -> dict:
+    """Each donor's latent state (n_donors × _STATE_DIM, standard normal) and how it shows in its cells.
+
+    One state program per dimension (``_STATE_FRACTION`` of the genes, outside the cell-type and
+    housekeeping programs): a donor's cells express the program's genes ``2 ** (_STATE_LOG2FC · state)``
+    fold, so the state can be read from the donor's control cells.
+    """
+    state = rng.standard_normal((n_donors, _STATE_DIM))
+    size = max(4, round(_STATE_FRACTION * pick_weight.size))
+    chosen = _weighted_sample(rng, np.where(free, pick_weight, 0.0), _STATE_DIM * size).reshape(_STATE_DIM, size)
+    factor = np.ones((n_donors, pick_weight.size))
+    for k in range(_STATE_DIM):
+        factor[:, chosen[k]] = 2.0 ** (_STATE_LOG2FC * state[:, k : k + 1])
+    return {"state": state, "genes": np.sort(chosen, axis=1), "expression_factor": factor}
+
+
+def _context_responses(rng, context: dict, pert_genes: list, pert_lfc: list, pick_weight: np.ndarray,
+                       effect: float, strength: float) -> tuple[list, list, list]:  # fmt: skip
+    """Per perturbation and donor, the log2 fold changes of the genes it moves, depending on the donor's state.
+
+    Every perturbation's response is modulated by the same donor states (shared structure), along
+    its own directions ``a``, ``b`` (standard normal, scaled by 1/√dim):
+
+    - its own genes: ``lfc · 2 ** (strength · a·state)`` (a donor responds more or less strongly);
+    - as many *conditional* genes (not its own): ``strength · effect · u · (b·state)`` with ``|u|``
+      log-normal (sd 0.3) and a random sign: they move up in some donors and down in others, so
+      their average over donors is near 0.
+
+    Returns the genes (own and conditional, sorted), their log2 fold changes at state 0 (the
+    conditional genes' are 0) and ``by_donor``: per perturbation an (n_donors × genes) array.
+    """
+    state = context["state"]
+    genes_out, lfc_out, by_donor = [], [], []
+    for genes, lfc in zip(pert_genes, pert_lfc, strict=True):
+        a, b = rng.standard_normal((2, state.shape[1])) / np.sqrt(state.shape[1])
+        weight = pick_weight.copy()
+        weight[genes] = 0.0
+        conditional = np.sort(_weighted_sample(rng, weight, len(genes)))
+        u = np.where(rng.random(len(genes)) < 0.5, 1.0, -1.0) * np.exp(0.3 * rng.standard_normal(len(genes)))
+        own = lfc[None, :] * 2.0 ** (strength * (state @ a))[:, None]
+        cond = strength * effect * u[None, :] * (state @ b)[:, None]
+        every = np.concatenate([genes, conditional])
+        order = np.argsort(every)
+        genes_out.append(every[order])
+        lfc_out.append(np.concatenate([lfc, np.zeros(len(genes))])[order])
+        by_donor.append(np.concatenate([own, cond], axis=1)[:, order])
+    return genes_out, lfc_out, by_donor
 
 
 # --------------------------------------------------------------------------------------------------
@@ -308,7 +394,7 @@ def _block_counts(
     n = stop - start
     sub = labels["subtype"][start:stop].astype(np.intp)
     donor = labels["donor"][start:stop].astype(np.intp)
-    pert = labels["perturbation"][start:stop].astype(np.intp)
+    pert = model.response_codes(labels["perturbation"][start:stop].astype(np.intp), donor)
     batch = model.batch_of_donor[donor]
     prof = sub * model.n_batches + batch
 

@@ -34,8 +34,9 @@ from ._normalize import InputRecipe
 
 KIND = "cellmint.PerturbationModel"
 #: 1: manifest + weights.pt (network, average effects, optional decoder); 2: the manifest carries its own
-#: checksum (``_artifact``). Version 1 folders are still read.
-FORMAT_VERSION = 2
+#: checksum (``_artifact``); 3: several networks (``nets.{i}.*``, averaged) and the stack (``stack.*``:
+#: weights, training pseudobulks). Versions 1 and 2 (one network, keys unprefixed) are still read.
+FORMAT_VERSION = 3
 
 
 class PerturbationNet(nn.Module):
@@ -44,15 +45,18 @@ class PerturbationNet(nn.Module):
     Two parts predict the residual around ``control + average effect``:
 
     - per value (cell, gene): a small network shared by all genes reads the cell's value, the set's
-      mean of that gene, the gene's and the perturbation's embeddings, and the cell's context
-      vector, so a response can depend on how much of the gene the cell and its context express;
+      mean of that gene, the gene's and the perturbation's embeddings, the cell's context vector
+      and (``effect_input``) the average effect it starts from, so a response can depend on how much
+      of the gene the cell and its context express, and be scaled up or down by the context;
     - per cell: the context vector comes from the cells attending to each other (a transformer over
       the set, the perturbation embedding added to every cell).
     """
 
     def __init__(self, n_features: int, n_perturbations: int, *, hidden: int = 128, n_layers: int = 2,
-                 n_heads: int = 4, dropout: float = 0.1, gene_dim: int = 8, effect_bins: int = 1):  # fmt: skip
+                 n_heads: int = 4, dropout: float = 0.1, gene_dim: int = 8, effect_bins: int = 1,
+                 effect_input: bool = False):  # fmt: skip
         super().__init__()
+        self.effect_input = effect_input
         self.encoder = nn.Sequential(nn.Linear(n_features, hidden), nn.GELU(), nn.Linear(hidden, hidden))
         self.perturbation = nn.Embedding(n_perturbations, hidden)
         layer = nn.TransformerEncoderLayer(hidden, n_heads, 2 * hidden, dropout, batch_first=True, norm_first=True)
@@ -60,7 +64,8 @@ class PerturbationNet(nn.Module):
         self.context = nn.Sequential(nn.LayerNorm(hidden), nn.Dropout(dropout), nn.Linear(hidden, gene_dim))
         self.gene = nn.Parameter(torch.randn(n_features, gene_dim) * 0.1)
         self.perturbation_gene = nn.Embedding(n_perturbations, gene_dim)
-        self.value = nn.Sequential(nn.Linear(2 + 3 * gene_dim, 2 * gene_dim), nn.GELU(), nn.Linear(2 * gene_dim, 1))
+        n_inputs = 2 + 3 * gene_dim + int(effect_input)
+        self.value = nn.Sequential(nn.Linear(n_inputs, 2 * gene_dim), nn.GELU(), nn.Linear(2 * gene_dim, 1))
         nn.init.zeros_(self.value[-1].weight)  # untrained = control + average effect
         nn.init.zeros_(self.value[-1].bias)
         self.register_buffer("binned_effect", torch.zeros(n_perturbations, effect_bins, n_features))
@@ -93,15 +98,24 @@ class PerturbationNet(nn.Module):
         tokens = self.attention(self.encoder(controls) + self.perturbation(perturbation).unsqueeze(1))
         context = self.context(tokens)  # batch × cells × gene_dim
         d = self.gene.shape[1]
-        features = torch.cat([
-            controls.unsqueeze(-1),
-            controls.mean(1, keepdim=True).expand(batch, cells, genes).unsqueeze(-1),
-            self.gene.expand(batch, cells, genes, d),
-            self.perturbation_gene(perturbation)[:, None, None, :].expand(batch, cells, genes, d),
-            context.unsqueeze(2).expand(batch, cells, genes, d),
-        ], dim=-1)  # fmt: skip
-        residual = self.value(features).squeeze(-1)
-        return controls + self.anchor(controls, perturbation) + residual
+        anchor = self.anchor(controls, perturbation)
+        # the first layer of the per-value network on [value, set mean, gene, perturbation, context(, effect)],
+        # computed term by term at each input's own resolution: the same function as on the concatenated
+        # features, without materialising them (batch × cells × genes × (2 + 3·gene_dim) floats)
+        first, last = self.value[0], self.value[2]
+        w = first.weight  # hidden × inputs
+        per_set = self.perturbation_gene(perturbation) @ w[:, 2 + d : 2 + 2 * d].T + first.bias  # batch × hidden
+        per_cell = context @ w[:, 2 + 2 * d : 2 + 3 * d].T + per_set.unsqueeze(1)  # batch × cells × hidden
+        per_gene = self.gene @ w[:, 2 : 2 + d].T  # genes × hidden
+        scalars = [controls, controls.mean(1, keepdim=True).expand(batch, cells, genes)]
+        columns = [0, 1]
+        if self.effect_input:  # the residual sees the effect it corrects, so it can scale it per context
+            scalars.append(anchor)
+            columns.append(2 + 3 * d)
+        hidden = torch.stack(scalars, dim=-1) @ w[:, columns].T  # batch × cells × genes × hidden
+        hidden = hidden + per_cell.unsqueeze(2) + per_gene
+        residual = last(self.value[1](hidden)).squeeze(-1)
+        return controls + anchor + residual
 
 
 def pairwise_distances(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -116,6 +130,34 @@ def energy_distance(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
             - pairwise_distances(y, y).mean((-1, -2)))  # fmt: skip
 
 
+@torch.no_grad()
+def respond(nets: list[PerturbationNet], controls: np.ndarray, code: int, set_size: int, *, random_state: int = 0,
+            device: Any = "cpu") -> np.ndarray:  # fmt: skip
+    """Predicted perturbed cells, one per control cell (network space): the mean of the networks' predictions.
+
+    The controls are shuffled and cut into sets of ``set_size`` (the last set is filled up with
+    cells drawn again, whose predictions are dropped), so every cell is predicted once, within a
+    set of its own context; every network sees the same sets.
+    """
+    n = len(controls)
+    order = np.random.default_rng(random_state).permutation(n)
+    n_sets = -(-n // set_size)
+    filler = np.random.default_rng(random_state + 1).choice(n, n_sets * set_size - n,
+                                                             replace=n < n_sets * set_size - n)  # fmt: skip
+    padded = np.concatenate([order, filler])
+    x = torch.as_tensor(np.asarray(controls, np.float32)[padded].reshape(n_sets, set_size, -1), device=device)
+    out = np.zeros((n, x.shape[-1]), np.float32)
+    for net in nets:
+        net = net.to(device).eval()
+        for start in range(0, n_sets, 64):
+            chunk = x[start : start + 64]
+            predicted = net(chunk, torch.full((len(chunk),), code, device=device)).reshape(-1, x.shape[-1])
+            rows = padded[start * set_size : (start + len(chunk)) * set_size]
+            keep = np.arange(start * set_size, start * set_size + len(rows)) < n
+            out[rows[keep]] += predicted.cpu().numpy()[keep] / len(nets)
+    return out
+
+
 class PerturbationModel:
     """A trained perturbation-response model (see :func:`cellmint.tl.train_perturbation`).
 
@@ -124,8 +166,10 @@ class PerturbationModel:
 
     Attributes
     ----------
+    nets
+        The networks (one per inner fold of the training contexts, or one); their predictions are averaged.
     genes
-        The ordered gene panel of the predictions.
+        The ordered gene panel of the networks' predictions.
     perturbations
         The perturbations the model knows (the control excluded).
     control
@@ -135,15 +179,21 @@ class PerturbationModel:
     recipe
         Input kind and normalisation (:class:`~cellmint.models._normalize.InputRecipe`).
     use_rep
-        The ``obsm`` key the network works in (``None``: the gene panel).
+        The ``obsm`` key the networks work in (``None``: the gene panel).
+    stack
+        What the default prediction (:func:`cellmint.tl.predict_perturbation`, ``predictor="stack"``)
+        needs: ``{"genes", "contexts", "pairs", "control_bulk", "perturbed_bulk", "weights",
+        "baseline_weights", "components", "alpha"}`` (see :mod:`cellmint.tl._perturbation_stack`),
+        or None (a model trained with ``stack=False``, or written by cellmint before stacking).
     manifest
         Everything else recorded at training time (parameters, data summary, training history).
     """
 
-    def __init__(self, net: PerturbationNet, *, genes: list[str], perturbations: list[str], control: str,
-                 perturbation_key: str, context_key: str | None, recipe: InputRecipe, use_rep: str | None,
-                 decoder: dict[str, np.ndarray] | None, manifest: dict[str, Any]):  # fmt: skip
-        self.net = net.eval()
+    def __init__(self, nets: PerturbationNet | list[PerturbationNet], *, genes: list[str], perturbations: list[str],
+                 control: str, perturbation_key: str, context_key: str | None, recipe: InputRecipe,
+                 use_rep: str | None, decoder: dict[str, np.ndarray] | None, manifest: dict[str, Any],
+                 stack: dict[str, Any] | None = None):  # fmt: skip
+        self.nets = [n.eval() for n in (nets if isinstance(nets, list | tuple) else [nets])]
         self.genes = pd.Index(genes)
         self.perturbations = list(perturbations)
         self.control = control
@@ -152,8 +202,14 @@ class PerturbationModel:
         self.recipe = recipe
         self.use_rep = use_rep
         self.decoder = decoder  # {"weight": features × genes, "bias": genes} when use_rep is set
+        self.stack = stack
         self.manifest = manifest
         self.path: Path | None = None
+
+    @property
+    def net(self) -> PerturbationNet:
+        """The first network (the only one of a model trained without inner folds)."""
+        return self.nets[0]
 
     @property
     def set_size(self) -> int:
@@ -171,31 +227,34 @@ class PerturbationModel:
                              f"{len(self.perturbations)} perturbations, e.g. {self.perturbations[:5]}.")  # fmt: skip
         return codes.astype(np.int64)
 
-    @torch.no_grad()
+    def stack_weights(self, *, baselines_only: bool = False) -> pd.DataFrame:
+        """The stacking weights (perturbations × components): of the default prediction, or of the baselines alone.
+
+        The second are those of genes outside the networks' panel. Empty without a stack.
+        """
+        if self.stack is None:
+            return pd.DataFrame(index=self.perturbations)
+        key = "baseline_weights" if baselines_only else "weights"
+        components = list(self.stack["components"])[1:] if baselines_only else list(self.stack["components"])
+        return pd.DataFrame(np.asarray(self.stack[key]), index=self.perturbations, columns=components)
+
     def respond(self, controls: np.ndarray, perturbation: str, *, random_state: int = 0,
                 device: Any = "cpu") -> np.ndarray:  # fmt: skip
-        """Predicted perturbed cells, one per control cell (network space), for one context's controls.
-
-        The controls are shuffled and cut into sets of :attr:`set_size` (the last set is filled up with
-        cells drawn again, whose predictions are dropped), so every cell is predicted once, within a
-        set of its own context.
-        """
+        """Predicted perturbed cells, one per control cell (network space), for one context's controls."""
         code = int(self.perturbation_codes([perturbation])[0])
-        n, size = len(controls), self.set_size
-        order = np.random.default_rng(random_state).permutation(n)
-        n_sets = -(-n // size)
-        filler = np.random.default_rng(random_state + 1).choice(n, n_sets * size - n, replace=n < n_sets * size - n)
-        padded = np.concatenate([order, filler])
-        net = self.net.to(device)
-        x = torch.as_tensor(np.asarray(controls, np.float32)[padded].reshape(n_sets, size, -1), device=device)
-        out = np.empty((n, x.shape[-1]), np.float32)
-        for start in range(0, n_sets, 64):
-            chunk = x[start : start + 64]
-            predicted = net(chunk, torch.full((len(chunk),), code, device=device)).reshape(-1, x.shape[-1])
-            rows = padded[start * size : (start + len(chunk)) * size]
-            keep = np.arange(start * size, start * size + len(rows)) < n
-            out[rows[keep]] = predicted.cpu().numpy()[keep]
-        return out
+        return respond(self.nets, controls, code, self.set_size, random_state=random_state, device=device)
+
+    def shifted_genes(self, values: np.ndarray, predicted: np.ndarray, genes: np.ndarray) -> np.ndarray:
+        """Network predictions as log-normalised expression over :attr:`genes`, next to the cells' own ``genes`` values.
+
+        In gene space, the prediction itself (≥ 0). For an embedding (``use_rep``), the decoded
+        *change* is added to the cells' measured values: ``max(genes + (predicted − values) @ W, 0)``,
+        so the decoder's reconstruction error of the cells themselves does not count as an effect.
+        """
+        if self.decoder is None:
+            return np.clip(predicted, 0, None)
+        change = (predicted - values) @ self.decoder["weight"]
+        return np.clip(genes + change, 0, None)
 
     def to_genes(self, values: np.ndarray) -> np.ndarray:
         """Network-space values as log-normalised expression over :attr:`genes` (decoded for ``use_rep``), ≥ 0."""
@@ -221,33 +280,51 @@ class PerturbationModel:
 
         An existing folder is replaced only with ``overwrite=True`` (as a whole).
         """
-        state = dict(self.net.state_dict())
+        state = {f"nets.{i}.{k}": v for i, net in enumerate(self.nets) for k, v in net.state_dict().items()}
         if self.decoder is not None:
             state |= {f"decoder.{k}": torch.as_tensor(v) for k, v in self.decoder.items()}
-        self.manifest = write_artifact(path, self._manifest(), state, kind=KIND, format_version=FORMAT_VERSION,
+        manifest = self._manifest() | {"n_nets": len(self.nets)}
+        if self.stack is not None:
+            arrays = {k: v for k, v in self.stack.items() if isinstance(v, np.ndarray)}
+            state |= {f"stack.{k}": torch.as_tensor(v) for k, v in arrays.items()}
+            manifest["stack"] = {k: v for k, v in self.stack.items() if k not in arrays}
+        self.manifest = write_artifact(path, manifest, state, kind=KIND, format_version=FORMAT_VERSION,
                                        overwrite=overwrite)  # fmt: skip
         self.path = Path(path)
         return self.path
 
     @classmethod
     def load(cls, path: str | Path) -> PerturbationModel:
-        """Read a model folder, refusing damaged, modified or newer-format folders."""
+        """Read a model folder, refusing damaged, modified or newer-format folders (older formats load)."""
         manifest, state = read_artifact(path, kind=KIND, format_version=FORMAT_VERSION)
         decoder = {k.split(".", 1)[1]: state.pop(k).numpy() for k in list(state) if k.startswith("decoder.")}
+        stack = None
+        if "stack" in manifest:
+            stack = dict(manifest["stack"]) | {k.split(".", 1)[1]: state.pop(k).numpy() for k in list(state)
+                                               if k.startswith("stack.")}  # fmt: skip
         arch = manifest["architecture"]
-        net = PerturbationNet(arch["n_features"], len(manifest["perturbations"]), hidden=arch["hidden"],
-                              n_layers=arch["n_layers"], n_heads=arch["n_heads"], dropout=arch["dropout"],
-                              gene_dim=arch["gene_dim"], effect_bins=arch.get("effect_bins", 1))  # fmt: skip
-        if "average_effect" in state:  # folders written before binned effects: one bin, the same predictions
-            state["binned_effect"] = state.pop("average_effect").unsqueeze(1)
-        try:
-            net.load_state_dict(state)
-        except RuntimeError as err:
-            raise ValueError(f"The weights in {path} do not fit the architecture in its manifest: {err}") from err
-        model = cls(net, genes=manifest["genes"], perturbations=manifest["perturbations"],
+        if "n_nets" not in manifest:  # formats 1 and 2: one network, its keys unprefixed
+            states = [state]
+        else:
+            states = [{k.split(".", 2)[2]: v for k, v in state.items() if k.startswith(f"nets.{i}.")}
+                      for i in range(manifest["n_nets"])]  # fmt: skip
+        nets = []
+        for one in states:
+            net = PerturbationNet(arch["n_features"], len(manifest["perturbations"]), hidden=arch["hidden"],
+                                  n_layers=arch["n_layers"], n_heads=arch["n_heads"], dropout=arch["dropout"],
+                                  gene_dim=arch["gene_dim"], effect_bins=arch.get("effect_bins", 1),
+                                  effect_input=arch.get("effect_input", False))  # fmt: skip
+            if "average_effect" in one:  # folders written before binned effects: one bin, the same predictions
+                one["binned_effect"] = one.pop("average_effect").unsqueeze(1)
+            try:
+                net.load_state_dict(one)
+            except RuntimeError as err:
+                raise ValueError(f"The weights in {path} do not fit the architecture in its manifest: {err}") from err
+            nets.append(net)
+        model = cls(nets, genes=manifest["genes"], perturbations=manifest["perturbations"],
                     control=manifest["control"], perturbation_key=manifest["perturbation_key"],
                     context_key=manifest["context_key"], recipe=InputRecipe(**manifest["recipe"]),
-                    use_rep=manifest["use_rep"], decoder=decoder or None, manifest=manifest)  # fmt: skip
+                    use_rep=manifest["use_rep"], decoder=decoder or None, manifest=manifest, stack=stack)  # fmt: skip
         model.path = Path(path)
         return model
 
@@ -270,9 +347,17 @@ class PerturbationModel:
             "data": m.get("data", {}),
             "history": m.get("history", {}),
             "files": m.get("files", {}),
+            "n_nets": len(self.nets),
+            "stack": {} if self.stack is None else {
+                "components": list(self.stack["components"]),
+                "weights": self.stack["weights"], "baseline_weights": self.stack["baseline_weights"],
+                "n_genes": len(self.stack["genes"]),
+            },
         })  # fmt: skip
 
     def __repr__(self) -> str:
         space = f"obsm[{self.use_rep!r}] → " if self.use_rep else ""
-        return (f"PerturbationModel({len(self.perturbations)} perturbations, {space}{len(self.genes):,} genes; "
-                f"input {self.recipe.kind}; context {self.context_key!r})")  # fmt: skip
+        stacked = f", stacked with baselines over {len(self.stack['genes']):,} genes" if self.stack else ""
+        return (f"PerturbationModel({len(self.perturbations)} perturbations, {space}{len(self.genes):,} genes, "
+                f"{len(self.nets)} network(s){stacked}; input {self.recipe.kind}; "
+                f"context {self.context_key!r})")  # fmt: skip

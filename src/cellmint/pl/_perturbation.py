@@ -11,10 +11,12 @@ import pandas as pd
 from .._utils._docs import doc_params
 from ._figure import finish
 
-KINDS = ("delta", "metrics")
+KINDS = ("delta", "metrics", "scaled")
 #: metrics drawn by kind="metrics" unless told otherwise (each with the direction that is better)
 DEFAULT_METRICS = {"pearson_delta": "higher", "pearson_delta_top100": "higher", "mse": "lower",
                    "energy_distance": "lower"}  # fmt: skip
+#: drawn grey in kind="scaled"
+DEFAULT_BASELINES = ("control", "perturbation_mean", "context_mean", "linear")
 
 
 def _pseudobulk_delta(adata, rows: np.ndarray, controls: np.ndarray) -> np.ndarray:
@@ -49,16 +51,20 @@ def perturbation(
     line and the Pearson correlation; the genes with the largest real effects are named.
     ``kind="metrics"``: the model next to every baseline, one panel per metric, from the table of
     :func:`cellmint.tl.evaluate_perturbation` (each point a perturbation/context; bars the means).
+    ``kind="scaled"``: each method's pooled score on the 0–1 scale (0 = the best simple baseline,
+    1 = the ceiling) with its bootstrap interval, one panel per metric, from
+    :func:`cellmint.tl.perturbation_summary` of the table(s).
 
     Parameters
     ----------
     data
         ``kind="delta"``: predicted cells from :func:`cellmint.tl.predict_perturbation` (with their
         control cells). ``kind="metrics"``: the DataFrame of :func:`cellmint.tl.evaluate_perturbation`.
+        ``kind="scaled"``: such a table, a list of them, or their :func:`cellmint.tl.perturbation_summary`.
     real
         ``kind="delta"``: real cells (perturbed and control, log-normalised; genes matched by name).
     kind
-        ``"delta"`` or ``"metrics"``.
+        ``"delta"``, ``"metrics"`` or ``"scaled"``.
     perturbation_key
         ``kind="delta"``: obs column of the perturbation, in both objects.
     control
@@ -70,8 +76,8 @@ def perturbation(
     context
         ``kind="delta"``: the context to draw (default: all cells).
     metrics
-        ``kind="metrics"``: metric columns to draw (default: Pearson delta, top-100 Pearson delta,
-        MSE and energy distance, those present).
+        ``kind="metrics"``/``"scaled"``: metric columns to draw (default: Pearson delta, top-100
+        Pearson delta, MSE and energy distance, those present).
     label_top
         ``kind="delta"``: name this many genes with the largest absolute real effect.
     ax
@@ -86,6 +92,8 @@ def perturbation(
 
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, not {kind!r}.")
+    if kind == "scaled":
+        return _scaled(data, metrics, show=show, return_fig=return_fig)
     if kind == "metrics":
         if not isinstance(data, pd.DataFrame) or "method" not in data:
             raise TypeError("kind='metrics' draws the DataFrame returned by cm.tl.evaluate_perturbation.")
@@ -150,3 +158,38 @@ def perturbation(
     ax.set_xlabel("real effect (perturbed − control)")
     ax.set_ylabel("predicted effect")
     return finish(fig, ax, show=show, return_fig=return_fig)
+
+
+def _scaled(data: Any, metrics: Sequence[str] | None, *, show, return_fig):
+    """Pooled scaled score of each method with its interval, one panel per metric."""
+    import matplotlib.pyplot as plt
+
+    from ..tl import perturbation_summary
+
+    tables = data if isinstance(data, list | tuple) else [data]
+    if not all(isinstance(t, pd.DataFrame) and "method" in t for t in tables):
+        raise TypeError("kind='scaled' draws tables of cm.tl.evaluate_perturbation or their perturbation_summary.")
+    is_summary = len(tables) == 1 and "perturbation" not in tables[0] and "n" in tables[0]
+    summary = tables[0] if is_summary else perturbation_summary(tables)
+    wanted = list(metrics) if metrics is not None else [m for m in DEFAULT_METRICS if f"{m}_scaled" in summary]
+    unknown = [m for m in wanted if f"{m}_scaled" not in summary]
+    if unknown:
+        raise KeyError(f"Metric(s) {unknown} have no scaled scores in the summary.")
+    methods = [m for m in summary["method"] if m != "replicate"]
+    rows = summary.set_index("method").loc[methods]
+    fig, axes = plt.subplots(1, len(wanted), figsize=(3.2 * len(wanted), 0.45 * len(methods) + 1.2), squeeze=False)
+    for panel, metric in zip(axes[0], wanted, strict=True):
+        value = rows[f"{metric}_scaled"].to_numpy(dtype=float)
+        low = rows[f"{metric}_scaled_low"].to_numpy(dtype=float)
+        high = rows[f"{metric}_scaled_high"].to_numpy(dtype=float)
+        y = np.arange(len(methods))[::-1]
+        panel.barh(y, value, color=["C0" if m not in DEFAULT_BASELINES else "0.75" for m in methods], height=0.6)
+        known = np.isfinite(low)
+        panel.errorbar(value[known], y[known], xerr=[value[known] - low[known], high[known] - value[known]],
+                       fmt="none", ecolor="k", elinewidth=1, capsize=2)  # fmt: skip
+        for x in (0, 1):
+            panel.axvline(x, color="0.5", lw=0.8, ls="--" if x else "-")
+        panel.set_yticks(y, methods if panel is axes[0][0] else [""] * len(methods), fontsize=8)
+        panel.set_title(f"{metric} (scaled)", fontsize=9)
+        panel.set_xlabel("0 = best baseline, 1 = ceiling", fontsize=8)
+    return finish(fig, axes[0][0], show=show, return_fig=return_fig)

@@ -1,16 +1,17 @@
 """``cm.tl.evaluate_perturbation``: score predicted perturbed cells against held-out real cells, next to baselines.
 
-The metrics are cell-eval's (``cellmint.models._perturbation_metrics``) on log1p-normalised
-expression, computed within each context (cell-eval's ``--celltype-col``): pseudobulks, deltas
-against the control cells of the same object and context, differential expression against those
-control cells, and the discrimination rank among the context's perturbations. The baselines of
-:func:`~cellmint.tl.perturbation_baselines` go through the same code as the prediction, and each
-metric with a best value is also given as a score relative to one of them.
+The metrics are cell-eval's (``cellmint.models._perturbation_metrics``, under cell-eval's names) on
+log1p-normalised expression, computed within each context (cell-eval's ``--celltype-col``):
+pseudobulks, deltas against the control cells of the same object and context, differential
+expression against those control cells, ranks among the context's perturbations. The baselines of
+:func:`~cellmint.tl.perturbation_baselines` and a split-half replicate of the real cells go through
+the same code as the prediction, which places every score on a 0–1 scale
+(:mod:`._perturbation_scores`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import anndata as ad
 import numpy as np
@@ -19,29 +20,10 @@ import pandas as pd
 from .._utils import _logging as logg
 from .._utils._docs import doc_params
 from ..models import _perturbation_metrics as pm
+from . import _perturbation_scores as scores
 from ._perturbation_baselines import BASELINES, NEED_PERTURBATION, perturbation_baselines
-from ._perturbation_data import LogExpression, cell_groups
-
-METRICS = (
-    "pearson_delta",
-    "pearson_delta_top",
-    "mse",
-    "mae",
-    "mse_delta",
-    "mae_delta",
-    "discrimination_score_l1",
-    "overlap_at_N",
-    "overlap_at_k",
-    "precision_at_N",
-    "precision_at_k",
-    "de_nsig",
-    "energy_distance",
-)
-#: metrics that need differential expression of the real cells / of the predicted cells too
-NEED_REAL_DE = {"pearson_delta_top", "overlap_at_N", "overlap_at_k", "precision_at_N", "precision_at_k", "de_nsig"}
-NEED_PRED_DE = NEED_REAL_DE - {"pearson_delta_top"}
-#: cells per side of the energy distance (larger sets are subsampled with a fixed seed)
-ENERGY_MAX_CELLS = 1000
+from ._perturbation_data import NORMALIZATIONS, median_normalized
+from ._perturbation_rows import FIXED_K, METRICS, Context, Draws, Side, ceiling_rows, check_pairs, method_rows
 
 
 def _columns(top_k: int) -> dict[str, list[str]]:
@@ -51,122 +33,32 @@ def _columns(top_k: int) -> dict[str, list[str]]:
     return {metric: named.get(metric, [metric]) for metric in METRICS}
 
 
-def _chosen_metrics(metrics: Sequence[str] | None, top_k: int) -> list[str]:
+def _chosen_metrics(metrics: Sequence[str] | str | None, top_k: int) -> list[str]:
+    everything = [m for m in METRICS if not (m.endswith("_at_k") and top_k in FIXED_K)]
     if metrics is None:
-        return list(METRICS)
+        return [m for m in everything if m != "clustering_agreement"]
+    if metrics == "all":
+        return everything
     aliases = {column: metric for metric, columns in _columns(top_k).items() for column in columns}
+    aliases |= {f"overlap_at_{k}": f"overlap_at_{k}" for k in FIXED_K} | {f"precision_at_{k}": f"precision_at_{k}"
+                                                                         for k in FIXED_K}  # fmt: skip
     chosen = [aliases.get(m, m) for m in ([metrics] if isinstance(metrics, str) else metrics)]
     unknown = [m for m in chosen if m not in METRICS]
     if unknown or not chosen:
-        raise ValueError(f"Unknown metrics {unknown}; choose among {list(METRICS)}.")
+        raise ValueError(f"Unknown metrics {unknown}; choose among {list(METRICS)}, or None / 'all'.")
     return [m for m in METRICS if m in chosen]
 
 
-class _Side:
-    """One object's cells, grouped by (context, perturbation), read as log1p values over the real genes."""
-
-    def __init__(self, adata: ad.AnnData, genes: pd.Index, *, perturbation_key, context_key, layer, what, kind=None):
-        self.expression = LogExpression(adata, genes, layer=layer, what=what, kind=kind)
-        self.groups = cell_groups(adata.obs, perturbation_key, context_key, what=what)
-
-
-def _check_pairs(real: dict, pred: dict, control: str) -> list[tuple[str, str]]:
-    real_pairs = {k for k in real if k[1] != control}
-    pred_pairs = {k for k in pred if k[1] != control}
-    for missing, where in ((pred_pairs - real_pairs, "real"), (real_pairs - pred_pairs, "pred")):
-        if missing:
-            raise ValueError(f"{len(missing)} (context, perturbation) pairs have no cells in {where}: "
-                             f"{sorted(missing)[:10]}.")  # fmt: skip
-    if not real_pairs:
-        raise ValueError(f"real has no perturbed cells (every cell is labelled {control!r}).")
-    lacking = sorted({c for c, _ in real_pairs if (c, control) not in real and (c, control) not in pred})
-    if lacking:
-        raise ValueError(f"No control cells ({control!r}) in real or pred for the contexts {lacking[:10]}.")
-    return sorted(real_pairs)
-
-
-def _real_summary(real: _Side, pred: _Side, context: str, perturbations: list[str], control: str, chosen, top_k,
-                  genes: pd.Index) -> dict:  # fmt: skip
-    """What every method is compared with in one context: control cells, pseudobulks, deltas, DE, cell samples."""
-    with_controls = real if (context, control) in real.groups else pred
-    control_cells = with_controls.expression.rows(with_controls.groups[(context, control)])
-    summary = {"control": control_cells, "genes": genes, "bulk": {}, "delta": {}, "de": {}, "cells": {}, "n": {}}
-    control_bulk = control_cells.mean(axis=0)
-    for p in perturbations:
-        cells = real.expression.rows(real.groups[(context, p)])
-        summary["n"][p] = len(cells)
-        summary["bulk"][p] = cells.mean(axis=0)
-        summary["delta"][p] = summary["bulk"][p] - control_bulk
-        if "energy_distance" in chosen:
-            summary["cells"][p] = pm.subsample(cells, ENERGY_MAX_CELLS)
-        if NEED_REAL_DE & set(chosen):
-            de = pm.differential_expression(cells, control_cells)
-            summary["de"][p] = {**de, "significant": pm.significant_genes(de), "top": pm.top_genes(de, top_k)}
-    return summary
-
-
-def _method_rows(method: str, side: _Side, real: dict, context: str, perturbations, control, chosen, top_k) -> list:
-    rows = side.groups.get((context, control))
-    control_cells = side.expression.rows(rows) if rows is not None else real["control"]
-    control_bulk = control_cells.mean(axis=0)
-    records, deltas = [], []
-    for p in perturbations:
-        cells = side.expression.rows(side.groups[(context, p)])
-        bulk = cells.mean(axis=0)
-        delta = bulk - control_bulk
-        deltas.append(delta)
-        record = {"method": method, "context": context, "perturbation": p, "n_real": real["n"][p], "n_pred": len(cells)}
-        if "pearson_delta" in chosen:
-            record["pearson_delta"] = pm.pearson(delta, real["delta"][p])
-        if "pearson_delta_top" in chosen:
-            top = real["de"][p]["top"]
-            record[f"pearson_delta_top{top_k}"] = pm.pearson(delta[top], real["delta"][p][top])
-            record["n_top_genes"] = len(top)
-        errors = {"mse": pm.mean_squared_error, "mae": pm.mean_absolute_error}
-        for metric, error in errors.items():  # cell-eval's mse/mae compare pseudobulks, *_delta the deltas
-            if metric in chosen:
-                record[metric] = error(bulk, real["bulk"][p])
-            if f"{metric}_delta" in chosen:
-                record[f"{metric}_delta"] = error(delta, real["delta"][p])
-        if NEED_PRED_DE & set(chosen):
-            real_top = real["de"][p]["significant"]
-            pred_de = pm.differential_expression(cells, control_cells)
-            pred_top = pm.significant_genes(pred_de)
-            for name, column, k, kind in (("overlap_at_N", "overlap_at_N", None, "overlap"),
-                                          ("overlap_at_k", f"overlap_at_{top_k}", top_k, "overlap"),
-                                          ("precision_at_N", "precision_at_N", None, "precision"),
-                                          ("precision_at_k", f"precision_at_{top_k}", top_k, "precision")):  # fmt: skip
-                if name in chosen:
-                    record[column] = pm.overlap(real_top, pred_top, k, metric=kind)
-            if "de_nsig" in chosen:
-                record["de_nsig_real"], record["de_nsig_pred"] = len(real_top), len(pred_top)
-        if "energy_distance" in chosen:
-            record["energy_distance"] = pm.energy_distance(cells, real["cells"][p], max_cells=ENERGY_MAX_CELLS)
-        records.append(record)
-    if "discrimination_score_l1" in chosen:
-        real_deltas = np.stack([real["delta"][p] for p in perturbations])
-        scores = pm.discrimination_scores(real_deltas, np.stack(deltas), real["genes"], perturbations)
-        for record, score in zip(records, scores, strict=True):
-            record["discrimination_score_l1"] = score if len(perturbations) > 1 else np.nan
-    return records
-
-
-def _add_scores(table: pd.DataFrame, normalize_to: str, top_k: int) -> pd.DataFrame:
-    reference = table[table["method"] == normalize_to].set_index(["context", "perturbation"])
-    keys = pd.MultiIndex.from_frame(table[["context", "perturbation"]])
-    best = {column: pm.BEST_VALUE[metric] for metric, columns in _columns(top_k).items() for column in columns
-            if metric in pm.BEST_VALUE and column != "n_top_genes"}  # fmt: skip
-    scores = {
-        f"{column}_score": pm.normalized_score(table[column], reference[column].reindex(keys).to_numpy(), value)
-        for column, value in best.items()
-        if column in table
-    }
-    return pd.concat([table, pd.DataFrame(scores, index=table.index)], axis=1)
+def _log_values(adata: ad.AnnData | None, layer: str | None, normalization: str, what: str):
+    """The object and layer to read: cell-eval's normalisation makes a log1p copy of counts; cellmint's reads as is."""
+    if adata is None or normalization == "cellmint":
+        return adata, layer
+    return median_normalized(adata, layer=layer, what=what), None
 
 
 @doc_params()
 def evaluate_perturbation(
-    pred: ad.AnnData,
+    pred: ad.AnnData | Mapping[str, ad.AnnData],
     real: ad.AnnData,
     *,
     perturbation_key: str,
@@ -174,55 +66,75 @@ def evaluate_perturbation(
     context_key: str | None = None,
     train: ad.AnnData | None = None,
     baselines: Sequence[str] = BASELINES,
-    metrics: Sequence[str] | None = None,
+    metrics: Sequence[str] | str | None = None,
     top_k: int = 100,
     normalize_to: str | None = "perturbation_mean",
+    ceiling: bool = True,
+    n_bootstrap: int = 100,
+    level: float = 0.95,
+    normalization: str = "cellmint",
     name: str = "model",
     layer: str | None = None,
+    random_state: int = 0,
 ) -> pd.DataFrame:
-    """Compare predicted perturbed cells with held-out real ones, per context and perturbation, next to baselines.
+    """Compare predicted perturbed cells with held-out real ones, per context and perturbation, on a 0–1 scale.
 
-    All metrics are computed on log1p-normalised expression (cell-eval's space): raw counts in
-    ``pred``, ``real`` or ``train`` are normalised (``log1p(10,000 · x / library size)``, on a copy;
-    cell-eval normalises integer input in place, to the median library size); log-normalised values
-    are used as they are. Genes are matched by name (``var_names``) on the genes of ``real``.
+    Every metric is computed for the prediction, for each simple baseline fitted on ``train``, and
+    for a split-half *replicate* of the real cells; ``<metric>_scaled`` then places the prediction
+    between the best baseline (0) and the replicate (1), with bootstrap intervals over cells (see
+    :doc:`/perturbation`, "How to read perturbation scores").
+
+    All metrics are computed on log1p-normalised expression (cell-eval's space). Raw counts in
+    ``pred``, ``real`` or ``train`` are normalised on a copy, with ``normalization``: ``"cellmint"``
+    (default) ``log1p(10,000 · x / library size)``, cellmint's one recipe; ``"cell-eval"``
+    ``log1p(median library size · x / library size)``, with the median over each object's cells, as
+    cell-eval does (use it to compare with published cell-eval tables). Log-normalised values are used
+    as they are either way. Genes are matched by name (``var_names``) on the genes of ``real``.
 
     Everything is done within each context, as cell-eval's ``--celltype-col`` does: a *pseudobulk*
     is the mean log1p value of each gene over a perturbation's cells; a *delta* is a pseudobulk
     minus the control pseudobulk of the same object and context (prediction deltas use the
     prediction's control cells, and the real control cells where the prediction has none for a
-    context; real deltas likewise fall back to the prediction's control cells); differential
-    expression (DE) tests each gene, perturbed cells against those control cells (two-sided
-    Mann–Whitney U, Benjamini–Hochberg FDR across genes; significant: FDR < 0.05, ranked by
-    absolute log2 fold change).
-
-    Metrics (the ``metrics`` names; columns in parentheses):
+    context); differential expression (DE) tests each gene, perturbed cells against those control
+    cells (two-sided Mann–Whitney U, Benjamini–Hochberg FDR across genes; significant: FDR < 0.05,
+    ranked by absolute log2 fold change). Metrics (cell-eval's names; columns in parentheses):
 
     - ``pearson_delta``: Pearson correlation of predicted and real deltas over all genes (best 1);
-    - ``pearson_delta_top`` (``pearson_delta_top{{top_k}}``, ``n_top_genes``): the same over the
-      real top ``top_k`` DE genes: the ``top_k`` significant genes of largest absolute log2FC, or, when
-      fewer than ``top_k`` genes are significant (see ``de_nsig_real``), the ``top_k`` genes of
-      lowest p-value; ``n_top_genes`` is the number of genes used;
-    - ``mse``, ``mae``: mean squared / absolute error of the pseudobulks (not of the deltas; best 0);
-    - ``mse_delta``, ``mae_delta``: the same on the deltas (best 0);
-    - ``discrimination_score_l1``: ``1 − rank/N`` where rank counts the real deltas of the context's
-      ``N`` perturbations closer (L1, leaving out the gene named like the perturbation) to the
-      predicted delta than its own real delta (best 1, worst ``1/N``; NaN for a context with one
-      perturbation);
-    - ``overlap_at_N``, ``overlap_at_k`` (``overlap_at_{{top_k}}``), ``precision_at_N``,
-      ``precision_at_k`` (``precision_at_{{top_k}}``): shared share of the ranked significant genes
-      (cell-eval's definitions; best 1);
+    - ``pearson_delta_top`` (``pearson_delta_top{{top_k}}``, ``n_top_genes``): the same over the real
+      top ``top_k`` DE genes (the significant genes of largest |log2FC|; fewer than ``top_k``
+      significant: the ``top_k`` of lowest p-value);
+    - ``mse``, ``mae``: errors of the pseudobulks; ``mse_delta``, ``mae_delta``: of the deltas (best 0);
+    - ``discrimination_score_l1``, ``_l2``, ``_cosine``: ``1 − rank/N``, the rank of the true
+      perturbation among the context's ``N`` real deltas by distance to the predicted delta (the gene
+      named like the perturbation left out; ties count half; NaN with one perturbation; best 1);
+    - ``pearson_edistance``: Pearson, over the context's perturbations, of the real and predicted
+      energy distances from control (all cells; best 1);
+    - ``overlap_at_N``, ``overlap_at_50`` … ``_500``, ``precision_at_N`` … ``_500`` (and
+      ``_at_{{top_k}}``): shared share of the ranked significant genes (best 1);
     - ``de_nsig`` (``de_nsig_real``, ``de_nsig_pred``): numbers of significant genes;
-    - ``energy_distance``: energy distance (V-statistic, Euclidean) between the predicted and real
-      perturbed cells; at most 1,000 cells per side, drawn with a fixed seed (best 0).
+    - ``de_spearman_sig``: Spearman, over the context's perturbations, of the numbers of significant
+      genes; ``de_direction_match``: share of the real significant genes changed in the same
+      direction; ``de_spearman_lfc_sig``: Spearman of their log2FC; ``de_sig_genes_recall``: share of
+      them significant in the prediction too; ``pr_auc``, ``roc_auc``: how well the predicted FDRs
+      rank the real significant genes (best 1);
+    - ``clustering_agreement`` (only with ``metrics="all"`` or by name; needs ``igraph``): best
+      adjusted mutual information between Leiden clusters of the real and predicted pseudobulks;
+    - ``energy_distance``: between the predicted and real perturbed cells (V-statistic, Euclidean,
+      at most 1,000 cells per side drawn with a fixed seed; best 0).
+
+    ``pearson_edistance``, ``de_spearman_sig`` and ``clustering_agreement`` have one value per
+    context, repeated in each of its rows. Where the definitions coincide the values are cell-eval
+    0.8.2's to 1e-6 (``benchmarks/celleval_parity.py``).
 
     Parameters
     ----------
     pred
         Predicted cells, as :func:`~cellmint.tl.predict_perturbation` returns them:
-        ``obs[perturbation_key]`` (and ``obs[context_key]``) for each cell, the control cells of each
-        context included (labelled ``control``; they are recognised by that label, not by
-        ``obs["is_predicted"]``).
+        ``obs[perturbation_key]`` (and ``obs[context_key]``), the control cells of each context
+        included (recognised by their label); ``obs["source_cell"]`` (the control cell each was
+        predicted from), when present, pairs them with the real control cells in the bootstrap.
+        A mapping ``{{name: AnnData}}`` scores several predictions (e.g. ablations) next to the same
+        baselines, replicate and bootstrap draws; their rows have ``method`` set to the name.
     real
         Held-out real cells: the perturbed cells and the control cells of the same contexts. Its
         ``(context, perturbation)`` pairs must be those of ``pred``; each of its genes must be in
@@ -232,40 +144,68 @@ def evaluate_perturbation(
     control
         The label of control cells in ``obs[perturbation_key]``.
     context_key
-        ``obs`` column of the context (cell line, patient, donor); ``None``: one context, reported
-        as ``"all"``.
+        ``obs`` column of the context (cell line, patient, donor); ``None``: one context, ``"all"``.
     train
         Training cells (controls and perturbed cells of the training contexts), which the
         ``perturbation_mean``, ``context_mean`` and ``linear`` baselines learn from. ``None``: only
         the ``control`` baseline is computed.
     baselines
         Baselines scored next to the prediction (see :func:`~cellmint.tl.perturbation_baselines`);
-        their rows have ``method`` set to the baseline's name. ``()`` for none.
+        their rows have ``method`` set to the baseline's name. ``()`` for none (then no scaled scores).
     metrics
-        Metrics to compute (names above); ``None``: all of them.
+        Metrics to compute (names above); ``None``: all but ``clustering_agreement``; ``"all"``: all.
     top_k
-        Number of top DE genes of ``pearson_delta_top`` and of the ``*_at_k`` overlaps.
+        Number of top DE genes of ``pearson_delta_top`` (and of ``overlap_at_k``/``precision_at_k``).
     normalize_to
-        Baseline whose value of each metric maps to score 0 in the ``<metric>_score`` columns.
-        ``None`` (or ``baselines=()``): no scores. Without ``train``, scores are relative to the
-        ``control`` baseline.
+        Baseline of the ``<metric>_score`` columns (cell-eval's baseline-normalised score; kept
+        beside the 0–1 scale for comparison with cell-eval). ``None``: no such columns. Without
+        ``train``, relative to the ``control`` baseline.
+    ceiling
+        Add the split-half replicate (``method == "replicate"``: each pair's real cells split at
+        random into two disjoint halves, one scored against the other; pairs under 4 cells left out)
+        and the ``<metric>_scaled`` columns, whose 1 is the score the true response would get,
+        estimated from the split halves (:func:`~cellmint.tl._perturbation_scores.noise_ceiling`).
+    n_bootstrap
+        Bootstrap replicates over cells for the intervals (0: none). The real control and perturbed
+        cells are drawn again with replacement; a prediction made from a control cell follows it.
+        Resampled: ``pearson_delta``, ``pearson_delta_top``, ``mse``, ``mae``, ``mse_delta``,
+        ``mae_delta``, ``energy_distance``.
+    level
+        Coverage of the bootstrap intervals (the replicates' central share, centred on the value).
+    normalization
+        ``"cellmint"`` or ``"cell-eval"``: how counts become log1p values (see above).
     name
-        ``method`` of the prediction's rows.
+        ``method`` of the prediction's rows (a single ``pred``).
     {doc_layer} Read from ``pred``, ``real`` and ``train``.
+    {doc_random_state} Draws the halves and the bootstrap replicates.
 
     Returns
     -------
-    One row per (method, context, perturbation): the prediction (``method == name``) first, then each
-    baseline. Columns ``method``, ``context``, ``perturbation``, ``n_real`` and ``n_pred`` (cells),
-    the metric columns above, and for each metric with a best value, ``<column>_score``: cell-eval's
-    baseline-normalised score against the ``normalize_to`` baseline of the same context and
-    perturbation, ``1 − value/baseline`` (best 0) or ``(value − baseline)/(1 − baseline)`` (best 1):
-    1 is perfect, 0 the baseline, negative worse than it (not clipped; cell-eval clips at 0 when it
-    averages). ``DataFrame.attrs`` records ``top_k``, ``normalize_to`` and the baselines.
+    One row per (method, context, perturbation): the prediction(s) (``method == name``), each
+    baseline, then ``"replicate"``. Columns ``method``, ``context``, ``perturbation``, ``n_real``,
+    ``n_pred`` and ``n_control`` (cells), the metric columns above, then for each metric with a best
+    value:
+
+    - ``<column>_scaled``: ``(value − best baseline) / (ceiling − best baseline)`` with the best
+      baseline and the ceiling of the same context and perturbation: 0 = the best simple baseline,
+      1 = the true response (as estimated from the split halves), negative = worse than a
+      baseline; NaN where the ceiling is not better than the best baseline;
+    - ``<column>_low``, ``<column>_high``, ``<column>_scaled_low``, ``<column>_scaled_high``: bootstrap
+      intervals (resampled metrics, ``n_bootstrap > 0``);
+    - ``<column>_score``: cell-eval's score against ``normalize_to``, ``1 − value/baseline`` (best 0)
+      or ``(value − baseline)/(1 − baseline)`` (best 1), not clipped.
+
+    ``DataFrame.attrs`` holds ``top_k``, ``normalize_to``, ``baselines``, ``normalization``,
+    ``level`` and ``bootstrap`` (``{{(method, context, perturbation): {{column: replicate values}}}}``),
+    which :func:`~cellmint.tl.perturbation_summary` pools.
     """
     chosen = _chosen_metrics(metrics, top_k)
     if top_k < 1:
         raise ValueError(f"top_k must be a positive number of genes, not {top_k!r}.")
+    if normalization not in NORMALIZATIONS:
+        raise ValueError(f"normalization must be one of {NORMALIZATIONS}, not {normalization!r}.")
+    if n_bootstrap < 0 or not 0 < level < 1:
+        raise ValueError(f"n_bootstrap must be >= 0 and level in (0, 1); got {n_bootstrap!r} and {level!r}.")
     unknown = [b for b in baselines if b not in BASELINES]
     if unknown:
         raise ValueError(f"baselines must be among {BASELINES}, not {unknown}.")
@@ -275,36 +215,73 @@ def evaluate_perturbation(
         baselines = [b for b in baselines if b == "control"]
         if normalize_to in (*NEED_PERTURBATION, "context_mean"):
             normalize_to = "control"
-    if name in BASELINES:
-        raise ValueError(f"name={name!r} is the name of a baseline; choose another name for the prediction.")
+    predictions = dict(pred) if isinstance(pred, Mapping) else {name: pred}
+    if not predictions:
+        raise ValueError("pred is an empty mapping: pass predicted cells.")
+    for method in predictions:
+        if method in (*BASELINES, scores.CEILING):
+            raise ValueError(f"The prediction name {method!r} is the name of a baseline or of the replicate; "
+                             "choose another name.")  # fmt: skip
     if normalize_to is not None and normalize_to not in baselines:
         raise ValueError(f"normalize_to={normalize_to!r} is not among the baselines computed {list(baselines)}.")
     control = str(control)
     genes = pd.Index(real.var_names.astype(str))
-    real_side = _Side(real, genes, perturbation_key=perturbation_key, context_key=context_key, layer=layer, what="real")
-    pred_side = _Side(pred, genes, perturbation_key=perturbation_key, context_key=context_key, layer=layer, what="pred")
-    pairs = _check_pairs(real_side.groups, pred_side.groups, control)
+    real, real_layer = _log_values(real, layer, normalization, "real")
+    train, _ = _log_values(train, layer, normalization, "train")
+    keys = {"perturbation_key": perturbation_key, "context_key": context_key}
+    real_side = Side(real, genes, **keys, layer=real_layer, what="real")
+    methods = {}
+    for method, adata in predictions.items():
+        what = "pred" if len(predictions) == 1 else f"pred[{method!r}]"
+        adata, pred_layer = _log_values(adata, layer, normalization, what)
+        methods[method] = Side(adata, genes, **keys, layer=pred_layer, what=what)
+        pairs = check_pairs(real_side.groups, methods[method].groups, control)
+    pred_side = next(iter(methods.values()))
     start = logg.info(f"evaluating {len(pairs)} predicted perturbations against {len(baselines)} baselines")
-    methods = {name: pred_side}
     if baselines:
         is_control = real.obs[perturbation_key].astype(str).to_numpy() == control
         predicted = perturbation_baselines(train, real[is_control], pairs, perturbation_key=perturbation_key,
                                            control=control, context_key=context_key, baselines=baselines,
-                                           layer=layer)  # fmt: skip
+                                           layer=real_layer)  # fmt: skip
         for baseline, adata in predicted.items():
-            methods[baseline] = _Side(adata, genes, perturbation_key=perturbation_key, context_key=context_key,
-                                      layer=None, what=f"the {baseline} baseline", kind="lognorm")  # fmt: skip
-    records = {method: [] for method in methods}
+            methods[baseline] = Side(adata, genes, **keys, layer=None, what=f"the {baseline} baseline", kind="lognorm")
+    rng = np.random.default_rng(random_state)
+    records, replicates = {method: [] for method in [*methods, scores.CEILING]}, scores.Replicates()
     for context in dict.fromkeys(c for c, _ in pairs):
         perturbations = [p for c, p in pairs if c == context]
-        summary = _real_summary(real_side, pred_side, context, perturbations, control, chosen, top_k, genes)
+        draws = None
+        if n_bootstrap:
+            with_controls = real_side if (context, control) in real_side.groups else pred_side
+            names = with_controls.names[with_controls.groups[(context, control)]]
+            draws = Draws(rng, n_bootstrap, names, {p: real_side.groups[(context, p)] for p in perturbations})
+        summary = Context(real_side, pred_side, context, perturbations, control, chosen, top_k, genes, draws)
         for method, side in methods.items():
-            records[method] += _method_rows(method, side, summary, context, perturbations, control, chosen, top_k)
-    columns = ["method", "context", "perturbation", "n_real", "n_pred"]
+            rows, boot = method_rows(method, side, summary, context, control)
+            records[method] += rows
+            replicates.update({(method, context, p): values for p, values in boot.items()})
+        if ceiling:
+            rows, boot = ceiling_rows(real_side, pred_side, summary, context, control, rng)
+            records[scores.CEILING] += rows
+            replicates.update({(scores.CEILING, context, p): values for p, values in boot.items()})
+    columns = ["method", "context", "perturbation", "n_real", "n_pred", "n_control"]
     columns += [column for metric in chosen for column in _columns(top_k)[metric]]
-    table = pd.DataFrame([record for method in methods for record in records[method]], columns=columns)
+    table = pd.DataFrame([r for method in records for r in records[method]], columns=columns)
+    metric_columns = [c for c in columns[6:] if scores.best_value(c, top_k) is not None]
+    if (ceiling and baselines) or n_bootstrap:
+        table = scores.add_scaled(table, metric_columns, list(baselines), replicates, top_k, level)
     if normalize_to is not None:
-        table = _add_scores(table, normalize_to, top_k)
-    table.attrs.update({"top_k": top_k, "normalize_to": normalize_to, "baselines": list(baselines)})
+        table = _add_scores(table, normalize_to, metric_columns, top_k)
+    table.attrs.update({"top_k": top_k, "normalize_to": normalize_to, "baselines": list(baselines),
+                        "normalization": normalization, "level": level, "bootstrap": replicates})  # fmt: skip
     logg.info("    finished", time=start)
     return table
+
+
+def _add_scores(table: pd.DataFrame, normalize_to: str, columns: list[str], top_k: int) -> pd.DataFrame:
+    reference = table[table["method"] == normalize_to].set_index(["context", "perturbation"])
+    keys = pd.MultiIndex.from_frame(table[["context", "perturbation"]])
+    values = {}
+    for column in columns:
+        baseline = reference[column].reindex(keys).to_numpy()
+        values[f"{column}_score"] = pm.normalized_score(table[column], baseline, scores.best_value(column, top_k))
+    return pd.concat([table, pd.DataFrame(values, index=table.index)], axis=1)

@@ -103,8 +103,9 @@ def perturbation_baselines(
     ``{{baseline: AnnData}}`` in :func:`~cellmint.tl.predict_perturbation`'s format, log1p-normalised
     values in ``X`` (float32, the genes of ``controls``): the control cells of each target context
     (``obs["is_predicted"]`` False), then, per ``(context, perturbation)`` pair, one predicted cell
-    per control cell (``is_predicted`` True), with ``obs[perturbation_key]`` and
-    ``obs[context_key]``. ``uns["perturbation_baseline"]`` holds the baseline's name, its
+    per control cell (``is_predicted`` True), with ``obs[perturbation_key]``,
+    ``obs[context_key]`` and ``obs["source_cell"]`` (the control cell each was made from).
+    ``uns["perturbation_baseline"]`` holds the baseline's name, its
     parameters and, for ``context_mean``, ``"source"``: per context, ``"context"`` or ``"all"``
     (which average was used).
     """
@@ -182,12 +183,13 @@ def _deltas(baseline: str, pairs, effects: dict, target_bulk: dict, alpha: float
 def _assemble(baseline, pairs, deltas, target, target_rows, controls, genes, *, perturbation_key, control,
               context_key, params, source) -> ad.AnnData:  # fmt: skip
     contexts = list(dict.fromkeys(c for c, _ in pairs))
-    blocks, names, context, perturbation, predicted = [], [], [], [], []
+    blocks, names, context, perturbation, predicted, made_from = [], [], [], [], [], []
     cells = controls.obs_names.astype(str).to_numpy()
     for c in contexts:
         rows = target_rows[c]
         blocks.append(target.rows(rows).astype(np.float32))
         names += list(cells[rows])
+        made_from += list(cells[rows])
         context += [c] * len(rows)
         perturbation += [control] * len(rows)
         predicted += [False] * len(rows)
@@ -195,6 +197,7 @@ def _assemble(baseline, pairs, deltas, target, target_rows, controls, genes, *, 
         rows = target_rows[c]
         blocks.append(np.maximum(target.rows(rows) + delta, 0.0).astype(np.float32))
         names += [f"{cell}-{p}" for cell in cells[rows]]
+        made_from += list(cells[rows])
         context += [c] * len(rows)
         perturbation += [p] * len(rows)
         predicted += [True] * len(rows)
@@ -205,6 +208,7 @@ def _assemble(baseline, pairs, deltas, target, target_rows, controls, genes, *, 
     if context_key is not None:
         obs[context_key] = pd.Categorical(context)
     obs["is_predicted"] = np.asarray(predicted, dtype=bool)
+    obs["source_cell"] = pd.Categorical(made_from)
     adata = ad.AnnData(np.concatenate(blocks), obs=obs, var=pd.DataFrame(index=genes))
     adata.uns["perturbation_baseline"] = {"method": baseline, "params": {k: v for k, v in params.items()
                                                                          if v is not None}}  # fmt: skip

@@ -18,6 +18,8 @@ from ..models._normalize import InputRecipe, detect_kind, normalize
 
 #: the context of every cell when no context_key is given
 ALL_CELLS = "all"
+#: how the evaluation turns counts into log1p values: cellmint's one recipe, or cell-eval's
+NORMALIZATIONS = ("cellmint", "cell-eval")
 
 
 class LogExpression:
@@ -51,6 +53,9 @@ class LogExpression:
         self.recipe = InputRecipe(kind=kind)
         if kind == "counts":
             self.library = np.asarray(self.X.sum(axis=1), dtype=np.float64).ravel()
+        #: the precision the values are held in (log values stored as float32 are float32 values, read as float64)
+        stored = getattr(self.X, "dtype", np.dtype(np.float64))
+        self.precision = stored if kind == "lognorm" and stored == np.float32 else np.dtype(np.float64)
 
     def rows(self, rows: np.ndarray) -> np.ndarray:
         block = self.X[rows][:, self.columns]
@@ -59,9 +64,39 @@ class LogExpression:
             return block
         return normalize(torch.from_numpy(block), torch.from_numpy(self.library[rows]), self.recipe).numpy()
 
-    def mean(self, rows: np.ndarray) -> np.ndarray:
-        """Pseudobulk: the mean log1p value of each gene over ``rows``."""
-        return self.rows(rows).mean(axis=0)
+    def mean(self, rows: np.ndarray, *, chunk: int = 1024) -> np.ndarray:
+        """Pseudobulk: the mean log1p value of each gene over ``rows`` (read ``chunk`` cells at a time)."""
+        rows = np.asarray(rows)
+        total = np.zeros(len(self.columns))
+        for start in range(0, len(rows), chunk):
+            total += self.rows(rows[start : start + chunk]).sum(axis=0)
+        return total / len(rows)
+
+
+def median_normalized(adata: ad.AnnData, *, layer: str | None, what: str) -> ad.AnnData:
+    """cell-eval's normalisation of counts: ``log1p(median library size · x / library size)``, on a copy.
+
+    Each object gets its own scale, the median library size of its cells, computed as cell-eval's
+    call to scanpy's ``normalize_total`` (no ``target_sum``) does it: in the matrix's float precision
+    (integers as float32), over the cells with counts for a dense matrix and over all cells for a
+    sparse one. Log-normalised input comes back as it is. Returns an AnnData with the same obs and
+    var and the log1p values in ``X`` (sparse stays sparse).
+    """
+    X = _matrix(adata, layer)
+    sample = X.data if sp.issparse(X) else np.asarray(X[: min(2000, adata.n_obs)]).ravel()
+    if detect_kind(sample[sample != 0][:1_000_000], where=f"{what}'s values") != "counts":
+        return adata if layer is None else ad.AnnData(X, obs=adata.obs, var=adata.var)
+    dtype = X.dtype if np.issubdtype(X.dtype, np.floating) else np.dtype(np.float32)
+    library = np.asarray(X.sum(axis=1, dtype=np.float64)).ravel().astype(dtype)
+    median = np.median(library if sp.issparse(X) else library[library > 0]) if (library > 0).any() else 1
+    factor = (library / dtype.type(median)).astype(dtype)
+    factor[factor == 0] = 1  # cells without counts stay at 0
+    if sp.issparse(X):
+        values = sp.csr_matrix(X, dtype=dtype, copy=True)
+        values.data = np.log1p(values.data / np.repeat(factor, np.diff(values.indptr)))
+    else:
+        values = np.log1p(np.asarray(X, dtype=dtype) / factor[:, None])
+    return ad.AnnData(values, obs=adata.obs, var=adata.var)
 
 
 def cell_groups(obs: pd.DataFrame, perturbation_key: str, context_key: str | None, *, what: str) -> dict:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -14,19 +13,24 @@ import torch
 from .._utils import _logging as logg
 from .._utils._device import resolve_device
 from .._utils._docs import doc_params
-from .._utils._progress import progress_bar
 from .._utils._resources import ResourceMonitor
 from ..models._artifact import check_writable
 from ..models._normalize import InputRecipe
-from ..models._perturbation import PerturbationModel, PerturbationNet, energy_distance
+from ..models._perturbation import PerturbationModel
 from . import _perturbation_data as data
+from . import _perturbation_stack as stacking
+from ._perturbation_fit import Settings, average_effects, binned_means, fit_network
 from ._train_data import gene_panel
+
+__all__ = ["train_perturbation", "binned_means"]
 
 LOSSES = ("energy", "mse")
 #: genes=None keeps every gene up to this many; above, this many highly variable genes
 MAX_PANEL = 2000
 #: share of each pair's perturbed cells set aside to choose the best epoch
 VALIDATION_FRACTION = 0.1
+#: inner folds of the training contexts for the stacking weights (and the networks of the ensemble)
+STACK_FOLDS = 4
 
 
 def _panel(adata, genes: Any, kind: str, layer: str | None) -> pd.Index:
@@ -72,42 +76,6 @@ def _pairs(perturbation: pd.Series, context: pd.Series, control: str) -> tuple[d
     return pairs, sorted({p for _, p in pairs}), controls
 
 
-def binned_means(values: torch.Tensor, bins: int) -> torch.Tensor:
-    """Per gene (column), the mean of each of ``bins`` equal shares of its sorted values (bins × genes).
-
-    Shares split cells fractionally where the count is not a multiple of ``bins``, so the bins'
-    average is the column mean exactly.
-    """
-    n = values.shape[0]
-    ordered = values.sort(dim=0).values.double()
-    cumulative = torch.cat([torch.zeros(1, values.shape[1], dtype=torch.float64), ordered.cumsum(0)])
-    edges = torch.linspace(0, n, bins + 1, dtype=torch.float64)
-    whole = edges.floor().long().clamp_max(n - 1)
-    at = cumulative[whole] + (edges - whole).unsqueeze(1) * ordered[whole]  # cumulative sum up to each edge
-    at[-1] = cumulative[-1]
-    return ((at[1:] - at[:-1]) * (bins / n)).float()
-
-
-def _average_effects(values: torch.Tensor, pairs: dict, controls: dict, perturbations: list[str],
-                     bins: int) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
-    """Per perturbation, over its training contexts: the binned mean effect and the mean control mean.
-
-    The effect of bin ``b`` is the mean of the ``b``-th share of the sorted perturbed values minus
-    that of the sorted control values (per gene, within a context); averaged over the bins it is
-    the mean effect (perturbed mean − control mean), the "perturbation mean" baseline.
-    """
-    effects = torch.zeros(len(perturbations), bins, values.shape[1])
-    control_means = torch.zeros(len(perturbations), values.shape[1])
-    counts = torch.zeros(len(perturbations))
-    for (c, p), rows in pairs.items():
-        i = perturbations.index(p)
-        control = values[controls[c]]
-        effects[i] += binned_means(values[rows], bins) - binned_means(control, bins)
-        control_means[i] += control.mean(0)
-        counts[i] += 1
-    return effects / counts.view(-1, 1, 1), control_means / counts.unsqueeze(1)
-
-
 def _validation(pairs: dict, validation: str, rng: np.random.Generator) -> tuple[dict, dict, str]:
     """Training and validation cells of each pair, and how they were chosen.
 
@@ -148,6 +116,12 @@ def _fit_decoder(rep: np.ndarray, genes: np.ndarray, alpha: float = 1.0) -> dict
     return {"weight": fit.coef_.T.astype(np.float32), "bias": fit.intercept_.astype(np.float32)}
 
 
+def _folds(contexts: list[str], n_folds: int, rng: np.random.Generator) -> list[list[str]]:
+    """Training contexts in ``n_folds`` groups of (nearly) equal size, drawn at random (one context each when few)."""
+    order = list(rng.permutation(contexts))
+    return [sorted(order[i::n_folds]) for i in range(n_folds)]
+
+
 @doc_params()
 def train_perturbation(
     adata: Any,
@@ -160,6 +134,8 @@ def train_perturbation(
     use_rep: str | None = None,
     input: str = "auto",
     split_key: str | None = None,
+    stack: bool = True,
+    stack_folds: int = STACK_FOLDS,
     set_size: int = 128,
     sets_per_batch: int = 8,
     loss: str = "energy",
@@ -167,11 +143,12 @@ def train_perturbation(
     hidden: int = 128,
     gene_dim: int = 8,
     effect_bins: int = 10,
+    effect_input: bool = True,
     n_layers: int = 2,
     n_heads: int = 4,
     dropout: float = 0.1,
-    max_epochs: int = 200,
-    early_stopping: int | None = 30,
+    max_epochs: int = 100,
+    early_stopping: int | None = 15,
     validation: str = "auto",
     lr: float = 1e-3,
     weight_decay: float = 1e-4,
@@ -182,17 +159,27 @@ def train_perturbation(
     key_added: str = "cellmint_perturbation",
     progress: bool | None = None,
 ) -> PerturbationModel:
-    """Train a model of how cells of a context respond to a perturbation, from control and perturbed cells.
+    """Train a model of how cells of a context respond to a perturbation, stacked with the simple baselines.
 
-    The model (a State-like set model, :class:`~cellmint.PerturbationModel`) reads a *set* of
+    The network (a State-like set model, :class:`~cellmint.PerturbationModel`) reads a *set* of
     control cells of one context (a patient, a cell line, a replicate) and a perturbation; the
     cells attend to each other, so the prediction for each cell depends on its context, and the
     network predicts each cell's perturbed state as ``control + average effect + residual``. The
     average effect of each perturbation over the training contexts is fixed, per share of each
-    gene's values (``effect_bins``; an untrained model is the "perturbation mean" baseline with the
-    training contexts' spread of responses); the residual is learned with an energy-distance loss between
-    the predicted set and a set of real perturbed cells of the same context and perturbation, plus
-    ``mean_weight`` × the squared distance between their means.
+    gene's values (``effect_bins``; an untrained network is the "perturbation mean" baseline with
+    the training contexts' spread of responses); the residual is learned with an energy-distance
+    loss between the predicted set and a set of real perturbed cells of the same context and
+    perturbation, plus ``mean_weight`` × the squared distance between their means.
+
+    With ``stack=True`` (the default) the training contexts are split into ``stack_folds`` folds; a
+    network is trained on each fold's complement and chooses its epoch on the fold, and every
+    component (that network and the four baselines of :func:`~cellmint.tl.perturbation_baselines`)
+    predicts the fold's contexts. Per perturbation, the weights of the components that best predict
+    those unseen contexts (squared error of pseudobulks, non-negative, summing to 1) make the
+    default prediction of :func:`~cellmint.tl.predict_perturbation`: the best of what it is shown
+    beside, in expectation never below the best baseline. With three or more training contexts the
+    fold networks are also the model's networks (their predictions are averaged); with two, one more
+    network is trained on both. Genes outside the panel are predicted by the baselines' own stack.
 
     Parameters
     ----------
@@ -207,8 +194,9 @@ def train_perturbation(
         from one context's control cells. ``None``: all cells are one context.
     {doc_layer}
     genes
-        The gene panel: ``None`` (every gene when there are at most 2,000, else the 2,000 most
-        variable by :func:`cellmint.pp.select_hvgs`), a list of names, or a boolean ``var`` column.
+        The networks' gene panel: ``None`` (every gene when there are at most 2,000, else the 2,000
+        most variable by :func:`cellmint.pp.select_hvgs`), a list of names, or a boolean ``var``
+        column. With ``stack=True`` every gene of ``adata`` is still predicted.
     use_rep
         Work in ``adata.obsm[use_rep]`` (e.g. ``"X_pca"``) instead of the gene panel; a ridge map
         fitted on the training cells decodes predictions back to genes. Queries need the same
@@ -220,6 +208,13 @@ def train_perturbation(
     split_key
         ``obs`` column (e.g. from :func:`cellmint.tl.perturbation_split`): only cells marked
         ``"train"`` are used. ``None``: all cells.
+    stack
+        Learn the stacking weights with inner folds (see above) and keep the training pseudobulks of
+        every gene; ``False``: one network, predictions of the panel only (the model of cellmint
+        before stacking).
+    stack_folds
+        Inner folds of the training contexts (at most one per context). More folds: more networks
+        to train, each on more contexts.
     set_size
         Cells per set (State uses 128–512).
     sets_per_batch
@@ -238,6 +233,9 @@ def train_perturbation(
         tenth of a gene's values within its set moves like the lowest tenth of the training
         contexts' cells did. ``1``: every cell moves by the mean effect (the "perturbation mean"
         baseline). At most ``set_size``.
+    effect_input
+        The per-value network also reads the average effect it corrects, so it can scale a response
+        up or down per context.
     n_layers
         Attention layers.
     n_heads
@@ -249,12 +247,13 @@ def train_perturbation(
     early_stopping
         Stop after this many epochs without a lower validation loss and keep the best weights;
         ``None`` trains all epochs. The untrained network competes too: when no epoch beats it on
-        the validation sets, it is kept (``manifest["best_epoch"]`` is -1).
+        the validation sets, it is kept (best epoch -1).
     validation
-        The cells that choose the best epoch: ``"context"`` sets aside every perturbed cell of one
-        training context (the model is then chosen for predicting a context it has not seen, the
-        question it is asked), ``"cells"`` 10% of each context/perturbation pair's cells; ``"auto"``
-        (default) is ``"context"`` with three or more training contexts, else ``"cells"``.
+        The cells that choose the best epoch of a network trained outside the inner folds
+        (``stack=False``, or the extra network of two training contexts): ``"context"`` sets aside
+        every perturbed cell of one training context, ``"cells"`` 10% of each context/perturbation
+        pair's cells; ``"auto"`` is ``"context"`` with three or more training contexts, else ``"cells"``.
+        The fold networks choose their epoch on their fold's contexts.
     lr
         AdamW learning rate.
     weight_decay
@@ -271,9 +270,11 @@ def train_perturbation(
 
     Returns
     -------
-    The :class:`~cellmint.PerturbationModel`, with its training history in ``manifest["history"]``.
-    Writes ``adata.uns[key_added]`` (model folder, keys, control label, perturbations, gene panel,
-    input recipe, parameters, data summary, training history, file checksums; h5ad-writable).
+    The :class:`~cellmint.PerturbationModel`, with its training history in ``manifest["history"]``
+    (per network in ``manifest["networks"]``) and, with ``stack=True``, ``model.stack`` (weights,
+    folds, out-of-fold errors of each component and of the stack). Writes ``adata.uns[key_added]``
+    (model folder, keys, control label, perturbations, gene panel, input recipe, parameters, data
+    summary, training history, stacking weights, file checksums; h5ad-writable).
     """
     if loss not in LOSSES:
         raise ValueError(f"loss must be one of {LOSSES}, not {loss!r}.")
@@ -281,6 +282,8 @@ def train_perturbation(
         raise ValueError("set_size must be at least 2.")
     if not 1 <= effect_bins <= set_size:
         raise ValueError(f"effect_bins must be between 1 and set_size ({set_size}), not {effect_bins}.")
+    if stack_folds < 2:
+        raise ValueError(f"stack_folds must be at least 2, not {stack_folds!r}.")
     torch_device = resolve_device(device)
     if model_dir is not None:
         check_writable(model_dir, overwrite=overwrite)
@@ -307,126 +310,98 @@ def train_perturbation(
         values = genes_values
     values = torch.as_tensor(values)
     rng = np.random.default_rng(random_state)
-    train_pairs, val_pairs, validation = _validation(pairs, validation, rng)
-    # the average effects the network trains around leave the validation context out, so that
-    # validation asks what the final model is asked: a context whose response was never seen
-    effects, control_means = _average_effects(values, train_pairs, controls, perturbations, effect_bins)
-    keys = list(train_pairs)
-    codes = torch.tensor([perturbations.index(p) for _, p in keys])
-    n_perturbed = sum(len(v) for v in train_pairs.values())
-    steps = max(1, -(-n_perturbed // (set_size * sets_per_batch)))
-
+    architecture = {"hidden": hidden, "n_layers": n_layers, "n_heads": n_heads, "dropout": dropout,
+                    "gene_dim": gene_dim, "effect_bins": effect_bins, "effect_input": effect_input}  # fmt: skip
+    contexts = sorted({c for c, _ in pairs})
+    folds = _folds(contexts, min(stack_folds, len(contexts)), rng) if stack and len(contexts) >= 2 else []
     params = {
         "perturbation_key": perturbation_key, "control": str(control), "context_key": context_key, "layer": layer,
-        "use_rep": use_rep, "input": kind, "split_key": split_key, "set_size": set_size,
-        "sets_per_batch": sets_per_batch, "loss": loss, "mean_weight": mean_weight, "max_epochs": max_epochs,
-        "early_stopping": early_stopping, "validation": validation, "lr": lr, "weight_decay": weight_decay,
-        "random_state": random_state, "device": str(torch_device),
+        "use_rep": use_rep, "input": kind, "split_key": split_key, "stack": stack, "stack_folds": stack_folds,
+        "set_size": set_size, "sets_per_batch": sets_per_batch, "loss": loss, "mean_weight": mean_weight,
+        "max_epochs": max_epochs, "early_stopping": early_stopping, "validation": validation, "lr": lr,
+        "weight_decay": weight_decay, "random_state": random_state, "device": str(torch_device),
     }  # fmt: skip
-    with torch.random.fork_rng(devices=[]), ResourceMonitor(device=torch_device) as monitor:
-        torch.manual_seed(random_state)
-        net = PerturbationNet(values.shape[1], len(perturbations), hidden=hidden, n_layers=n_layers,
-                              n_heads=n_heads, dropout=dropout, gene_dim=gene_dim, effect_bins=effect_bins)  # fmt: skip
-        net.binned_effect.copy_(effects)
-        net.control_mean.copy_(control_means)
-        if len({c for c, _ in train_pairs}) < 3:  # a slope fitted to two contexts only mirrors their difference
-            net.contrast.requires_grad_(False)
-        net = net.to(torch_device)
-        on_device = values.to(torch_device)
-        optimizer = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=weight_decay)
 
-        def draw(groups: dict, picks: list, generator: np.random.Generator) -> torch.Tensor:
-            """One set of ``set_size`` rows per pick (drawn again when a group has fewer cells)."""
-            idx = np.stack([generator.choice(groups[k], set_size, replace=len(groups[k]) < set_size) for k in picks])
-            return on_device[torch.as_tensor(idx, device=torch_device)]
+    def to_genes(inputs: np.ndarray, cells: np.ndarray, members: np.ndarray) -> np.ndarray:
+        """As PerturbationModel.shifted_genes: the decoded change added to the cells' own panel values."""
+        if decoder is not None:
+            cells = genes_values[members] + (cells - inputs) @ decoder["weight"]
+        return np.clip(cells, 0, None)
 
-        def set_loss(predicted: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
-            mean_term = ((predicted.mean(1) - real.mean(1)) ** 2).sum(-1)
-            if loss == "mse":
-                return mean_term.mean()
-            return (energy_distance(predicted, real) + mean_weight * mean_term).mean()
-
-        # validation: fixed control and perturbed sets per validation pair, drawn once
-        val_rng = np.random.default_rng(random_state + 1)
-        val_keys = list(val_pairs)
-        if val_keys:
-            val_controls = draw({k: controls[k[0]] for k in val_keys}, val_keys, val_rng)
-            val_real = draw(val_pairs, val_keys, val_rng)
-            val_codes = torch.tensor([perturbations.index(p) for _, p in val_keys], device=torch_device)
-
-        best, best_state, best_epoch, stale, history = np.inf, copy.deepcopy(net.state_dict()), -1, 0, []
-        untrained = np.nan
-        if val_keys:  # training is kept only where it beats its start (the binned baseline) on validation
-            net.eval()
-            with torch.no_grad():
-                untrained = best = float(set_loss(net(val_controls, val_codes), val_real))
-        with progress_bar(total=max_epochs * steps, desc="training", unit="step", progress=progress) as bar:
-            for epoch in range(max_epochs):
-                net.train()
-                total = 0.0
-                for _ in range(steps):
-                    picks = rng.integers(len(keys), size=sets_per_batch)
-                    chosen = [keys[i] for i in picks]
-                    x = draw({k: controls[k[0]] for k in chosen}, chosen, rng)
-                    y = draw(train_pairs, chosen, rng)
-                    batch_loss = set_loss(net(x, codes[picks].to(torch_device)), y)
-                    optimizer.zero_grad(set_to_none=True)
-                    batch_loss.backward()
-                    optimizer.step()
-                    total += batch_loss.item()
-                    monitor.add_cells(sets_per_batch * set_size)
-                    bar.update(1)
-                entry = {"epoch": epoch, "loss": total / steps}
-                if val_keys:
-                    net.eval()
-                    with torch.no_grad():
-                        entry["val_loss"] = float(set_loss(net(val_controls, val_codes), val_real))
-                history.append(entry)
-                val = entry.get("val_loss", np.nan)
-                bar.set_postfix(epoch=epoch + 1, loss=f"{entry['loss']:.3f}", val=f"{val:.3f}")
-                score = entry.get("val_loss", entry["loss"])
-                if score < best - 1e-6:
-                    best, best_state, best_epoch, stale = score, copy.deepcopy(net.state_dict()), epoch, 0
-                else:
-                    stale += 1
-                    if early_stopping and stale >= early_stopping:
-                        break
-        net.load_state_dict(best_state)
-        # the model keeps every training context's effect (the validation context's too)
-        effects, control_means = _average_effects(values, pairs, controls, perturbations, effect_bins)
-        net.binned_effect.copy_(effects.to(torch_device))
-        net.control_mean.copy_(control_means.to(torch_device))
+    with ResourceMonitor(device=torch_device) as monitor:
+        settings = Settings(architecture, set_size, sets_per_batch, loss, mean_weight, max_epochs, early_stopping,
+                            lr, weight_decay, torch_device, progress, monitor)  # fmt: skip
+        fitted, oof = [], {}
+        for k, held in enumerate(folds):
+            train_k = {key: v for key, v in pairs.items() if key[0] not in held}
+            val_k = {key: v for key, v in pairs.items() if key[0] in held}
+            if not train_k:
+                continue
+            one = fit_network(values, controls, perturbations, train_k, val_k, settings, random_state + k,
+                              description=f"fold {k + 1}/{len(folds)}")  # fmt: skip
+            one.net.cpu()
+            known = {p for _, p in train_k}
+            oof |= stacking.network_bulks(one.net, values, controls, held, pairs, known, perturbations, set_size,
+                                          to_genes, random_state)  # fmt: skip
+            one.validation = f"fold {k + 1}: contexts {held}"
+            fitted.append(one)
+        folded = fitted
+        if len(contexts) < 3 or not fitted:  # the fold networks never saw enough contexts: one more on all of them
+            train_pairs, val_pairs, chosen = _validation(pairs, validation, rng)
+            one = fit_network(values, controls, perturbations, train_pairs, val_pairs, settings, random_state,
+                              description="training")  # fmt: skip
+            one.validation = chosen
+            fitted = [one]
+        # every network keeps every training context's average effect (its validation contexts' too)
+        effects, control_means = average_effects(values, pairs, controls, perturbations, effect_bins)
+        nets = []
+        for one in fitted:
+            net = one.net.cpu()
+            net.binned_effect.copy_(effects)
+            net.control_mean.copy_(control_means)
+            nets.append(net)
+        stacked = None
+        if stack:
+            stacked = stacking.fit_stack(adata, rows, pairs, controls, perturbations, folds or [contexts], oof,
+                                         panel, kind, layer)  # fmt: skip
+            if not folds:
+                logg.warning("one training context: the stacking weights cannot be learned on unseen contexts; "
+                             "the network alone predicts its panel, the perturbation mean the other genes")  # fmt: skip
+                stacked["weights"][:] = np.eye(len(stacking.COMPONENTS))[0]
+                stacked["baseline_weights"][:] = np.eye(len(stacking.BASELINES))[stacking.BASELINES.index(
+                    "perturbation_mean")]  # fmt: skip
     report = monitor.report
     counts = pd.Series({f"{c}|{p}": len(r) for (c, p), r in pairs.items()})
+    first = fitted[0]
+    history = {"loss": [h["loss"] for h in first.history],
+               "val_loss": [h.get("val_loss", np.nan) for h in first.history]}  # fmt: skip
+    networks = [{"validation": one.validation, "epochs": len(one.history), "best_epoch": one.best_epoch,
+                 "untrained_val_loss": one.untrained_val_loss} for one in fitted]  # fmt: skip
+    fold_networks = [{"validation": one.validation, "epochs": len(one.history), "best_epoch": one.best_epoch}
+                     for one in folded if all(one is not other for other in fitted)]  # fmt: skip
+    trained = [*fitted, *(one for one in folded if all(one is not other for other in fitted))]
     manifest = {
         "params": params,
-        "architecture": {
-            "n_features": int(values.shape[1]),
-            "hidden": hidden,
-            "n_layers": n_layers,
-            "n_heads": n_heads,
-            "dropout": dropout,
-            "gene_dim": gene_dim,
-            "effect_bins": effect_bins,
-        },
+        "architecture": {"n_features": int(values.shape[1]), **architecture},
         "data": {
             "n_cells": len(rows),
             "n_contexts": len(controls),
             "contexts": sorted(map(str, controls)),
             "n_pairs": len(pairs),
             "cells_per_pair": {"min": int(counts.min()), "median": float(counts.median()), "max": int(counts.max())},
-            "n_validation_cells": int(sum(len(v) for v in val_pairs.values())),
         },
-        "history": {"loss": [h["loss"] for h in history], "val_loss": [h.get("val_loss", np.nan) for h in history]},
-        "best_epoch": best_epoch,  # -1: no epoch beat the untrained network on the validation sets
-        "untrained_val_loss": untrained,
-        "resources": {**report.to_dict(), "epochs": len(history)},
+        "history": history,
+        "best_epoch": first.best_epoch,  # -1: no epoch beat the untrained network on the validation sets
+        "untrained_val_loss": first.untrained_val_loss,
+        "networks": networks,
+        "fold_networks": fold_networks,  # trained only for the stacking weights (two training contexts)
+        "resources": {**report.to_dict(), "epochs": sum(len(one.history) for one in trained)},
     }
-    model = PerturbationModel(net.cpu(), genes=list(panel), perturbations=perturbations, control=str(control),
+    model = PerturbationModel(nets, genes=list(panel), perturbations=perturbations, control=str(control),
                               perturbation_key=perturbation_key, context_key=context_key, recipe=recipe,
-                              use_rep=use_rep, decoder=decoder, manifest=manifest)  # fmt: skip
+                              use_rep=use_rep, decoder=decoder, manifest=manifest, stack=stacked)  # fmt: skip
     if model_dir is not None:
         model.save(model_dir, overwrite=overwrite)
     adata.uns[key_added] = model.uns_summary()
-    logg.info(f"    finished after {len(history)} epochs (best {manifest['best_epoch']}); {report}", time=start)
+    logg.info(f"    finished: {len(nets)} network(s), {manifest['resources']['epochs']} epochs; {report}", time=start)
     return model
