@@ -44,4 +44,8 @@ def test_readme_usage_example_runs_as_written(tmp_path, monkeypatch):
     assert (labels == query.obs["cell_line"].astype(str)).mean() > 0.9  # a meaningful query: another technology
     assert (tmp_path / "annotator" / "manifest.json").is_file()
     assert namespace["model"].metrics["cell_line"]["macro_f1"] > 0.9
-    assert namespace["scores"]["method"].nunique() == 5  # the perturbation model and its 4 baselines
+    table = namespace["table"]  # the perturbation model, its 4 baselines and the split-half replicate
+    assert table["method"].nunique() == 6
+    assert "replicate" in set(table["method"])
+    assert any(column.endswith("_scaled") for column in table.columns)  # what perturbation_summary reads
+    assert namespace["pred"].n_vars == namespace["held"].n_vars  # every gene predicted
