@@ -101,7 +101,7 @@ def evaluate_perturbation(
 
     - ``pearson_delta``: Pearson correlation of predicted and real deltas over all genes (best 1);
     - ``pearson_delta_top`` (``pearson_delta_top{{top_k}}``, ``n_top_genes``): the same over the real
-      top ``top_k`` DE genes (the significant genes of largest |log2FC|; fewer than ``top_k``
+      top ``top_k`` DE genes (the significant genes of largest ``|log2FC|``; fewer than ``top_k``
       significant: the ``top_k`` of lowest p-value);
     - ``mse``, ``mae``: errors of the pseudobulks; ``mse_delta``, ``mae_delta``: of the deltas (best 0);
     - ``discrimination_score_l1``, ``_l2``, ``_cosine``: ``1 − rank/N``, the rank of the true
