@@ -262,6 +262,32 @@ def test_make_split_on_an_unfinished_build_is_refused(tmp_path, monkeypatch):
     assert store.splits == []
 
 
+def test_a_split_that_fails_before_its_commit_leaves_the_committed_one_intact(store_path, monkeypatch):
+    """make_split commits through the writer like a batch: its new array is flushed first, the manifest last."""
+    store = cm.Store(store_path)
+    before, array = store.split_codes("default"), store.manifest["splits"]["default"]["array"]
+    real = _writer.write_manifest
+
+    def power_cut(path, manifest):
+        raise OSError("power cut before the commit")
+
+    monkeypatch.setattr(_writer, "write_manifest", power_cut)
+    with pytest.raises(OSError, match="power cut"):
+        store.make_split("default", test_fraction=0.3, random_state=1, overwrite=True)
+    monkeypatch.setattr(_writer, "write_manifest", real)
+    reopened = cm.Store(store_path)
+    assert reopened.manifest["splits"]["default"]["array"] == array  # the manifest still names the old version
+    np.testing.assert_array_equal(reopened.split_codes("default"), before)
+    assert reopened.verify()
+    table = reopened.make_split("default", test_fraction=0.3, random_state=1, overwrite=True)  # the retry succeeds
+    assert int(table["test"].sum()) == int((reopened.split_codes("default") == 2).sum()) > 0
+    assert not (store_path / array).exists()  # the replaced version is gone
+    assert sorted(p.name for p in (store_path / "splits").iterdir() if p.is_dir()) == [
+        reopened.manifest["splits"]["default"]["array"].split("/")[1]
+    ]
+    assert cm.Store(store_path).verify()
+
+
 def _with_bad_value(adata, row):
     bad = adata.copy()
     X = bad.X.tolil()

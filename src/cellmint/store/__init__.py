@@ -1,4 +1,4 @@
-"""The on-disk training store: layout (``_format``), crash-safe writer, inputs, and the ``Store`` reader."""
+"""The on-disk training store: layout (``_format``), reader, crash-safe writer, inputs, and the ``Store`` façade."""
 
 from .._utils._lock import LockBusyError
 from ._format import StaleManifestError

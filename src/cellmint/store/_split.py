@@ -3,13 +3,21 @@
 Without groups, cells are split within each label class (exact stratification). With groups, whole
 groups are assigned greedily, largest first, each to the split whose label deficit it fills best
 among those still below their target size; the achieved fractions and label proportions are
-recorded with the split.
+recorded with the split. :func:`make` is ``Store.make_split``; its codes are committed by the writer
+(``_writer.commit_split``) like any other write.
 """
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 import pandas as pd
+
+from ._writer import commit_split
+
+if TYPE_CHECKING:
+    from ._reader import StoreReader
 
 SPLIT_NAMES = ("train", "val", "test")
 #: the split ``build_store`` makes and ``Store.loader``/training use unless told otherwise
@@ -23,6 +31,48 @@ def check_fractions(test_fraction: float, val_fraction: float) -> None:
             raise ValueError(f"{name} must be in [0, 1), not {value!r}.")
     if test_fraction + val_fraction >= 1:
         raise ValueError("test_fraction + val_fraction must leave cells for training.")
+
+
+def check_name(name: str) -> None:
+    if not isinstance(name, str) or not name or "/" in name or name.startswith("."):
+        raise ValueError(f"A split's name must be a non-empty string without '/', not {name!r}.")
+
+
+def make(store: StoreReader, name: str, *, test_fraction: float, val_fraction: float, group_key: str | bool | None,
+         stratify_labels: bool, label_key: str | None, random_state: int, overwrite: bool) -> pd.DataFrame:  # fmt: skip
+    """See :meth:`cellmint.Store.make_split` (called under ``_writer.writing``, with a current manifest)."""
+    if not store.complete:
+        raise ValueError(f"The store at {store.path} is unfinished ({store.n_obs:,} cells committed): a split "
+                         "now would leave out the cells still to come. Resume the build (cm.pp.build_store "
+                         "with the same arguments) or the append (Store.append again, or Store.rollback()) "
+                         "first.")  # fmt: skip
+    if name in store.splits and not overwrite:
+        raise ValueError(f"A split named {name!r} exists; pass overwrite=True to replace it.")
+    obs = store.obs()
+    group_key = None if group_key is False else (group_key or store.manifest["group_key"])
+    if group_key is not None and group_key not in obs.columns:
+        raise KeyError(f"group_key {group_key!r} is neither the store's group nor one of its obs_keys "
+                       f"({[store.manifest['group_key'], *store.manifest['obs_keys']]}).")  # fmt: skip
+    if label_key is not None and label_key not in store.label_keys:
+        raise KeyError(f"label_key {label_key!r} is not a label key of the store ({store.label_keys}).")
+    label_key = label_key or (store.label_keys[0] if store.label_keys else None)
+    labels = obs[label_key].cat.codes.to_numpy() if (stratify_labels and label_key) else None
+    groups = obs[group_key].astype(str).to_numpy() if group_key is not None else None
+    codes = assign(labels, groups, n_obs=store.n_obs, test_fraction=test_fraction, val_fraction=val_fraction,
+                   random_state=random_state).astype(np.int8)  # fmt: skip
+    if groups is not None and (leaks := leakage(groups, codes)):
+        raise AssertionError(f"groups in several parts: {leaks[:5]}")  # pragma: no cover - by construction
+    record = {
+        "test_fraction": test_fraction, "val_fraction": val_fraction, "group_key": group_key,
+        "label_key": label_key if stratify_labels else None, "random_state": random_state, "n_obs": store.n_obs,
+        "cells": {part: int((codes == i).sum()) for i, part in enumerate(SPLIT_NAMES)},
+    }  # fmt: skip
+    parts = pd.Categorical.from_codes(codes, categories=list(SPLIT_NAMES))
+    classes = obs[label_key] if label_key else pd.Series(["all"] * store.n_obs, index=obs.index)
+    table = pd.crosstab(pd.Series(classes.to_numpy(), name=label_key or "cells"), pd.Series(parts, name="split"))
+    commit_split(store.path, store.manifest, name, codes, record)
+    store._arrays.pop(store.manifest["splits"][name]["array"], None)  # a new array under that name
+    return table.reindex(columns=list(SPLIT_NAMES), fill_value=0)
 
 
 def assign(

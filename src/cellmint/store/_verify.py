@@ -17,10 +17,10 @@ from . import _split
 from ._format import row_arrays, values_checksum
 
 if TYPE_CHECKING:
-    from ._store import Store
+    from ._reader import StoreReader
 
 
-def _read(store: Store, name: str, start: int, stop: int, problems: list[str], where: str) -> np.ndarray | None:
+def _read(store: StoreReader, name: str, start: int, stop: int, problems: list[str], where: str) -> np.ndarray | None:
     """Values ``start:stop`` of an array, or ``None`` with the reason added to ``problems``."""
     try:
         return store._array(name).read(start, stop)
@@ -29,7 +29,7 @@ def _read(store: Store, name: str, start: int, stop: int, problems: list[str], w
         return None
 
 
-def _lengths(store: Store, problems: list[str]) -> bool:
+def _lengths(store: StoreReader, problems: list[str]) -> bool:
     n, nnz = store.n_obs, store.nnz
     need = {"X/indptr": n + 1, "X/indices": nnz, "X/data": nnz}
     need |= {name: n for name in row_arrays(store.manifest)}
@@ -47,7 +47,7 @@ def _lengths(store: Store, problems: list[str]) -> bool:
     return ok
 
 
-def _batch_problems(store: Store, indptr: np.ndarray, problems: list[str]) -> None:
+def _batch_problems(store: StoreReader, indptr: np.ndarray, problems: list[str]) -> None:
     m, n = store.manifest, store.n_obs
     checksummed = m["format_version"] >= 3
     expected_rows = 0
@@ -84,7 +84,7 @@ def _batch_problems(store: Store, indptr: np.ndarray, problems: list[str]) -> No
         problems.append(f"committed batches cover {expected_rows} rows, the manifest says {n}")
 
 
-def _split_problems(store: Store, problems: list[str]) -> None:
+def _split_problems(store: StoreReader, problems: list[str]) -> None:
     splits = store.manifest.get("splits", {})
     obs = None
     for name, info in splits.items():
@@ -102,7 +102,7 @@ def _split_problems(store: Store, problems: list[str]) -> None:
                 problems.append(f"split {name!r} puts groups in several parts: {leaks[:5]}")
 
 
-def verify(store: Store) -> dict:
+def verify(store: StoreReader) -> dict:
     """See :meth:`cellmint.Store.verify`."""
     problems: list[str] = []
     m, n, nnz = store.manifest, store.n_obs, store.nnz

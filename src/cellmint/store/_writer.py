@@ -1,32 +1,39 @@
-"""Write a store batch by batch; each batch is committed atomically to the manifest (see ``_format``).
+"""Every write to a store: values beyond the committed ones, flushed, then committed in the manifest (``_format``).
 
-Two stages, so that ingest can overlap them: :meth:`StoreWriter.encode` (caller's thread) turns a
-chunk of cells into a :class:`Batch` (codes for labels, groups and obs columns; categories only grow),
-and :meth:`StoreWriter.commit` (a writer thread) writes its arrays, flushes them to disk, then
-commits it with the checksums of every array. A writer is only made by a caller that holds the
-store's lock (``build_store``, ``Store.append``).
+Batches of cells go in two stages, so that ingest can overlap them: :meth:`StoreWriter.encode`
+(caller's thread) turns a chunk of cells into a :class:`Batch` (codes for labels, groups and obs
+columns; categories only grow), and :meth:`StoreWriter.commit` (a writer thread) writes its arrays,
+flushes them to disk, then commits it with the checksums of every array. A split is committed the
+same way by :func:`commit_split`. Writes are made only under :func:`writing` (the store's lock, the
+handle's manifest brought up to date) or by ``build_store``, which holds the lock itself.
 """
 
 from __future__ import annotations
 
 import copy
 import os
+import shutil
 import zlib
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
 import zarr
 
 from .. import __version__
+from .._utils import _logging as logg
 from .._utils._files import fsync_folder
+from .._utils._lock import writer_lock
 from . import _format
 from ._arrays import ChunkedArray, run_writes
 from ._format import (
     DATA_CHUNK,
     FORMAT_VERSION,
+    LOCK,
     ROW_CHUNK,
     array_kind,
     numeric_codec,
@@ -37,6 +44,26 @@ from ._format import (
     values_checksum,
     write_manifest,
 )
+
+if TYPE_CHECKING:
+    from ._reader import StoreReader
+
+
+@contextmanager
+def writing(store: StoreReader) -> Iterator[None]:
+    """Hold the store's writer lock, with the handle's manifest brought up to date first.
+
+    A handle that another writer overtook reloads here (with a note in the log), so what it then
+    writes builds on the newest commit; the commit itself is a compare-and-swap on the manifest.
+    """
+    with writer_lock(store.path / LOCK, what=f"the store at {store.path}"):
+        current = read_manifest(store.path)
+        if current.get("generation") != store.manifest.get("generation"):
+            logg.info(f"    {store.path} changed since this Store read it (generation "
+                      f"{store.manifest.get('generation')} → {current.get('generation')}): reloaded")  # fmt: skip
+            store.manifest, store._arrays = current, {}
+        require_writable(current, store.path)
+        yield
 
 
 def batch_checksum(indptr: np.ndarray, indices: np.ndarray, data: np.ndarray) -> int:
@@ -69,6 +96,15 @@ def sync_created(root: Path, names: list[str]) -> None:
         elif path.is_file():
             with open(path, "rb+") as fh:
                 os.fsync(fh.fileno())
+
+
+def write_durably(tasks: list, arrays: list[ChunkedArray]) -> None:
+    """Run write ``tasks`` (all files at once: their flushes to disk overlap), then flush the ``arrays``' folders.
+
+    What a commit does before it names the values in the manifest: every byte of them is on disk first.
+    """
+    run_writes(tasks)
+    run_writes([task for array in arrays for task in array.sync_tasks()])
 
 
 def input_record(inp, index: int, missing_genes: list[str]) -> dict:
@@ -251,9 +287,7 @@ class StoreWriter:
         tasks += X["data"].length_tasks(nnz0 + nnz)
         for array in self._row_arrays.values():
             tasks += array.length_tasks(n0 + rows)
-        run_writes(tasks)  # all files of the batch at once: their flushes to disk overlap
-        run_writes([task for array in self.arrays() for task in array.sync_tasks()])
-        # every byte of the batch is on disk before the manifest names it
+        write_durably(tasks, self.arrays())  # every byte of the batch is on disk before the manifest names it
         m["batches"].append({
             "input": batch.input_index, "input_start": batch.input_start, "input_stop": batch.input_start + rows,
             "rows": [n0, n0 + rows], "nnz": [nnz0, nnz0 + nnz],
@@ -274,3 +308,26 @@ class StoreWriter:
 def batch_checksums(batch: Batch) -> dict[str, int]:
     """crc32 of the batch's values in every per-cell array (``_format.values_checksum``)."""
     return {name: values_checksum(values) for name, values in batch.rows.items()}
+
+
+def commit_split(path: Path, manifest: dict, name: str, codes: np.ndarray, record: dict) -> None:
+    """Commit split ``name``: its codes in a new array, flushed, then named in ``manifest`` (updated in place).
+
+    Every version of a split has its own array (``splits/<name>-<generation>``), so the version the
+    manifest names stays intact until the commit; the one it replaces is deleted after it. Call it
+    under :func:`writing`, with the handle's manifest.
+    """
+    array = f"splits/{name}-{manifest['generation'] + 1}"
+    folder = array.split("/", 1)[1]
+    splits = zarr.open_group(path, mode="r+").require_group("splits")
+    if folder in splits:  # left by a split that failed before its commit
+        del splits[folder]
+    _row_array(splits, folder, "int8")
+    written = ChunkedArray(Path(path) / array, name=array, dtype="int8")
+    write_durably([*written.write_tasks(0, codes), *written.length_tasks(len(codes))], [written])
+    sync_created(path, ["splits/zarr.json", "splits"])  # made by zarr: on disk before the commit names them
+    replaced = manifest.get("splits", {}).get(name, {}).get("array", f"splits/{name}")
+    manifest.setdefault("splits", {})[name] = {**record, "array": array, "crc32": values_checksum(codes)}
+    write_manifest(path, manifest)
+    if replaced != array and (Path(path) / replaced).is_dir():
+        shutil.rmtree(Path(path) / replaced)  # the replaced version, no longer named by the manifest
