@@ -213,7 +213,7 @@ class Store(StoreReader):
         also ``"global_index"`` (the rows of the whole global batch). Under ``torch.distributed`` every
         rank reads its own share.
         """
-        from ._sampling import store_loader
+        from ._loader import store_loader
 
         return store_loader(
             self, batch_size, split, shuffle=shuffle, balance=balance, label_key=label_key, random_state=random_state,
