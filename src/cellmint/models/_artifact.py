@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from .. import __version__
+from .._version import __version__
 from .._utils import _logging as logg
 from .._utils._files import (
     SEAL,

@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 import zarr
 
-from .. import __version__
+from .._version import __version__
 from .._utils._files import fsync_folder
 from . import _format
 from ._arrays import ChunkedArray, run_writes
