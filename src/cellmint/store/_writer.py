@@ -20,8 +20,8 @@ import numpy as np
 import pandas as pd
 import zarr
 
-from .._version import __version__
 from .._utils._files import fsync_folder
+from .._version import __version__
 from . import _format
 from ._arrays import ChunkedArray, run_writes
 from ._format import (
