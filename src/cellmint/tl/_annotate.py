@@ -135,7 +135,7 @@ def annotate(
     model: Annotator | str | Path | None = None,
     *,
     layer: str | None = None,
-    key_added: str = "cellmint",
+    key_added: str = Key.uns.annotate,
     gene_key: str | None = None,
     strip_ensembl_versions: bool = False,
     chunk_size: int | None = None,
