@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING
 
 import anndata as ad
 import numpy as np
@@ -13,6 +13,10 @@ from .._keys import Key
 from .._utils._docs import doc_params
 from ..models._metrics import ECE_BINS, expected_calibration_error
 from ._figure import finish
+
+if TYPE_CHECKING:  # pragma: no cover
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
 
 KINDS = ("violin", "hist", "reliability", "confusion", "embedding", "unknown")
 #: colours of the Unknown reasons (tl/_calls.REASONS) in the "unknown" plot
@@ -43,7 +47,7 @@ def _level(annotation: Mapping, key: str, level: str | None) -> str:
     return level
 
 
-def _palette(adata, column: str, categories: list) -> dict:
+def _palette(adata: ad.AnnData, column: str, categories: list) -> dict:
     import scanpy as sc
 
     colors = adata.uns.get(f"{column}_colors")
@@ -63,10 +67,10 @@ def confidence(
     truth_key: str | None = None,
     basis: str = "umap",
     threshold: float | None = None,
-    ax: Any = None,
+    ax: Axes | None = None,
     show: bool | None = None,
     return_fig: bool = False,
-):
+) -> Figure | Axes | None:
     """Plot the confidence of labels from :func:`cellmint.tl.annotate`.
 
     Parameters
@@ -181,7 +185,7 @@ def confidence(
     return finish(fig, ax, show=show, return_fig=return_fig)
 
 
-def _why_unknown(obs: pd.DataFrame, key: str, level: str, conf: np.ndarray, annotation: Mapping, ax) -> None:
+def _why_unknown(obs: pd.DataFrame, key: str, level: str, conf: np.ndarray, annotation: Mapping, ax: Axes) -> None:
     """Open-set score against confidence, coloured by the reason of each cell's Unknown call."""
     for needed in (Key.obs.distance(key), Key.obs.unknown_reason(key, level)):
         if needed not in obs.columns:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import anndata as ad
 import numpy as np
@@ -27,7 +26,7 @@ SOURCES = {"stack": "network+baselines", "baselines": "baselines", "unknown": "c
 
 @doc_params()
 def predict_perturbation(
-    adata: Any,
+    adata: ad.AnnData,
     model: PerturbationModel | str | Path | None,
     perturbations: str | Sequence[str],
     *,
