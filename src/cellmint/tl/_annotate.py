@@ -248,7 +248,8 @@ def annotate(
     ``uns[key_added]["annotation"]`` (model folder, gene overlap, the input scale detected, thresholds
     and how the open-set one was set, the label of untrusted cells (``unknown_label``), counts of
     them per level and reason, of refined cells, the prediction sets' alpha, calibration and mean
-    size, and ``resources``: wall time, cells/s, peak RSS and GPU peak of the run).
+    size, ``resources``: wall time, cells/s, peak RSS and GPU peak of the run, and ``levels``: the label
+    levels annotated, coarse to fine, where :func:`cellmint.pl.confidence` finds them).
     """
     is_path = isinstance(adata, str | Path)
     _check_options(adata, knn=knn, cluster_key=cluster_key)
