@@ -10,8 +10,9 @@ from __future__ import annotations
 import importlib
 import os as _os
 import sys as _sys
-from importlib import metadata as _metadata
 from typing import TYPE_CHECKING, Any
+
+from ._version import __version__
 
 # OpenMP threads that wait for work sleep instead of spinning, when torch is not loaded yet (libgomp reads
 # this once, when torch loads it). Spinning threads take the cores other processes need: on a shared
@@ -20,10 +21,6 @@ from typing import TYPE_CHECKING, Any
 if "torch" not in _sys.modules:
     _os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-try:  # the version lives in pyproject.toml; an installed cellmint (wheel or editable) knows it
-    __version__ = _metadata.version("cellmint")
-except _metadata.PackageNotFoundError:  # pragma: no cover - a source tree that was never installed
-    __version__ = "0+unknown"
 
 #: public name -> (module, attribute or None for the module itself)
 _LAZY = {

@@ -384,7 +384,7 @@ def _give_back_paths(args: argparse.Namespace, needed: int) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``cellmint`` command (exposed for the docs and tests)."""
-    from . import __version__
+    from ._version import __version__
 
     parser = argparse.ArgumentParser(
         prog="cellmint",

@@ -22,7 +22,6 @@ from typing import Any
 
 import torch
 
-from .. import __version__
 from .._utils import _logging as logg
 from .._utils._files import (
     SEAL,
@@ -34,6 +33,7 @@ from .._utils._files import (
     write_file,
 )
 from .._utils._lock import writer_lock
+from .._version import __version__
 
 MANIFEST = "manifest.json"
 WEIGHTS = "weights.pt"

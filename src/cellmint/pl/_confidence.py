@@ -2,27 +2,44 @@
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
+import anndata as ad
 import numpy as np
 import pandas as pd
 
+from .._keys import Key
 from .._utils._docs import doc_params
 from ..models._metrics import ECE_BINS, expected_calibration_error
 from ._figure import finish
 
+if TYPE_CHECKING:  # pragma: no cover
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
+
 KINDS = ("violin", "hist", "reliability", "confusion", "embedding", "unknown")
-#: colours of the Unknown reasons (tl/_annotate.REASONS) in the "unknown" plot
+#: colours of the Unknown reasons (tl/_calls.REASONS) in the "unknown" plot
 _REASON_COLORS = {"labelled": "#9e9e9e", "distance": "#d62728", "confidence": "#1f77b4", "margin": "#ff7f0e",
                   "coarse level": "#9467bd"}  # fmt: skip
 
 
-def _level(obs: pd.DataFrame, key: str, level: str | None) -> str:
-    levels = [c[len(key) + 1 : -len("_confidence")] for c in obs.columns
-              if c.startswith(f"{key}_") and c.endswith("_confidence")]  # fmt: skip
-    if not levels:
-        raise KeyError(f"adata.obs has no {key}_<level>_confidence column: run cm.tl.annotate(adata, ..., "
-                       f"key_added={key!r}) first.")  # fmt: skip
+def _annotation(adata: ad.AnnData, key: str) -> dict:
+    """``uns[key]["annotation"]``, the record ``cm.tl.annotate`` writes (its parameters and levels)."""
+    meta = adata.uns.get(key)
+    annotation = meta.get(Key.uns.annotation) if isinstance(meta, Mapping) else None
+    if not isinstance(annotation, Mapping):
+        raise KeyError(f"adata.uns[{key!r}] holds no annotation: run cm.tl.annotate(adata, ..., key_added={key!r}) "
+                       "first.")  # fmt: skip
+    return annotation
+
+
+def _level(annotation: Mapping, key: str, level: str | None) -> str:
+    """The level to draw, among those annotate recorded (coarse to fine; default the first)."""
+    if Key.uns.levels not in annotation:
+        raise KeyError(f"adata.uns[{key!r}][{Key.uns.annotation!r}] records no levels: annotate with this version "
+                       "of cellmint first.")  # fmt: skip
+    levels = [str(name) for name in annotation[Key.uns.levels]]
     if level is None:
         return levels[0]
     if level not in levels:
@@ -30,7 +47,7 @@ def _level(obs: pd.DataFrame, key: str, level: str | None) -> str:
     return level
 
 
-def _palette(adata, column: str, categories: list) -> dict:
+def _palette(adata: ad.AnnData, column: str, categories: list) -> dict:
     import scanpy as sc
 
     colors = adata.uns.get(f"{column}_colors")
@@ -41,8 +58,8 @@ def _palette(adata, column: str, categories: list) -> dict:
 
 @doc_params()
 def confidence(
-    adata: Any,
-    key: str = "cellmint",
+    adata: ad.AnnData,
+    key: str = Key.uns.annotate,
     level: str | None = None,
     *,
     kind: str = "violin",
@@ -50,10 +67,10 @@ def confidence(
     truth_key: str | None = None,
     basis: str = "umap",
     threshold: float | None = None,
-    ax: Any = None,
+    ax: Axes | None = None,
     show: bool | None = None,
     return_fig: bool = False,
-):
+) -> Figure | Axes | None:
     """Plot the confidence of labels from :func:`cellmint.tl.annotate`.
 
     Parameters
@@ -98,16 +115,17 @@ def confidence(
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, not {kind!r}.")
     obs = adata.obs
-    level = _level(obs, key, level)
-    column = f"{key}_{level}"
-    conf = obs[f"{column}_confidence"].to_numpy(dtype=float)
+    annotation = _annotation(adata, key)
+    level = _level(annotation, key, level)
+    column = Key.obs.label(key, level)
+    conf = obs[Key.obs.confidence(key, level)].to_numpy(dtype=float)
     predicted = obs[column].astype(str).to_numpy()
     if truth_key is not None and truth_key not in obs.columns:
         raise KeyError(f"adata.obs has no truth column {truth_key!r}.")
     if kind in ("reliability", "confusion") and truth_key is None:
         raise ValueError(f"kind={kind!r} needs truth_key=, the obs column of the true labels.")
     if threshold is None:
-        threshold = adata.uns.get(key, {}).get("annotation", {}).get("min_confidence")
+        threshold = annotation.get("min_confidence")
     fig, ax = (ax.figure, ax) if ax is not None else plt.subplots(figsize=(6, 4))
     if kind == "violin":
         group = obs[groupby].astype(str) if groupby is not None else pd.Series(predicted, index=obs.index)
@@ -121,11 +139,11 @@ def confidence(
         if truth_key is not None:
             split = np.where(predicted == obs[truth_key].astype(str).to_numpy(), "correct", "wrong")
         else:
-            split = np.where(obs[f"{column}_unknown"].to_numpy(), "Unknown", "labelled")
+            split = np.where(obs[Key.obs.unknown(key, level)].to_numpy(), "Unknown", "labelled")
         frame = pd.DataFrame({"confidence": conf, "cells": split})
         sns.histplot(data=frame, x="confidence", hue="cells", bins=20, binrange=(0, 1), multiple="stack", ax=ax)
     elif kind == "reliability":
-        proba = adata.obsm[f"{column}_proba"]
+        proba = adata.obsm[Key.obsm.proba(key, level)]
         truth = obs[truth_key].astype(str).to_numpy()
         top = np.asarray(proba.columns.astype(str))[proba.to_numpy().argmax(axis=1)]
         top_conf = proba.to_numpy().max(axis=1)
@@ -150,9 +168,9 @@ def confidence(
                     cbar_kws={"label": "share of true cells"})  # fmt: skip
         ax.set(xlabel=f"predicted {level}", ylabel=truth_key)
     elif kind == "unknown":
-        _why_unknown(obs, key, column, conf, adata.uns.get(key, {}).get("annotation", {}), ax)
+        _why_unknown(obs, key, level, conf, annotation, ax)
     else:
-        name = f"X_{basis}"
+        name = Key.obsm.basis(basis)
         if name not in adata.obsm:
             raise KeyError(f"adata.obsm has no {name!r}; compute it (e.g. sc.tl.umap) or pick another basis.")
         xy = np.asarray(adata.obsm[name])[:, :2]
@@ -167,13 +185,13 @@ def confidence(
     return finish(fig, ax, show=show, return_fig=return_fig)
 
 
-def _why_unknown(obs: pd.DataFrame, key: str, column: str, conf: np.ndarray, annotation: dict, ax) -> None:
+def _why_unknown(obs: pd.DataFrame, key: str, level: str, conf: np.ndarray, annotation: Mapping, ax: Axes) -> None:
     """Open-set score against confidence, coloured by the reason of each cell's Unknown call."""
-    for needed in (f"{key}_distance", f"{column}_unknown_reason"):
+    for needed in (Key.obs.distance(key), Key.obs.unknown_reason(key, level)):
         if needed not in obs.columns:
             raise KeyError(f"adata.obs has no {needed!r}: annotate with this version of cellmint first.")
-    score = obs[f"{key}_distance"].to_numpy(dtype=float)
-    reason = obs[f"{column}_unknown_reason"].astype(str).replace("", "labelled").to_numpy()
+    score = obs[Key.obs.distance(key)].to_numpy(dtype=float)
+    reason = obs[Key.obs.unknown_reason(key, level)].astype(str).replace("", "labelled").to_numpy()
     for name, color in _REASON_COLORS.items():
         cells = reason == name
         if cells.any():
@@ -185,6 +203,6 @@ def _why_unknown(obs: pd.DataFrame, key: str, column: str, conf: np.ndarray, ann
         ax.axvline(limit, ls="--", color=_REASON_COLORS["distance"], lw=1)
     ax.set_xscale("log")
     ax.set(ylim=(0, 1.02), xlabel="open-set score (distance to the reference, relative)", ylabel="confidence",
-           title=f"{column.removeprefix(key + '_')}: why cells are Unknown ({(reason != 'labelled').sum():,} of "
+           title=f"{level}: why cells are Unknown ({(reason != 'labelled').sum():,} of "
            f"{len(reason):,})")  # fmt: skip
     ax.legend(loc="lower left", frameon=False, fontsize="small", markerscale=2)

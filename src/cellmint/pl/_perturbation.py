@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
+import anndata as ad
 import numpy as np
 import pandas as pd
 
+from .._keys import Key
 from .._utils._docs import doc_params
+from ..tl._perturbation_data import LogExpression
 from ._figure import finish
+
+if TYPE_CHECKING:  # pragma: no cover
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
 
 KINDS = ("delta", "metrics", "scaled")
 #: metrics drawn by kind="metrics" unless told otherwise (each with the direction that is better)
@@ -19,12 +26,15 @@ DEFAULT_METRICS = {"pearson_delta": "higher", "pearson_delta_top100": "higher", 
 DEFAULT_BASELINES = ("control", "perturbation_mean", "context_mean", "linear")
 
 
-def _pseudobulk_delta(adata, rows: np.ndarray, controls: np.ndarray) -> np.ndarray:
-    def mean(r):
-        block = adata.X[r]
-        return np.asarray(block.mean(axis=0)).ravel()
+def _pseudobulk_delta(adata: ad.AnnData, genes: pd.Index, rows: np.ndarray, controls: np.ndarray, *,
+                      what: str) -> np.ndarray:  # fmt: skip
+    """Perturbed − control pseudobulk of log-normalised values over ``genes``, as the evaluation reads cells.
 
-    return mean(rows) - mean(controls)
+    Raw counts are normalised with the one recipe (:class:`~cellmint.tl._perturbation_data.LogExpression`,
+    what :func:`~cellmint.tl.evaluate_perturbation` uses), log-normalised values are used as they are.
+    """
+    values = LogExpression(adata, genes, layer=None, what=what)
+    return values.mean(rows) - values.mean(controls)
 
 
 @doc_params()
@@ -40,10 +50,11 @@ def perturbation(
     context: str | None = None,
     metrics: Sequence[str] | None = None,
     label_top: int = 8,
-    ax: Any = None,
+    key: str = Key.uns.prediction,
+    ax: Axes | None = None,
     show: bool | None = None,
     return_fig: bool = False,
-):
+) -> Figure | Axes | None:
     """Plot how well perturbation responses were predicted.
 
     ``kind="delta"``: for one perturbation (and context), the real effect of each gene (perturbed −
@@ -62,7 +73,8 @@ def perturbation(
         control cells). ``kind="metrics"``: the DataFrame of :func:`cellmint.tl.evaluate_perturbation`.
         ``kind="scaled"``: such a table, a list of them, or their :func:`cellmint.tl.perturbation_summary`.
     real
-        ``kind="delta"``: real cells (perturbed and control, log-normalised; genes matched by name).
+        ``kind="delta"``: real cells (perturbed and control; raw counts or log-normalised values, the former
+        normalised as :func:`cellmint.tl.evaluate_perturbation` does; genes matched by name).
     kind
         ``"delta"``, ``"metrics"`` or ``"scaled"``.
     perturbation_key
@@ -80,6 +92,9 @@ def perturbation(
         Pearson delta, MSE and energy distance, those present).
     label_top
         ``kind="delta"``: name this many genes with the largest absolute real effect.
+    key
+        ``kind="delta"``: the ``key_added`` of :func:`cellmint.tl.predict_perturbation`, whose
+        ``uns[key]["perturbations"]`` gives the default ``perturbation``.
     ax
         Matplotlib axes to draw into (``kind="delta"``; a new figure otherwise).
     {doc_show}
@@ -95,7 +110,7 @@ def perturbation(
     if kind == "scaled":
         return _scaled(data, metrics, show=show, return_fig=return_fig)
     if kind == "metrics":
-        if not isinstance(data, pd.DataFrame) or "method" not in data:
+        if not isinstance(data, pd.DataFrame) or Key.table.method not in data:
             raise TypeError("kind='metrics' draws the DataFrame returned by cm.tl.evaluate_perturbation.")
         wanted = list(metrics) if metrics is not None else [m for m in DEFAULT_METRICS if m in data]
         unknown = [m for m in wanted if m not in data]
@@ -104,10 +119,10 @@ def perturbation(
         import seaborn as sns
 
         fig, axes = plt.subplots(1, len(wanted), figsize=(3.2 * len(wanted), 3.4), squeeze=False)
-        order = list(dict.fromkeys(data["method"]))
+        order = list(dict.fromkeys(data[Key.table.method]))
         for panel, metric in zip(axes[0], wanted, strict=True):
-            sns.barplot(data=data, x="method", y=metric, order=order, ax=panel, errorbar=None, color="0.85")
-            sns.stripplot(data=data, x="method", y=metric, order=order, ax=panel, size=3, color="C0")
+            sns.barplot(data=data, x=Key.table.method, y=metric, order=order, ax=panel, errorbar=None, color="0.85")
+            sns.stripplot(data=data, x=Key.table.method, y=metric, order=order, ax=panel, size=3, color="C0")
             better = DEFAULT_METRICS.get(metric)
             panel.set_title(metric + (f" ({better} is better)" if better else ""), fontsize=9)
             panel.set_xlabel("")
@@ -116,13 +131,13 @@ def perturbation(
 
     if real is None:
         raise ValueError("kind='delta' needs the real cells: perturbation(pred, real, ...).")
-    info = next((v for v in data.uns.values() if isinstance(v, dict) and "perturbations" in v), {})
     if perturbation_key is None or control is None:
         raise ValueError("kind='delta' needs perturbation_key= and control=.")
     if perturbation is None:
-        predicted = list(info.get("perturbations", []))
+        info = data.uns.get(key)
+        predicted = list(info.get(Key.uns.perturbations, [])) if isinstance(info, Mapping) else []
         if not predicted:
-            raise ValueError("Name the perturbation to draw: perturbation=.")
+            raise ValueError(f"Name the perturbation to draw: perturbation= (data.uns[{key!r}] names none).")
         perturbation = str(predicted[0])
     genes = pd.Index(data.var_names.astype(str)).intersection(pd.Index(real.var_names.astype(str)), sort=False)
     if len(genes) == 0:
@@ -136,13 +151,12 @@ def perturbation(
         return np.flatnonzero(mask)
 
     deltas = {}
-    for name, adata in (("predicted", data), ("real", real)):
-        subset = adata[:, genes]
-        rows, controls = select(subset, perturbation), select(subset, str(control))
+    for name, what, adata in (("predicted", "data", data), ("real", "real", real)):
+        rows, controls = select(adata, perturbation), select(adata, str(control))
         if not len(rows) or not len(controls):
             raise ValueError(f"The {name} cells have no {perturbation!r} cells or no control cells"
                              f"{f' in context {context!r}' if context is not None else ''}.")  # fmt: skip
-        deltas[name] = _pseudobulk_delta(subset, rows, controls)
+        deltas[name] = _pseudobulk_delta(adata, genes, rows, controls, what=what)
     fig, ax = (ax.figure, ax) if ax is not None else plt.subplots(figsize=(4.5, 4.5))
     x, y = deltas["real"], deltas["predicted"]
     ax.scatter(x, y, s=8, alpha=0.6, color="C0", linewidths=0)
@@ -160,28 +174,28 @@ def perturbation(
     return finish(fig, ax, show=show, return_fig=return_fig)
 
 
-def _scaled(data: Any, metrics: Sequence[str] | None, *, show, return_fig):
+def _scaled(data: Any, metrics: Sequence[str] | None, *, show: bool | None, return_fig: bool) -> Figure | Axes | None:
     """Pooled scaled score of each method with its interval, one panel per metric."""
     import matplotlib.pyplot as plt
 
     from ..tl import perturbation_summary
 
     tables = data if isinstance(data, list | tuple) else [data]
-    if not all(isinstance(t, pd.DataFrame) and "method" in t for t in tables):
+    if not all(isinstance(t, pd.DataFrame) and Key.table.method in t for t in tables):
         raise TypeError("kind='scaled' draws tables of cm.tl.evaluate_perturbation or their perturbation_summary.")
-    is_summary = len(tables) == 1 and "perturbation" not in tables[0] and "n" in tables[0]
+    is_summary = len(tables) == 1 and Key.table.perturbation not in tables[0] and Key.table.n in tables[0]
     summary = tables[0] if is_summary else perturbation_summary(tables)
-    wanted = list(metrics) if metrics is not None else [m for m in DEFAULT_METRICS if f"{m}_scaled" in summary]
-    unknown = [m for m in wanted if f"{m}_scaled" not in summary]
+    wanted = list(metrics) if metrics is not None else [m for m in DEFAULT_METRICS if Key.table.scaled(m) in summary]
+    unknown = [m for m in wanted if Key.table.scaled(m) not in summary]
     if unknown:
         raise KeyError(f"Metric(s) {unknown} have no scaled scores in the summary.")
-    methods = [m for m in summary["method"] if m != "replicate"]
-    rows = summary.set_index("method").loc[methods]
+    methods = [m for m in summary[Key.table.method] if m != Key.table.replicate]
+    rows = summary.set_index(Key.table.method).loc[methods]
     fig, axes = plt.subplots(1, len(wanted), figsize=(3.2 * len(wanted), 0.45 * len(methods) + 1.2), squeeze=False)
     for panel, metric in zip(axes[0], wanted, strict=True):
-        value = rows[f"{metric}_scaled"].to_numpy(dtype=float)
-        low = rows[f"{metric}_scaled_low"].to_numpy(dtype=float)
-        high = rows[f"{metric}_scaled_high"].to_numpy(dtype=float)
+        value = rows[Key.table.scaled(metric)].to_numpy(dtype=float)
+        low = rows[Key.table.scaled_low(metric)].to_numpy(dtype=float)
+        high = rows[Key.table.scaled_high(metric)].to_numpy(dtype=float)
         y = np.arange(len(methods))[::-1]
         panel.barh(y, value, color=["C0" if m not in DEFAULT_BASELINES else "0.75" for m in methods], height=0.6)
         known = np.isfinite(low)

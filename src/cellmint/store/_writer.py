@@ -24,10 +24,10 @@ import numpy as np
 import pandas as pd
 import zarr
 
-from .. import __version__
 from .._utils import _logging as logg
 from .._utils._files import fsync_folder
 from .._utils._lock import writer_lock
+from .._version import __version__
 from . import _format
 from ._arrays import ChunkedArray, run_writes
 from ._format import (

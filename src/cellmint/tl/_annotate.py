@@ -17,6 +17,7 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 
+from .._keys import Key
 from .._utils import _logging as logg
 from .._utils._device import resolve_device
 from .._utils._docs import doc_params
@@ -25,7 +26,7 @@ from ..io._models import resolve_model
 from ..models import _conformal as conformal
 from ..models import _open_set as open_set_rule
 from ..models._annotator import UNKNOWN, Annotator
-from ._calls import REASONS, Decision, final_calls, vote
+from ._calls import Calls, Decision, Rules, level_results, vote
 from ._knn import NearestReference, reference_search
 from ._query import MIN_OVERLAP, WARN_OVERLAP, QueryRows, align_genes
 
@@ -108,51 +109,6 @@ def _searched(pending: list, search: _Search | None, decide: Decision, annotator
     return decide(proba, votes, voted, knn == "all"), proba, distance, coordinates
 
 
-class _Calls:
-    """The calls of every searched batch, gathered per level (prediction sets packed 8 classes a byte)."""
-
-    def __init__(self, annotator: Annotator, *, keep_proba: bool, calibration: dict | None):
-        self.levels = {level: [] for level in annotator.classes}
-        self.n_classes = {level: len(c) for level, c in annotator.classes.items()}
-        self.keep_proba, self.calibration = keep_proba, calibration
-        self.parts: list[np.ndarray] = []
-        self.coordinates: list[np.ndarray] = []
-
-    def add(self, calls: dict, proba: dict, distance: np.ndarray, coordinates: np.ndarray | None) -> None:
-        for level, result in calls.items():
-            if not self.keep_proba:
-                del result["proba"]
-            if self.calibration is not None:
-                members = conformal.prediction_sets(proba[level], self.calibration["thresholds"][level])
-                result["members"] = np.packbits(members, axis=1)
-            self.levels[level].append(result)
-        self.parts.append(distance)
-        if coordinates is not None:
-            self.coordinates.append(coordinates)
-
-    def distances(self) -> tuple[np.ndarray, np.ndarray]:
-        """Each cell's own relative distance, and its open-set score (:mod:`~cellmint.models._open_set`)."""
-        distance = np.concatenate(self.parts) if self.parts else np.zeros(0, dtype=np.float32)
-        if not self.coordinates:
-            return distance, distance
-        coordinates = np.concatenate(self.coordinates)
-        self.coordinates = []
-        return distance, open_set_rule.neighbourhood_scores(coordinates, distance)
-
-    def level(self, level: str) -> dict[str, np.ndarray]:
-        """The level's columns over all cells, in order (the parts are released)."""
-        parts, self.levels[level] = self.levels[level], []
-        n = self.n_classes[level]
-        empty = {"label": np.zeros(0, np.int32), "confidence": np.zeros(0, np.float32),
-                 "margin": np.zeros(0, np.float32), "unknown": np.zeros(0, bool), "refined": np.zeros(0, bool),
-                 "proba": np.zeros((0, n), np.float32), "members": np.zeros((0, (n + 7) // 8), np.uint8)}  # fmt: skip
-        names = parts[0].keys() if parts else empty.keys()
-        return {name: np.concatenate([part[name] for part in parts]) if parts else empty[name] for name in names}
-
-    def members(self, column: dict[str, np.ndarray], level: str) -> np.ndarray:
-        return np.unpackbits(column["members"], axis=1, count=self.n_classes[level]).astype(bool)
-
-
 def _calibration(annotator: Annotator, alpha: float | None, class_conditional: bool) -> dict | None:
     """Per level, the class thresholds of the prediction sets at ``alpha`` and what the model recorded of them."""
     if alpha is None:
@@ -179,7 +135,7 @@ def annotate(
     model: Annotator | str | Path | None = None,
     *,
     layer: str | None = None,
-    key_added: str = "cellmint",
+    key_added: str = Key.uns.annotate,
     gene_key: str | None = None,
     strip_ensembl_versions: bool = False,
     chunk_size: int | None = None,
@@ -292,37 +248,80 @@ def annotate(
     ``uns[key_added]["annotation"]`` (model folder, gene overlap, the input scale detected, thresholds
     and how the open-set one was set, the label of untrusted cells (``unknown_label``), counts of
     them per level and reason, of refined cells, the prediction sets' alpha, calibration and mean
-    size, and ``resources``: wall time, cells/s, peak RSS and GPU peak of the run).
+    size, ``resources``: wall time, cells/s, peak RSS and GPU peak of the run, and ``levels``: the label
+    levels annotated, coarse to fine, where :func:`cellmint.pl.confidence` finds them).
     """
+    is_path = isinstance(adata, str | Path)
+    _check_options(adata, knn=knn, cluster_key=cluster_key)
+    annotator = resolve_model(adata if not is_path else None, model, key_added, Annotator)
+    unknown_label = _unknown_label(annotator, unknown_label)
+    calibration = _calibration(annotator, alpha, class_conditional)
+    target = adata.copy() if copy and not is_path else adata
+    rows = QueryRows(adata, target, annotator.genes, annotator.recipe, layer=layer, gene_key=gene_key,
+                     strip_versions=strip_ensembl_versions)  # fmt: skip
+    torch_device = resolve_device(device)
+    start = logg.info(f"annotating {len(rows.obs):,} cells with {annotator!r}")
+    monitor = ResourceMonitor(n_cells=len(rows.obs), device=torch_device).start()
+    search = _Search.of(annotator, torch_device)
+    decide = Decision(annotator, min_confidence=min_confidence, min_margin=min_margin, unknown=unknown)
+    keep_proba = cluster_key is not None or not (return_table or is_path)
+    found = Calls(annotator, keep_proba=keep_proba, calibration=calibration)
+    chunk_size = chunk_size or max(64, DENSE_CHUNK_BYTES // (4 * max(1, len(annotator.genes))))
+    projections = _network_pass(rows, annotator, found, search, decide, knn=knn, n_neighbors=n_neighbors,
+                                project=project, chunk_size=chunk_size, device=torch_device,
+                                progress=progress)  # fmt: skip
+    distance, score = found.distances()
+    threshold, open_set = _open_set_threshold(annotator, search, score, max_distance)
+    monitor.stop()
+    rules = Rules(unknown=unknown, min_confidence=min_confidence, min_margin=min_margin, label=unknown_label)
+    table, probabilities, counts = level_results(found, annotator, rows.obs, score > threshold, rules,
+                                                  key_added=key_added, calibration=calibration,
+                                                  keep_proba=keep_proba, cluster_key=cluster_key)  # fmt: skip
+    table[Key.obs.distance(key_added)] = score
+    table[Key.obs.cell_distance(key_added)] = distance
+    info = {"overlap": rows.overlap, "input": rows.scale.to_dict() if rows.scale is not None else {},
+            "min_confidence": min_confidence, "min_margin": min_margin, "knn": knn, "max_distance": float(threshold),
+            "open_set": open_set, "n_neighbors": n_neighbors, **counts, "unknown_label": unknown_label,
+            "resources": monitor.report.to_dict()}  # fmt: skip
+    unknowns = ", ".join(f"{k}: {v:,} {unknown_label}" for k, v in info["unknown"].items())
+    logg.info(f"    finished: {unknowns}; {monitor.report}", time=start)
+    if return_table or is_path:
+        return table
+    info |= {"model_dir": str(annotator.path) if annotator.path else "", Key.uns.levels: list(annotator.classes)}
+    _write(target, key_added, table, probabilities, projections, info)
+    return target if copy else None
+
+
+def _check_options(adata: ad.AnnData | str | Path, *, knn: str, cluster_key: str | None) -> None:
     if cluster_key is not None and (isinstance(adata, str | Path) or cluster_key not in adata.obs.columns):
         raise KeyError(f"adata.obs has no cluster column {cluster_key!r}.")
     if knn not in ("low_confidence", "all", "off"):
         raise ValueError(f"knn must be 'low_confidence', 'all' or 'off', not {knn!r}.")
-    is_path = isinstance(adata, str | Path)
-    annotator = resolve_model(adata if not is_path else None, model, key_added, Annotator)
+
+
+def _unknown_label(annotator: Annotator, unknown_label: str | None) -> str:
+    """The label of untrusted cells: the one asked for, or the model's; never one of the model's classes."""
     if unknown_label is None:
         unknown_label = annotator.unknown_label
     clashes = [level for level, classes in annotator.classes.items() if unknown_label in classes]
     if clashes:
         raise ValueError(f"The model has a class named {unknown_label!r} (level {clashes[0]!r}); pass another "
                          "unknown_label= so that untrusted cells stay distinguishable.")  # fmt: skip
-    calibration = _calibration(annotator, alpha, class_conditional)
-    target = adata.copy() if copy and not is_path else adata
-    rows = QueryRows(adata, target, annotator.genes, annotator.recipe, layer=layer, gene_key=gene_key,
-                     strip_versions=strip_ensembl_versions)  # fmt: skip
-    obs = rows.obs
-    torch_device = resolve_device(device)
-    start = logg.info(f"annotating {len(obs):,} cells with {annotator!r}")
-    monitor = ResourceMonitor(n_cells=len(obs), device=torch_device).start()
-    search = _Search.of(annotator, torch_device)
-    decide = Decision(annotator, min_confidence=min_confidence, min_margin=min_margin, unknown=unknown)
-    keep_proba = cluster_key is not None or not (return_table or is_path)
-    found = _Calls(annotator, keep_proba=keep_proba, calibration=calibration)
-    projections: dict[str, list] = {}
+    return unknown_label
+
+
+def _network_pass(rows: QueryRows, annotator: Annotator, found: Calls, search: _Search | None, decide: Decision, *,
+                  knn: str, n_neighbors: int, project: bool, chunk_size: int, device, progress: bool | None
+                  ) -> dict[str, list[np.ndarray]]:  # fmt: skip
+    """Put the query through the network a chunk at a time, its calls into ``found``; returns the projections.
+
+    The network outputs of consecutive chunks wait until ``SEARCH_BATCH`` cells are gathered, then are
+    searched against the reference together.
+    """
+    projections: dict[str, list[np.ndarray]] = {}
     pending: list[tuple[np.ndarray, dict[str, np.ndarray]]] = []  # network outputs not yet searched
-    chunk_size = chunk_size or max(64, DENSE_CHUNK_BYTES // (4 * max(1, len(annotator.genes))))
     for _, _, values, library in rows.chunks(chunk_size, progress=progress):
-        latent, proba, projected = annotator.forward(values, library, device=torch_device)
+        latent, proba, projected = annotator.forward(values, library, device=device)
         del values
         if project:
             for key, coordinates in projected.items():
@@ -333,60 +332,26 @@ def annotate(
             pending = []
     if pending:
         found.add(*_searched(pending, search, decide, annotator, knn, n_neighbors))
-    distance, score = found.distances()
-    if search is not None:
-        threshold, open_set = open_set_rule.query_threshold(annotator.manifest.get("open_set", {}), score,
-                                                            max_distance)  # fmt: skip
-    else:  # no reference kept with the model: no open-set call, no refinement
-        threshold, open_set = float("inf"), {"rule": "none (the model keeps no reference cells)"}
-    monitor.stop()
-    far = score > threshold
-    table = pd.DataFrame(index=obs.index)
-    info = {"overlap": rows.overlap, "input": rows.scale.to_dict() if rows.scale is not None else {},
-            "min_confidence": min_confidence, "min_margin": min_margin, "knn": knn, "max_distance": float(threshold),
-            "open_set": open_set, "n_neighbors": n_neighbors, "unknown": {}, "unknown_reasons": {}, "refined": {},
-            "prediction_sets": {}, "unknown_label": unknown_label, "resources": monitor.report.to_dict()}  # fmt: skip
-    probabilities = {}
-    for level, classes in annotator.classes.items():
-        column = found.level(level)
-        codes, flags, reason = final_calls(column, far, n_classes=len(classes), unknown=unknown,
-                                            min_confidence=min_confidence, min_margin=min_margin)  # fmt: skip
-        key = f"{key_added}_{level}"
-        table[key] = pd.Categorical.from_codes(codes, categories=[*classes, unknown_label])
-        table[f"{key}_confidence"] = column["confidence"]
-        table[f"{key}_margin"] = column["margin"]
-        table[f"{key}_unknown"] = flags
-        table[f"{key}_unknown_reason"] = pd.Categorical.from_codes(reason, categories=["", *REASONS])
-        info["unknown"][level] = int(flags.sum())
-        info["unknown_reasons"][level] = {name: int((reason == i).sum()) for i, name in enumerate(REASONS, start=1)}
-        info["refined"][level] = int(column["refined"].sum())
-        if calibration is not None:
-            members = found.members(column, level)
-            table[f"{key}_set"] = conformal.set_labels(members, classes)
-            table[f"{key}_set_size"] = members.sum(axis=1).astype(np.int16)
-            info["prediction_sets"][level] = {**calibration["summary"][level],
-                                              "mean_size": float(members.sum(axis=1).mean()) if len(members) else 0.0,
-                                              "n_empty": int((members.sum(axis=1) == 0).sum())}  # fmt: skip
-        if keep_proba:
-            probabilities[level] = pd.DataFrame(column["proba"], index=obs.index, columns=classes)
-        if cluster_key is not None:  # soft majority vote: summed probabilities per cluster
-            clusters = obs[cluster_key].astype(str)
-            votes_per_cluster = probabilities[level].groupby(clusters.to_numpy()).sum()
-            winner = votes_per_cluster.idxmax(axis=1)
-            table[f"{key}_majority"] = pd.Categorical(clusters.map(winner).to_numpy(), categories=classes)
-    table[f"{key_added}_distance"] = score
-    table[f"{key_added}_cell_distance"] = distance
-    unknowns = ", ".join(f"{k}: {v:,} {unknown_label}" for k, v in info["unknown"].items())
-    logg.info(f"    finished: {unknowns}; {monitor.report}", time=start)
-    if return_table or is_path:
-        return table
+    return projections
+
+
+def _open_set_threshold(annotator: Annotator, search: _Search | None, score: np.ndarray,
+                        max_distance: float | str) -> tuple[float, dict]:  # fmt: skip
+    """The open-set threshold on the cells' scores, and how it was set."""
+    if search is None:  # no reference kept with the model: no open-set call, no refinement
+        return float("inf"), {"rule": "none (the model keeps no reference cells)"}
+    return open_set_rule.query_threshold(annotator.manifest.get("open_set", {}), score, max_distance)
+
+
+def _write(target: ad.AnnData, key_added: str, table: pd.DataFrame, probabilities: dict[str, pd.DataFrame],
+           projections: dict[str, list[np.ndarray]], info: dict) -> None:  # fmt: skip
+    """Write the results into ``target``: ``obs`` columns, ``obsm`` probabilities and projections, ``uns``."""
     for column in table.columns:
         target.obs[column] = table[column].to_numpy() if table[column].dtype != "category" else table[column]
     for level, frame in probabilities.items():
-        target.obsm[f"{key_added}_{level}_proba"] = frame
+        target.obsm[Key.obsm.proba(key_added, level)] = frame
     for key, parts in projections.items():
-        target.obsm[f"X_{key_added}_{key.removeprefix('X_')}"] = np.concatenate(parts)
+        target.obsm[Key.obsm.projection(key_added, key)] = np.concatenate(parts)
     meta = dict(target.uns.get(key_added, {}))
-    meta["annotation"] = {**info, "model_dir": str(annotator.path) if annotator.path else ""}
+    meta[Key.uns.annotation] = info
     target.uns[key_added] = meta
-    return target if copy else None

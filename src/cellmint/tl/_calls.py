@@ -5,14 +5,21 @@ probability) and a margin (its lead over the second); cells whose confidence or 
 take the distance-weighted vote of their reference neighbours instead. A fine level only considers
 the children of the coarse call. The open-set distance is applied to the whole query at the end
 (:func:`final_calls`), because its threshold depends on the query (:mod:`cellmint.models._open_set`).
+:class:`Calls` gathers the calls of every batch of the query; :func:`level_results` turns them into the
+``obs`` columns annotate writes (named by :class:`cellmint._keys.Key`) and the counts it records.
 """
 
 from __future__ import annotations
 
 import itertools
+from dataclasses import dataclass
 
 import numpy as np
+import pandas as pd
 
+from .._keys import Key
+from ..models import _conformal as conformal
+from ..models import _open_set as open_set_rule
 from ..models._annotator import Annotator
 
 
@@ -123,3 +130,96 @@ def final_calls(column: dict[str, np.ndarray], far: np.ndarray, *, n_classes: in
         reason[applies & flags] = code
     codes = np.where(flags, n_classes, column["label"]) if unknown else column["label"]
     return codes.astype(np.int32), flags, reason
+
+
+class Calls:
+    """The calls of every searched batch, gathered per level (prediction sets packed 8 classes a byte)."""
+
+    def __init__(self, annotator: Annotator, *, keep_proba: bool, calibration: dict | None):
+        self.levels = {level: [] for level in annotator.classes}
+        self.n_classes = {level: len(c) for level, c in annotator.classes.items()}
+        self.keep_proba, self.calibration = keep_proba, calibration
+        self.parts: list[np.ndarray] = []
+        self.coordinates: list[np.ndarray] = []
+
+    def add(self, calls: dict, proba: dict, distance: np.ndarray, coordinates: np.ndarray | None) -> None:
+        for level, result in calls.items():
+            if not self.keep_proba:
+                del result["proba"]
+            if self.calibration is not None:
+                members = conformal.prediction_sets(proba[level], self.calibration["thresholds"][level])
+                result["members"] = np.packbits(members, axis=1)
+            self.levels[level].append(result)
+        self.parts.append(distance)
+        if coordinates is not None:
+            self.coordinates.append(coordinates)
+
+    def distances(self) -> tuple[np.ndarray, np.ndarray]:
+        """Each cell's own relative distance, and its open-set score (:mod:`~cellmint.models._open_set`)."""
+        distance = np.concatenate(self.parts) if self.parts else np.zeros(0, dtype=np.float32)
+        if not self.coordinates:
+            return distance, distance
+        coordinates = np.concatenate(self.coordinates)
+        self.coordinates = []
+        return distance, open_set_rule.neighbourhood_scores(coordinates, distance)
+
+    def level(self, level: str) -> dict[str, np.ndarray]:
+        """The level's columns over all cells, in order (the parts are released)."""
+        parts, self.levels[level] = self.levels[level], []
+        n = self.n_classes[level]
+        empty = {"label": np.zeros(0, np.int32), "confidence": np.zeros(0, np.float32),
+                 "margin": np.zeros(0, np.float32), "unknown": np.zeros(0, bool), "refined": np.zeros(0, bool),
+                 "proba": np.zeros((0, n), np.float32), "members": np.zeros((0, (n + 7) // 8), np.uint8)}  # fmt: skip
+        names = parts[0].keys() if parts else empty.keys()
+        return {name: np.concatenate([part[name] for part in parts]) if parts else empty[name] for name in names}
+
+    def members(self, column: dict[str, np.ndarray], level: str) -> np.ndarray:
+        return np.unpackbits(column["members"], axis=1, count=self.n_classes[level]).astype(bool)
+
+
+@dataclass(frozen=True)
+class Rules:
+    """When a call is Unknown, and the label it then takes."""
+
+    unknown: bool
+    min_confidence: float
+    min_margin: float
+    label: str
+
+
+def level_results(found: Calls, annotator: Annotator, obs: pd.DataFrame, far: np.ndarray, rules: Rules, *,
+                   key_added: str, calibration: dict | None, keep_proba: bool, cluster_key: str | None
+                   ) -> tuple[pd.DataFrame, dict[str, pd.DataFrame], dict[str, dict]]:  # fmt: skip
+    """Per level, the ``obs`` columns, the probabilities (``obsm``) and the counts recorded in ``uns``."""
+    table = pd.DataFrame(index=obs.index)
+    counts = {"unknown": {}, "unknown_reasons": {}, "refined": {}, "prediction_sets": {}}
+    probabilities = {}
+    for level, classes in annotator.classes.items():
+        column = found.level(level)
+        codes, flags, reason = final_calls(column, far, n_classes=len(classes), unknown=rules.unknown,
+                                           min_confidence=rules.min_confidence,
+                                           min_margin=rules.min_margin)  # fmt: skip
+        table[Key.obs.label(key_added, level)] = pd.Categorical.from_codes(codes, categories=[*classes, rules.label])
+        table[Key.obs.confidence(key_added, level)] = column["confidence"]
+        table[Key.obs.margin(key_added, level)] = column["margin"]
+        table[Key.obs.unknown(key_added, level)] = flags
+        table[Key.obs.unknown_reason(key_added, level)] = pd.Categorical.from_codes(reason, categories=["", *REASONS])
+        counts["unknown"][level] = int(flags.sum())
+        counts["unknown_reasons"][level] = {name: int((reason == i).sum()) for i, name in enumerate(REASONS, start=1)}
+        counts["refined"][level] = int(column["refined"].sum())
+        if calibration is not None:
+            members = found.members(column, level)
+            table[Key.obs.prediction_set(key_added, level)] = conformal.set_labels(members, classes)
+            table[Key.obs.set_size(key_added, level)] = members.sum(axis=1).astype(np.int16)
+            counts["prediction_sets"][level] = {**calibration["summary"][level],
+                                                "mean_size": float(members.sum(axis=1).mean()) if len(members) else 0.0,
+                                                "n_empty": int((members.sum(axis=1) == 0).sum())}  # fmt: skip
+        if keep_proba:
+            probabilities[level] = pd.DataFrame(column["proba"], index=obs.index, columns=classes)
+        if cluster_key is not None:  # soft majority vote: summed probabilities per cluster
+            clusters = obs[cluster_key].astype(str)
+            votes_per_cluster = probabilities[level].groupby(clusters.to_numpy()).sum()
+            winner = votes_per_cluster.idxmax(axis=1)
+            table[Key.obs.majority(key_added, level)] = pd.Categorical(clusters.map(winner).to_numpy(),
+                                                                       categories=classes)  # fmt: skip
+    return table, probabilities, counts

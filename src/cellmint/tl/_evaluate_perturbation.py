@@ -17,6 +17,7 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 
+from .._keys import Key
 from .._utils import _logging as logg
 from .._utils._docs import doc_params
 from ..models import _perturbation_metrics as pm
@@ -263,7 +264,7 @@ def evaluate_perturbation(
             rows, boot = ceiling_rows(real_side, pred_side, summary, context, control, rng)
             records[scores.CEILING] += rows
             replicates.update({(scores.CEILING, context, p): values for p, values in boot.items()})
-    columns = ["method", "context", "perturbation", "n_real", "n_pred", "n_control"]
+    columns = [Key.table.method, Key.table.context, Key.table.perturbation, "n_real", "n_pred", "n_control"]
     columns += [column for metric in chosen for column in _columns(top_k)[metric]]
     table = pd.DataFrame([r for method in records for r in records[method]], columns=columns)
     metric_columns = [c for c in columns[6:] if scores.best_value(c, top_k) is not None]
@@ -283,5 +284,5 @@ def _add_scores(table: pd.DataFrame, normalize_to: str, columns: list[str], top_
     values = {}
     for column in columns:
         baseline = reference[column].reindex(keys).to_numpy()
-        values[f"{column}_score"] = pm.normalized_score(table[column], baseline, scores.best_value(column, top_k))
+        values[Key.table.score(column)] = pm.normalized_score(table[column], baseline, scores.best_value(column, top_k))
     return pd.concat([table, pd.DataFrame(values, index=table.index)], axis=1)

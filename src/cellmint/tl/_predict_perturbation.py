@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import anndata as ad
 import numpy as np
 import pandas as pd
 
+from .._keys import Key
 from .._utils import _logging as logg
 from .._utils._device import resolve_device
 from .._utils._docs import doc_params
@@ -26,7 +26,7 @@ SOURCES = {"stack": "network+baselines", "baselines": "baselines", "unknown": "c
 
 @doc_params()
 def predict_perturbation(
-    adata: Any,
+    adata: ad.AnnData,
     model: PerturbationModel | str | Path | None,
     perturbations: str | Sequence[str],
     *,
@@ -38,7 +38,7 @@ def predict_perturbation(
     predictor: str = "stack",
     device: str = "auto",
     random_state: int = 0,
-    key_added: str = "cellmint_perturbation",
+    key_added: str = Key.uns.prediction,
 ) -> ad.AnnData:
     """Predict how the cells of each context respond to perturbations, from that context's control cells.
 
@@ -157,28 +157,28 @@ def predict_perturbation(
                                          expression, layer, random_state, torch_device)  # fmt: skip
         if include_control:
             blocks.append(predicted.pop("control"))
-            obs.append(pd.DataFrame({model.perturbation_key: model.control, "context": c, "is_predicted": False,
-                                     "source_cell": names}))  # fmt: skip
+            obs.append(pd.DataFrame({model.perturbation_key: model.control, "context": c, Key.obs.is_predicted: False,
+                                     Key.obs.source_cell: names}))  # fmt: skip
         for p in perturbations:
             blocks.append(predicted[p])
-            obs.append(pd.DataFrame({model.perturbation_key: p, "context": c, "is_predicted": True,
-                                     "source_cell": names}))  # fmt: skip
+            obs.append(pd.DataFrame({model.perturbation_key: p, "context": c, Key.obs.is_predicted: True,
+                                     Key.obs.source_cell: names}))  # fmt: skip
     frame = pd.concat(obs, ignore_index=True)
     frame = frame.rename(columns={"context": context_key or "context"})
     for key in (model.perturbation_key, context_key or "context"):
         frame[key] = frame[key].astype("category")
-    frame.index = [f"{s}-{p}" for s, p in zip(frame["source_cell"], frame[model.perturbation_key], strict=True)]
+    frame.index = [f"{s}-{p}" for s, p in zip(frame[Key.obs.source_cell], frame[model.perturbation_key], strict=True)]
     frame.index = pd.Index(frame.index).astype(str)
-    var = pd.DataFrame({"prediction_source": pd.Categorical(plan["source"])}, index=plan["genes"].astype(str))
+    var = pd.DataFrame({Key.var.prediction_source: pd.Categorical(plan["source"])}, index=plan["genes"].astype(str))
     result = ad.AnnData(np.concatenate(blocks), obs=frame, var=var)
     if not result.obs_names.is_unique:  # n_cells drawn with replacement repeats source cells
         result.obs_names_make_unique()
     result.uns[key_added] = {
         "model_dir": str(model.path) if model.path is not None else "",
         "predictor": predictor,
-        "perturbations": np.asarray(perturbations, dtype=object),
+        Key.uns.perturbations: np.asarray(perturbations, dtype=object),
         "contexts": np.asarray(list(wanted), dtype=object),
-        "n_cells": int((frame["is_predicted"]).sum()),
+        "n_cells": int((frame[Key.obs.is_predicted]).sum()),
         "space": "log1p(1e4 · x / library size)" if model.recipe.kind == "counts" else "as given (log-normalised)",
     }
     if predictor != "network":
