@@ -70,3 +70,17 @@ def test_axes_show_and_errors(annotated):
         cm.pl.confidence(annotated, key="other")
     with pytest.raises(KeyError, match="obsm has no 'X_tsne'"):
         cm.pl.confidence(annotated, kind="embedding", basis="tsne")
+
+
+def test_an_annotation_from_before_levels_were_recorded_still_draws(annotated):
+    """Files annotated by an older cellmint have no levels entry: its per-level Unknown counts name them."""
+    old = annotated.copy()
+    record = dict(old.uns["cellmint"]["annotation"])
+    del record["levels"]
+    old.uns["cellmint"] = {**old.uns["cellmint"], "annotation": record}
+    fig = cm.pl.confidence(old, kind="violin", return_fig=True)
+    assert fig.axes[0].has_data()
+    plt.close(fig)
+    del record["unknown"]
+    with pytest.raises(KeyError, match="records no levels"):
+        cm.pl.confidence(old, kind="violin")

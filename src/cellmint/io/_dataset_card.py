@@ -5,8 +5,8 @@ from __future__ import annotations
 import os
 from string import Template
 
-from .. import __version__
 from .._utils import _logging as logg
+from .._version import __version__
 
 FORMAT_TEXT = {
     "multiplets": "Each row is an anchor cell (`sample_idx`, its cell sentences), its caption (`positive`) and "

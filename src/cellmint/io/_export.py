@@ -13,19 +13,22 @@ import json
 import re
 import uuid
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 import pandas as pd
 from anndata import AnnData
 
-from .. import __version__
 from .._utils import _logging as logg
 from .._utils._docs import doc_params
 from .._utils._progress import progress_bar
+from .._version import __version__
 from ..store._store import Store
 from ._dataset_card import FORMAT_TEXT, push
 from ._negatives import check_enough, sample_negatives, slot_kinds
+
+if TYPE_CHECKING:
+    from datasets import DatasetDict
 
 Format = Literal["multiplets", "pairs", "single"]
 #: sentence key standing for the cell names (the cell-id sentence), unless obs has a column of that name
@@ -172,7 +175,7 @@ def to_hf_dataset(
     private: bool = True,
     cache_dir: str | Path | None = None,
     progress: bool | None = None,
-):
+) -> DatasetDict:
     """Export cells as a HuggingFace :class:`~datasets.DatasetDict` of cell sentences, captions and negatives.
 
     Needs the optional ``datasets`` package (``pip install 'cellmint[hf]'``). Every row names its cell

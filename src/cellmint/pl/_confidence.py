@@ -36,10 +36,13 @@ def _annotation(adata: ad.AnnData, key: str) -> dict:
 
 def _level(annotation: Mapping, key: str, level: str | None) -> str:
     """The level to draw, among those annotate recorded (coarse to fine; default the first)."""
-    if Key.uns.levels not in annotation:
+    recorded = annotation.get(Key.uns.levels)
+    if recorded is None:  # annotated before the levels were recorded: its Unknown counts are per level, in order
+        recorded = list(annotation.get("unknown", {}))
+    if len(recorded) == 0:
         raise KeyError(f"adata.uns[{key!r}][{Key.uns.annotation!r}] records no levels: annotate with this version "
                        "of cellmint first.")  # fmt: skip
-    levels = [str(name) for name in annotation[Key.uns.levels]]
+    levels = [str(name) for name in recorded]
     if level is None:
         return levels[0]
     if level not in levels:

@@ -7,12 +7,17 @@ checks in ``_verify``.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 import pandas as pd
 
 from . import _split
 from ._reader import StoreReader
 from ._writer import writing
+
+if TYPE_CHECKING:
+    from ._sampling import StoreLoader
 
 
 class Store(StoreReader):
@@ -151,7 +156,7 @@ class Store(StoreReader):
         rows: np.ndarray | None = None,
         prefetch: bool = True,
         distributed: str = "shard",
-    ):
+    ) -> StoreLoader:
         """Shuffled, optionally label-balanced mini-batches for torch (see :mod:`cellmint.store._sampling`).
 
         Parameters
