@@ -19,7 +19,7 @@ import pandas as pd
 import scipy.sparse as sp
 import torch
 
-from ._artifact import read_artifact, write_artifact
+from ._artifact import h5ad_safe, read_artifact, write_artifact
 from ._network import AnnotatorNet
 from ._normalize import InputRecipe, normalize
 
@@ -232,28 +232,14 @@ class Annotator:
             "genes": np.asarray(self.genes, dtype=object),
             "recipe": self.recipe.to_dict(),
             "temperature": self.temperature,
-            "params": _h5ad_safe(m.get("params", {})),
-            "metrics": _h5ad_safe(
+            "params": h5ad_safe(m.get("params", {})),
+            "metrics": h5ad_safe(
                 {level: {k: v for k, v in r.items() if k != "confusion"} for level, r in m.get("metrics", {}).items()}
             ),
-            "conformal": _h5ad_safe(m.get("conformal", {})),
+            "conformal": h5ad_safe(m.get("conformal", {})),
             "files": m.get("files", {}),
         }
 
     def __repr__(self) -> str:
         levels = ", ".join(f"{level} ({len(c)} classes)" for level, c in self.classes.items())
         return f"Annotator({len(self.genes):,} genes → {levels}; input {self.recipe.kind}/{self.recipe.transform})"
-
-
-def _h5ad_safe(value: Any) -> Any:
-    """Nested dicts of numbers/strings/lists as h5ad can write them (None → "", lists → arrays)."""
-    if isinstance(value, dict):
-        return {str(k): _h5ad_safe(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        items = [_h5ad_safe(v) for v in value]
-        if all(isinstance(v, str) for v in items):
-            return np.asarray(items, dtype=object)
-        if all(isinstance(v, int | float | bool | np.number) for v in items):
-            return np.asarray(items)
-        return {str(i): v for i, v in enumerate(items)}
-    return "" if value is None else value

@@ -20,6 +20,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from .._utils import _logging as logg
@@ -176,3 +177,17 @@ def read_artifact(folder: str | Path, *, kind: str, format_version: int, with_fi
         raise ValueError(f"The manifest of the model at {folder} lists no {WEIGHTS}.")
     state = _load_weights(files[WEIGHTS], folder / WEIGHTS)
     return (manifest, state, files) if with_files else (manifest, state)
+
+
+def h5ad_safe(value: Any) -> Any:
+    """Nested dicts of numbers/strings/lists as h5ad can write them (None → "", lists → arrays)."""
+    if isinstance(value, dict):
+        return {str(k): h5ad_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        items = [h5ad_safe(v) for v in value]
+        if all(isinstance(v, str) for v in items):
+            return np.asarray(items, dtype=object)
+        if all(isinstance(v, int | float | bool | np.number) for v in items):
+            return np.asarray(items)
+        return {str(i): v for i, v in enumerate(items)}
+    return "" if value is None else value

@@ -29,7 +29,7 @@ import pandas as pd
 import torch
 from torch import nn
 
-from ._artifact import read_artifact, write_artifact
+from ._artifact import h5ad_safe, read_artifact, write_artifact
 from ._normalize import InputRecipe
 
 KIND = "cellmint.PerturbationModel"
@@ -330,10 +330,8 @@ class PerturbationModel:
 
     def uns_summary(self) -> dict:
         """h5ad-writable metadata for ``adata.uns[key_added]`` (the weights stay in the model folder)."""
-        from ._annotator import _h5ad_safe
-
         m = self._manifest()
-        return _h5ad_safe({
+        return h5ad_safe({
             "model_dir": str(self.path) if self.path is not None else "",
             "cellmint_version": m.get("cellmint_version", ""),
             "perturbation_key": self.perturbation_key,
