@@ -62,5 +62,7 @@ def value_error(code: int, value: float, *, where: str, cells: str, expectation:
     """The error for problem ``code`` (``NONFINITE``, ``NEGATIVE``, ``NONINTEGER``) found at ``value`` in ``cells``."""
     if code == NONFINITE:
         return ValueError(f"{where} contains NaN or infinite values ({cells}); fix or remove them first.")
-    what = "negative values" if code == NEGATIVE else "non-integer values"
-    return ValueError(f"{expectation}, but {where} has {what} (e.g. {value:g} in {cells}). {hint}".strip())
+    if code == NEGATIVE:  # never expression, whoever reads it: the matrix first, as every reader says it
+        why = " ".join(part for part in (f"{expectation}." if expectation else "", hint) if part)
+        return ValueError(f"{where} has negative values (e.g. {value:g} in {cells}){': ' + why if why else '.'}")
+    return ValueError(f"{expectation}, but {where} has non-integer values (e.g. {value:g} in {cells}). {hint}".strip())
