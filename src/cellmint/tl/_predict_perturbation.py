@@ -130,8 +130,9 @@ def predict_perturbation(
     columns = None
     if model.use_rep is None and predictor != "baselines":  # the network reads its whole panel
         columns, overlap = align_genes(query_genes, model.genes, strip_versions=True, where="adata")
-        require_overlap(overlap, where="adata", minimum=1.0, why=f", missing e.g. {list(overlap['missing'][:5])}: "
-                        "the network needs its whole panel.")  # fmt: skip
+        n_missing = overlap["n_model_genes"] - overlap["n_found"]
+        require_overlap(overlap, where="adata", minimum=1.0, why=f"; {n_missing} missing from adata, e.g. "
+                        f"{list(overlap['missing'][:5])}: the network needs its whole panel.")  # fmt: skip
     if model.use_rep is None or predictor != "network":
         # the values must be of the kind the model was trained on, either way round
         found = data.input_kind(adata, layer, "auto")
