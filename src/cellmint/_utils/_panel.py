@@ -179,14 +179,14 @@ def checked_chunks(data: Any, *, layer: str | None, where: str, names: Any = Non
     passes ``counts`` (no detection; the scale yielded is ``None``). ``read`` goes to
     :func:`~cellmint._utils._chunks.iter_row_chunks` (``chunk_size``, ``rows``, ``progress``, ``desc``).
     """
-    scale = None
+    scale, positions = None, read.get("rows")  # names and positions: of every row of data
     for chunk in iter_row_chunks(data, layer=layer, fmt="csr", **read):
+        named = {"where": where, "names": names, "start": chunk.start, "positions": positions}
         if scale is None and counts is None:
-            scale = detect_scale(chunk.X, where=where, names=names, start=chunk.start)
+            scale = detect_scale(chunk.X, **named)
             if accept is not None:
                 accept(scale)
-        is_counts = counts if counts is not None else scale.kind == "counts"
-        check_values(chunk.X, where=where, names=names, start=chunk.start, counts=is_counts)
+        check_values(chunk.X, **named, counts=counts if counts is not None else scale.kind == "counts")
         yield chunk, scale
 
 

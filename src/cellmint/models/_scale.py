@@ -133,14 +133,15 @@ def _whole_share(values: np.ndarray, rows: np.ndarray, linear) -> float:
     return float(np.mean(np.abs(ratio - np.rint(ratio)) <= RATIO_TOLERANCE)) if len(ratio) else 0.0
 
 
-def detect_scale(X: np.ndarray | sp.spmatrix, *, where: str, names=None, start: int = 0) -> InputScale:
+def detect_scale(X: np.ndarray | sp.spmatrix, *, where: str, names=None, start: int = 0,
+                 positions: np.ndarray | None = None) -> InputScale:  # fmt: skip
     """What the first :data:`SAMPLE_CELLS` cells of ``X`` (all genes) hold; errors for values never expression.
 
     ``where`` names the matrix in messages (``"adata.X"``), ``names`` the cells (obs names of rows
-    ``start ..``).
+    ``start ..``; of ``positions[start ..]`` for a subset of rows).
     """
     X = X[:SAMPLE_CELLS]
-    check_values(X, where=where, names=names, start=start, counts=False)
+    check_values(X, where=where, names=names, start=start, counts=False, positions=positions)
     values = _stored_values(X)
     nonzero = values[values != 0]
     if nonzero.size == 0:
@@ -163,8 +164,12 @@ def detect_scale(X: np.ndarray | sp.spmatrix, *, where: str, names=None, start: 
     return InputScale("unrecognised", None, round(float(scores[base]), 4))
 
 
-def check_values(X: np.ndarray | sp.spmatrix, *, where: str, names=None, start: int = 0, counts: bool) -> None:
-    """Raise a ValueError naming the first cell with NaN/inf, a negative value, or (``counts``) a non-integer."""
+def check_values(X: np.ndarray | sp.spmatrix, *, where: str, names=None, start: int = 0, counts: bool,
+                 positions: np.ndarray | None = None) -> None:  # fmt: skip
+    """Raise a ValueError naming the first cell with NaN/inf, a negative value, or (``counts``) a non-integer.
+
+    ``positions``: the rows of the matrix that rows ``start ..`` of ``X`` are (a subset read), to name them.
+    """
     values = _stored_values(X)
     if values.dtype.kind not in "fiub":
         raise ValueError(f"{where} holds values of dtype {values.dtype}, not numbers.")
@@ -180,7 +185,8 @@ def check_values(X: np.ndarray | sp.spmatrix, *, where: str, names=None, start: 
         if problem == OK:
             return
     row = int(np.searchsorted(X.indptr, position, side="right") - 1) if sp.issparse(X) else position // X.shape[1]
-    cell = f"cell {names[start + row]!r} (row {start + row})" if names is not None else f"row {start + row}"
+    row = start + row if positions is None else int(positions[start + row])
+    cell = f"cell {names[row]!r} (row {row})" if names is not None else f"row {row}"
     value = values[position]
     if problem == NONFINITE:
         raise ValueError(f"{where} contains NaN or infinite values ({value} in {cell}); fix or remove those cells.")

@@ -152,7 +152,7 @@ def panel_values(adata, columns: np.ndarray, recipe: InputRecipe, layer: str | N
     """
     rows = np.arange(adata.n_obs) if rows is None else np.asarray(rows)
     out = np.empty((len(rows), len(columns)), np.float32)
-    cells = checked_chunks(adata, layer=layer, where=matrix_name(layer, "adata."), names=adata.obs_names[rows],
+    cells = checked_chunks(adata, layer=layer, where=matrix_name(layer, "adata."), names=adata.obs_names,
                            counts=False, rows=rows, chunk_size=chunk)  # fmt: skip
     for block, _ in cells:
         panel = block.X[:, columns].toarray().astype(np.float32)
