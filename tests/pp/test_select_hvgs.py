@@ -281,7 +281,7 @@ def test_count_flavours_refuse_non_counts(flavor):
         cm.pp.select_hvgs(adata, flavor=flavor, n_top_genes=20, layer="lognorm")
     negative = adata.copy()
     negative.X.data[3] = -2
-    with pytest.raises(ValueError, match="expects raw counts, but X has negative values"):
+    with pytest.raises(ValueError, match=r"X has negative values \(e.g. -2 in cells .*\): flavor='.*' expects raw"):
         cm.pp.select_hvgs(negative, flavor=flavor, n_top_genes=20)
     # the explicit opt-out computes anyway (like scanpy, which only warns)
     table = cm.pp.select_hvgs(adata, flavor=flavor, n_top_genes=20, layer="lognorm", check_values=False, inplace=False)
@@ -353,7 +353,7 @@ def test_zarr_path_reads_only_what_it_needs(tmp_path):
 def test_duplicate_gene_names_are_refused():
     adata = counts_with_batches(n_obs=200, n_vars=100)
     adata.var_names = ["dup" if i in (3, 50) else name for i, name in enumerate(adata.var_names)]
-    with pytest.raises(ValueError, match=r"var_names are not unique \(1 duplicated, e.g. \['dup'\]\)"):
+    with pytest.raises(ValueError, match=r"var_names holds 1 duplicated gene names \(e.g. \['dup'\]\)"):
         cm.pp.select_hvgs(adata, n_top_genes=20, inplace=False)
 
 

@@ -260,3 +260,13 @@ def test_real_backed_pbmc3k_matches_in_memory(shared_data):
         backed.file.close()
     np.testing.assert_array_equal(row_sums, np.asarray(in_memory.sum(axis=1)).ravel())
     np.testing.assert_allclose(gene_sums, np.asarray(in_memory.sum(axis=0)).ravel(), rtol=1e-6)
+
+
+@pytest.mark.parametrize("where", ["csr", "csc", "dense", "h5ad"])
+def test_rows_reads_a_subset_in_the_given_order(counts_adata, h5ad_path, counts, where):
+    rows = np.random.default_rng(1).permutation(counts.shape[0])[:300]
+    rows[:3] = [7, 6, 5]  # out of order, and an all-zero cell
+    data = {"csr": counts, "csc": counts.tocsc(), "dense": counts.toarray(), "h5ad": h5ad_path}[where]
+    chunks = list(iter_row_chunks(data, rows=rows, chunk_size=64, fmt="csr"))
+    assert [(c.start, c.stop) for c in chunks] == [(s, min(300, s + 64)) for s in range(0, 300, 64)]
+    np.testing.assert_array_equal(sp.vstack([c.X for c in chunks]).toarray(), counts[rows].toarray())

@@ -22,7 +22,7 @@ def test_counts_pass_and_problems_are_named(dense):
         validate_chunk(
             _chunk([0, 1, 0.5, 3], dense), where="layers['x']", require_counts=True, expectation="needs counts"
         )
-    with pytest.raises(ValueError, match=r"has negative values \(e.g. -2 in cells 10–11\). Do this."):
+    with pytest.raises(ValueError, match=r"X has negative values \(e.g. -2 in cells 10–11\): c. Do this."):
         validate_chunk(_chunk([0, -2, 1, 3], dense), where="X", require_counts=True, expectation="c", hint="Do this.")
     validate_chunk(_chunk([0, 1, 0.5, 3], dense), where="X", require_counts=False)  # log data are fine
 

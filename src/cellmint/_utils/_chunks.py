@@ -318,6 +318,10 @@ class _RowSubset:
 
     def read(self, start: int, stop: int):
         rows = self.rows[start:stop]
+        if isinstance(self.base, _InMemory):  # scipy/numpy gather scattered rows in one call
+            block = self.base.X[rows]
+            block = sp.csr_matrix(block) if self.is_sparse else np.asarray(block)
+            return block if self.cols is None else block[:, self.cols]
         order = np.argsort(rows, kind="stable")
         sorted_rows = rows[order]
         breaks = np.flatnonzero(np.diff(sorted_rows) != 1) + 1
@@ -363,7 +367,8 @@ def _source_from_array(X: Any, *, name: str) -> MatrixSource:
     raise TypeError(f"Cannot read rows of {name!r}: unsupported matrix type {type(X).__name__}.")
 
 
-def _layer_error(layer: str, available: Any) -> KeyError:
+def layer_error(layer: str, available: Any) -> KeyError:
+    """The one error for a layer that is not there (every reader raises it)."""
     names = sorted(k for k in available if k is not None)  # anndata >= 0.13 lists X as layers[None]
     return KeyError(f"Layer {layer!r} not found; available layers: {names or 'none'}.")
 
@@ -376,7 +381,7 @@ def _open_file_element(root: Any, layer: str | None, path: Path) -> MatrixSource
     else:
         layers = root["layers"] if "layers" in root else {}
         if layer not in layers:
-            raise _layer_error(layer, layers.keys())
+            raise layer_error(layer, layers.keys())
         elem, name = layers[layer], f"layers/{layer}"
     if _encoding_type(elem) in {"csr_matrix", "csc_matrix"}:
         return _OnDiskCompressed(elem, name=name)
@@ -481,7 +486,7 @@ def _source_from_anndata(adata: AnnData, layer: str | None) -> MatrixSource:
             raise ValueError("adata.X is None; pass `layer=` to read one of the layers.")
         return _source_from_array(adata.X, name="X")
     if layer not in adata.layers:
-        raise _layer_error(layer, adata.layers.keys())
+        raise layer_error(layer, adata.layers.keys())
     return _source_from_array(adata.layers[layer], name=f"layers/{layer}")
 
 
@@ -522,6 +527,7 @@ def iter_row_chunks(
     desc: str = "reading cells",
     prefetch: bool = False,
     start: int = 0,
+    rows: np.ndarray | None = None,
 ) -> Iterator[RowChunk]:
     """Iterate over consecutive row blocks of a matrix with bounded memory.
 
@@ -545,6 +551,9 @@ def iter_row_chunks(
         (up to three blocks in memory). Pays off for on-disk data when the caller's work releases the GIL.
     start
         First row to read (e.g. to resume an interrupted pass); blocks are ``chunk_size`` rows from there.
+    rows
+        Read only these rows, in this order (positions); ``start``/``stop`` of a chunk then count
+        positions in ``rows``.
 
     Yields
     ------
@@ -557,6 +566,8 @@ def iter_row_chunks(
     ):
         raise ValueError(f"chunk_size must be a positive integer or None, not {chunk_size!r}.")
     with open_matrix(data, layer=layer) as source:
+        if rows is not None:
+            source = _RowSubset(source, np.asarray(rows, dtype=np.int64), None)
         n_obs = source.shape[0]
         size = int(chunk_size) if chunk_size is not None else auto_chunk_size(source, fmt=fmt)
         if not 0 <= start <= n_obs:

@@ -16,16 +16,20 @@ OK, NONFINITE, NEGATIVE, NONINTEGER = 0, 1, 2, 3
 
 
 @numba.njit(nogil=True, cache=True)
-def _first_problem(values, require_counts):
+def first_problem(values, require_counts, require_nonnegative):
+    """The first bad value of a flat array: ``(code, position)``, ``(OK, -1)`` when there is none.
+
+    NaN/infinity always, negative values with either flag, non-integers with ``require_counts``.
+    The one scan of the value checks (here and in :func:`cellmint.models._scale.check_values`).
+    """
     for i in range(values.size):
         v = values[i]
         if not np.isfinite(v):
             return NONFINITE, i
-        if require_counts:
-            if v < 0:
-                return NEGATIVE, i
-            if v != np.floor(v):
-                return NONINTEGER, i
+        if (require_counts or require_nonnegative) and v < 0:
+            return NEGATIVE, i
+        if require_counts and v != np.floor(v):
+            return NONINTEGER, i
     return OK, -1
 
 
@@ -49,7 +53,7 @@ def validate_chunk(chunk: RowChunk, *, where: str, require_counts: bool, expecta
             return
     else:
         scan = values.astype(np.float32) if values.dtype == np.float16 else values  # numba has no float16
-        code, index = _first_problem(scan, require_counts)
+        code, index = first_problem(scan, require_counts, False)
         if code == OK and require_nonnegative and not require_counts and values.size and scan.min() < 0:
             code, index = NEGATIVE, int(np.argmax(scan < 0))
     if code != OK:
@@ -62,5 +66,7 @@ def value_error(code: int, value: float, *, where: str, cells: str, expectation:
     """The error for problem ``code`` (``NONFINITE``, ``NEGATIVE``, ``NONINTEGER``) found at ``value`` in ``cells``."""
     if code == NONFINITE:
         return ValueError(f"{where} contains NaN or infinite values ({cells}); fix or remove them first.")
-    what = "negative values" if code == NEGATIVE else "non-integer values"
-    return ValueError(f"{expectation}, but {where} has {what} (e.g. {value:g} in {cells}). {hint}".strip())
+    if code == NEGATIVE:  # never expression, whoever reads it: the matrix first, as every reader says it
+        why = " ".join(part for part in (f"{expectation}." if expectation else "", hint) if part)
+        return ValueError(f"{where} has negative values (e.g. {value:g} in {cells}){': ' + why if why else '.'}")
+    return ValueError(f"{expectation}, but {where} has non-integer values (e.g. {value:g} in {cells}). {hint}".strip())

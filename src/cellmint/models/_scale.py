@@ -26,9 +26,10 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 
-import numba
 import numpy as np
 import scipy.sparse as sp
+
+from .._utils._values import NEGATIVE, NONFINITE, OK, first_problem
 
 #: bases of the log transforms recognised, tried in this order ("none": scaled, not log-transformed)
 BASES = {"e": math.e, "2": 2.0, "10": 10.0, "none": None}
@@ -132,14 +133,15 @@ def _whole_share(values: np.ndarray, rows: np.ndarray, linear) -> float:
     return float(np.mean(np.abs(ratio - np.rint(ratio)) <= RATIO_TOLERANCE)) if len(ratio) else 0.0
 
 
-def detect_scale(X: np.ndarray | sp.spmatrix, *, where: str, names=None, start: int = 0) -> InputScale:
+def detect_scale(X: np.ndarray | sp.spmatrix, *, where: str, names=None, start: int = 0,
+                 positions: np.ndarray | None = None) -> InputScale:  # fmt: skip
     """What the first :data:`SAMPLE_CELLS` cells of ``X`` (all genes) hold; errors for values never expression.
 
     ``where`` names the matrix in messages (``"adata.X"``), ``names`` the cells (obs names of rows
-    ``start ..``).
+    ``start ..``; of ``positions[start ..]`` for a subset of rows).
     """
     X = X[:SAMPLE_CELLS]
-    check_values(X, where=where, names=names, start=start, counts=False)
+    check_values(X, where=where, names=names, start=start, counts=False, positions=positions)
     values = _stored_values(X)
     nonzero = values[values != 0]
     if nonzero.size == 0:
@@ -162,22 +164,12 @@ def detect_scale(X: np.ndarray | sp.spmatrix, *, where: str, names=None, start: 
     return InputScale("unrecognised", None, round(float(scores[base]), 4))
 
 
-@numba.njit(nogil=True, cache=True)
-def _first_bad(values, counts):
-    """Position and kind (1 NaN/inf, 2 negative, 3 non-integer where counts) of the first bad value, or -1."""
-    for i in range(values.size):
-        v = values[i]
-        if not np.isfinite(v):
-            return i, 1
-        if v < 0:
-            return i, 2
-        if counts and v != np.floor(v):
-            return i, 3
-    return -1, 0
+def check_values(X: np.ndarray | sp.spmatrix, *, where: str, names=None, start: int = 0, counts: bool,
+                 positions: np.ndarray | None = None) -> None:  # fmt: skip
+    """Raise a ValueError naming the first cell with NaN/inf, a negative value, or (``counts``) a non-integer.
 
-
-def check_values(X: np.ndarray | sp.spmatrix, *, where: str, names=None, start: int = 0, counts: bool) -> None:
-    """Raise a ValueError naming the first cell with NaN/inf, a negative value, or (``counts``) a non-integer."""
+    ``positions``: the rows of the matrix that rows ``start ..`` of ``X`` are (a subset read), to name them.
+    """
     values = _stored_values(X)
     if values.dtype.kind not in "fiub":
         raise ValueError(f"{where} holds values of dtype {values.dtype}, not numbers.")
@@ -186,18 +178,19 @@ def check_values(X: np.ndarray | sp.spmatrix, *, where: str, names=None, start: 
     if values.dtype.kind in "iu":
         if values.dtype.kind == "u" or values.min() >= 0:
             return
-        position, problem = int(np.argmax(values < 0)), 2
+        position, problem = int(np.argmax(values < 0)), NEGATIVE
     else:
         scan = values.astype(np.float32) if values.dtype == np.float16 else values  # numba has no float16
-        position, problem = _first_bad(np.ascontiguousarray(scan), counts)
-        if position < 0:
+        problem, position = first_problem(np.ascontiguousarray(scan), counts, True)
+        if problem == OK:
             return
     row = int(np.searchsorted(X.indptr, position, side="right") - 1) if sp.issparse(X) else position // X.shape[1]
-    cell = f"cell {names[start + row]!r} (row {start + row})" if names is not None else f"row {start + row}"
+    row = start + row if positions is None else int(positions[start + row])
+    cell = f"cell {names[row]!r} (row {row})" if names is not None else f"row {row}"
     value = values[position]
-    if problem == 1:
+    if problem == NONFINITE:
         raise ValueError(f"{where} contains NaN or infinite values ({value} in {cell}); fix or remove those cells.")
-    if problem == 2:
+    if problem == NEGATIVE:
         raise ValueError(
             f"{where} has negative values ({value:g} in {cell}): expression values are never negative. These look "
             "z-scored (sc.pp.scale) or batch-corrected; pass raw counts or log-normalised values instead (e.g. with "

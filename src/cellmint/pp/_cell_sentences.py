@@ -19,6 +19,7 @@ from anndata import AnnData
 from .._utils import _logging as logg
 from .._utils._chunks import iter_row_chunks, open_root
 from .._utils._docs import doc_params
+from .._utils._panel import matrix_name, unique_gene_names
 from .._utils._values import validate_chunk
 
 
@@ -124,17 +125,13 @@ def _gene_words(var: pd.DataFrame, gene_name_key: str | None) -> np.ndarray:
             f"{where} has {int(blank.sum())} empty names or names with whitespace (e.g. {list(names[blank][:3])}): "
             "sentences are split on spaces, so these would read as other words."
         )
-    if names.duplicated().any():
-        duplicated = names[names.duplicated()].unique()
-        raise ValueError(
-            f"{where} holds {len(duplicated)} duplicated gene names (e.g. {list(duplicated[:3])}): two genes would be "
-            "the same word in a sentence. Call adata.var_names_make_unique() or pick another gene_name_key."
-        )
+    unique_gene_names(names, where=where, consequence="two genes would be the same word in a sentence",
+                      fix="Call adata.var_names_make_unique() or pick another gene_name_key.")  # fmt: skip
     return names.to_numpy(dtype=object)
 
 
 def _sentences(data, words: np.ndarray, *, n_genes, layer, chunk_size, progress) -> np.ndarray:
-    where = "X" if layer is None else f"layers[{layer!r}]"
+    where = matrix_name(layer)
     on_disk = not isinstance(data, AnnData) or data.isbacked  # reading ahead pays off only for disk reads
     parts = [np.empty(0, dtype=object)]
     for chunk in iter_row_chunks(data, layer=layer, chunk_size=chunk_size, progress=progress,

@@ -19,6 +19,7 @@ from anndata import AnnData
 from .._utils import _logging as logg
 from .._utils._chunks import RowChunk, open_matrix, open_root
 from .._utils._docs import doc_params
+from .._utils._panel import unique_gene_names
 from .._utils._resources import ResourceMonitor
 from .._utils._values import validate_chunk
 from . import _hvg_dispersion, _hvg_pearson, _hvg_seurat_v3
@@ -294,12 +295,7 @@ def select_hvgs(
             "adata is a view of a backed AnnData, whose var cannot be annotated in place: pass inplace=False, "
             "or call select_hvgs on the backed AnnData itself."
         )
-    if not inp.var_names.is_unique:
-        duplicated = inp.var_names[inp.var_names.duplicated()].unique()
-        raise ValueError(
-            f"var_names are not unique ({len(duplicated)} duplicated, e.g. {list(duplicated[:3])}): statistics "
-            "would be merged across different genes. Call adata.var_names_make_unique() first."
-        )
+    unique_gene_names(inp.var_names, where="var_names", consequence="statistics would be merged across different genes")
     if key_added in _STAT_COLUMNS:
         raise ValueError(f"key_added={key_added!r} would overwrite a statistics column; choose another name.")
     cutoffs = {"min_mean": min_mean, "max_mean": max_mean, "min_disp": min_disp, "max_disp": max_disp}

@@ -9,7 +9,6 @@ inputs whose identity changed since the build began.
 from __future__ import annotations
 
 import hashlib
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,8 +17,10 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 
+from .._utils._panel import gene_panel as panel_of
+from .._utils._panel import panel_mask, unique_gene_names
+
 _EDGE = 8 * 2**20
-_ENSEMBL_VERSION = re.compile(r"^(ENS[A-Z]*\d{6,})\.\d+$")
 
 
 @dataclass
@@ -102,23 +103,9 @@ def _zarr_annotations(path: Path) -> ad.AnnData:
     return ad.AnnData(obs=obs, var=var)
 
 
-def without_ensembl_versions(names: pd.Index) -> pd.Index:
-    """Gene names without Ensembl version suffixes (ENSG….12 → ENSG…); other names unchanged."""
-    return pd.Index([_ENSEMBL_VERSION.sub(r"\1", str(n)) for n in names])
-
-
 def gene_names(inp: Input, strip_versions: bool) -> pd.Index:
     """Gene names of an input, with Ensembl version suffixes removed on request (ENSG….12 → ENSG…)."""
-    names = pd.Index(inp.adata.var_names.astype(str))
-    if strip_versions:
-        names = without_ensembl_versions(names)
-    if not names.is_unique:
-        dup = names[names.duplicated()].unique()
-        raise ValueError(
-            f"{inp.name} has duplicated gene names ({len(dup)}, e.g. {list(dup[:3])}); make them unique first "
-            "(adata.var_names_make_unique())."
-        )
-    return names
+    return unique_gene_names(inp.adata.var_names, where=inp.name, strip_versions=strip_versions)
 
 
 def gene_panel(inputs: list[Input], genes: Any, strip_versions: bool) -> pd.Index:
@@ -140,15 +127,10 @@ def gene_panel(inputs: list[Input], genes: Any, strip_versions: bool) -> pd.Inde
         for other in names[1:]:
             panel = panel.append(other[~other.isin(panel)])
     elif isinstance(genes, str):
-        first = inputs[0].adata.var
-        if genes not in first.columns or first[genes].dtype != bool:
-            raise ValueError(f"genes={genes!r} is neither 'intersection', 'union' nor a boolean var column of "
-                             f"{inputs[0].name}.")  # fmt: skip
-        panel = names[0][first[genes].to_numpy()]
-    else:
-        panel = pd.Index([str(g) for g in genes])
-        if not panel.is_unique:
-            raise ValueError("The `genes` list has duplicates.")
+        panel = names[0][panel_mask(inputs[0].adata.var, genes, where=inputs[0].name,
+                                    alternatives="'intersection', 'union'")]  # fmt: skip
+    else:  # genes the inputs lack: check_missing_genes decides
+        panel = panel_of(names[0], inputs[0].adata.var, genes, require_present=False)
     if len(panel) == 0:
         raise ValueError("The gene panel is empty: the inputs share no genes.")
     return panel

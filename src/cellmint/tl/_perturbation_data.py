@@ -14,7 +14,9 @@ import pandas as pd
 import scipy.sparse as sp
 import torch
 
-from ..models._normalize import InputRecipe, detect_kind, normalize
+from .._utils._panel import checked_chunks, layer_matrix, library_size, matrix_name, unique_gene_names
+from .._utils._panel import input_kind as detected_kind
+from ..models._normalize import InputRecipe, normalize
 
 #: the context of every cell when no context_key is given
 ALL_CELLS = "all"
@@ -31,15 +33,9 @@ class LogExpression:
     """
 
     def __init__(self, adata: ad.AnnData, genes: pd.Index, *, layer: str | None, what: str, kind: str | None = None):
-        if layer is not None and layer not in adata.layers:
-            raise KeyError(f"{what}.layers has no {layer!r}; layers: {list(adata.layers)}.")
-        self.X = adata.X if layer is None else adata.layers[layer]
-        where = f"{what}.X" if layer is None else f"{what}.layers[{layer!r}]"
-        names = pd.Index(adata.var_names.astype(str))
-        if not names.is_unique:
-            dup = names[names.duplicated()].unique()
-            raise ValueError(f"{what}'s gene names are not unique (e.g. {list(dup[:3])}); "
-                             "make them unique (var_names_make_unique()).")  # fmt: skip
+        self.X = layer_matrix(adata, layer)
+        where = matrix_name(layer, f"{what}.")
+        names = unique_gene_names(adata.var_names, where=what)
         self.columns = names.get_indexer(genes)
         if (self.columns < 0).all():
             raise ValueError(f"{what} shares no gene (var_names) with the reference genes, e.g. {list(genes[:3])}.")
@@ -48,11 +44,10 @@ class LogExpression:
             raise ValueError(f"{len(missing)} genes are missing from {what}: {missing[:10]}"
                              f"{' …' if len(missing) > 10 else ''}.")  # fmt: skip
         if kind is None:
-            sample = self.X.data if hasattr(self.X, "indptr") else np.asarray(self.X[:2000]).ravel()
-            kind = detect_kind(sample[sample != 0][:1_000_000], where=where)
+            kind = detected_kind(self.X, where=where)
         self.recipe = InputRecipe(kind=kind)
         if kind == "counts":
-            self.library = np.asarray(self.X.sum(axis=1), dtype=np.float64).ravel()
+            self.library = library_size(self.X)
         #: the precision the values are held in (log values stored as float32 are float32 values, read as float64)
         stored = getattr(self.X, "dtype", np.dtype(np.float64))
         self.precision = stored if kind == "lognorm" and stored == np.float32 else np.dtype(np.float64)
@@ -82,12 +77,11 @@ def median_normalized(adata: ad.AnnData, *, layer: str | None, what: str) -> ad.
     sparse one. Log-normalised input comes back as it is. Returns an AnnData with the same obs and
     var and the log1p values in ``X`` (sparse stays sparse).
     """
-    X = _matrix(adata, layer)
-    sample = X.data if sp.issparse(X) else np.asarray(X[: min(2000, adata.n_obs)]).ravel()
-    if detect_kind(sample[sample != 0][:1_000_000], where=f"{what}'s values") != "counts":
+    X = layer_matrix(adata, layer)
+    if detected_kind(X, where=matrix_name(layer, f"{what}.")) != "counts":
         return adata if layer is None else ad.AnnData(X, obs=adata.obs, var=adata.var)
     dtype = X.dtype if np.issubdtype(X.dtype, np.floating) else np.dtype(np.float32)
-    library = np.asarray(X.sum(axis=1, dtype=np.float64)).ravel().astype(dtype)
+    library = library_size(X).astype(dtype)  # cell-eval's precision: the sum rounded to the matrix's dtype
     median = np.median(library if sp.issparse(X) else library[library > 0]) if (library > 0).any() else 1
     factor = (library / dtype.type(median)).astype(dtype)
     factor[factor == 0] = 1  # cells without counts stay at 0
@@ -136,20 +130,9 @@ def contexts(adata, context_key: str | None) -> pd.Series:
     return labels(adata, context_key, what="Context")
 
 
-def _matrix(adata, layer: str | None):
-    if layer is None:
-        return adata.X
-    if layer not in adata.layers:
-        raise KeyError(f"Layer {layer!r} not found (layers: {list(adata.layers)}).")
-    return adata.layers[layer]
-
-
 def input_kind(adata, layer: str | None, declared: str) -> str:
     """``"counts"`` or ``"lognorm"``: ``declared`` checked, or detected from the first cells' values."""
-    X = _matrix(adata, layer)
-    head = X[: min(500, adata.n_obs)]
-    sample = head.data if sp.issparse(head) else np.asarray(head)[np.asarray(head) != 0]
-    detected = detect_kind(sample, where="layer " + repr(layer) if layer else "adata.X")
+    detected = detected_kind(layer_matrix(adata, layer), where=matrix_name(layer, "adata."))
     if declared == "auto":
         return detected
     if declared == "counts" and detected != "counts":
@@ -167,23 +150,16 @@ def panel_values(adata, columns: np.ndarray, recipe: InputRecipe, layer: str | N
     Counts become ``log1p(target_sum · x / library size)`` with the library size over all of the
     cell's genes. NaN, infinite or negative values are an error naming the problem.
     """
-    X = _matrix(adata, layer)
     rows = np.arange(adata.n_obs) if rows is None else np.asarray(rows)
     out = np.empty((len(rows), len(columns)), np.float32)
-    for start in range(0, len(rows), chunk):
-        block = X[rows[start : start + chunk]]
-        block = block.tocsr() if sp.issparse(block) else np.asarray(block)
-        values = block.data if sp.issparse(block) else block
-        if not np.isfinite(values).all():
-            raise ValueError("The expression values contain NaN or infinite values.")
-        if values.size and values.min() < 0:
-            raise ValueError("The expression values are negative in places: pass raw counts or log-normalised values.")
-        panel = block[:, columns]
-        panel = np.asarray(panel.toarray() if sp.issparse(panel) else panel, dtype=np.float32)
+    cells = checked_chunks(adata, layer=layer, where=matrix_name(layer, "adata."), names=adata.obs_names,
+                           counts=False, rows=rows, chunk_size=chunk)  # fmt: skip
+    for block, _ in cells:
+        panel = block.X[:, columns].toarray().astype(np.float32)
         if recipe.kind == "counts":
-            library = np.asarray(block.sum(axis=1), dtype=np.float32).ravel()
-            panel = normalize(torch.from_numpy(panel), torch.from_numpy(library), recipe).numpy()
-        out[start : start + len(panel)] = panel
+            panel = normalize(torch.from_numpy(panel), torch.from_numpy(library_size(block.X)), recipe)
+            panel = panel.numpy()
+        out[block.start : block.stop] = panel
     return out
 
 

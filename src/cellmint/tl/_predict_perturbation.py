@@ -13,11 +13,11 @@ from .._keys import Key
 from .._utils import _logging as logg
 from .._utils._device import resolve_device
 from .._utils._docs import doc_params
+from .._utils._panel import align_genes, require_overlap
 from ..io._models import resolve_model
 from ..models._perturbation import PerturbationModel
 from . import _perturbation_data as data
 from . import _perturbation_stack as stacking
-from ._annotate import align_genes
 
 PREDICTORS = ("stack", "network", "baselines")
 #: var["prediction_source"] of each kind of gene
@@ -129,11 +129,10 @@ def predict_perturbation(
     query_genes = pd.Index(adata.var_names.astype(str))
     columns = None
     if model.use_rep is None and predictor != "baselines":  # the network reads its whole panel
-        columns, overlap = align_genes(query_genes, model.genes, strip_versions=True)
-        if overlap["n_found"] < overlap["n_model_genes"]:
-            n_missing = overlap["n_model_genes"] - overlap["n_found"]
-            raise ValueError(f"{n_missing} of the model's {overlap['n_model_genes']} genes are missing from "
-                             f"adata, e.g. {list(overlap['missing'][:5])}: it needs its whole panel.")  # fmt: skip
+        columns, overlap = align_genes(query_genes, model.genes, strip_versions=True, where="adata")
+        n_missing = overlap["n_model_genes"] - overlap["n_found"]
+        require_overlap(overlap, where="adata", minimum=1.0, why=f"; {n_missing} missing from adata, e.g. "
+                        f"{list(overlap['missing'][:5])}: the network needs its whole panel.")  # fmt: skip
     if model.use_rep is None or predictor != "network":
         # the values must be of the kind the model was trained on, either way round
         found = data.input_kind(adata, layer, "auto")

@@ -19,34 +19,14 @@ import numba
 import numpy as np
 import pandas as pd
 
-from .._utils._chunks import iter_row_chunks, open_root
+from .._utils._chunks import open_root
+from .._utils._panel import InputScale, align_genes, checked_chunks, matrix_name, require_overlap
 from ..models._normalize import InputRecipe
-from ..models._scale import InputScale, check_values, detect_scale
-from ..store._inputs import without_ensembl_versions
 
 #: below this share of the model's genes found in the query, annotation refuses to run
 MIN_OVERLAP = 0.3
 #: below this share, a warning says labels may suffer
 WARN_OVERLAP = 0.8
-
-
-def align_genes(query: pd.Index, model_genes: pd.Index, *, strip_versions: bool) -> tuple[np.ndarray, dict]:
-    """For each model gene, its column in the query (-1: missing), and a summary of the overlap."""
-    if strip_versions:
-        query, model_genes = without_ensembl_versions(query), without_ensembl_versions(model_genes)
-    if not query.is_unique:
-        dup = query[query.duplicated()].unique()
-        raise ValueError(f"The query's gene names are not unique ({len(dup)}, e.g. {list(dup[:3])}); "
-                         "make them unique (adata.var_names_make_unique()) or pass gene_key=.")  # fmt: skip
-    columns = query.get_indexer(model_genes).astype(np.int64)
-    present = columns >= 0
-    overlap = {
-        "n_model_genes": len(model_genes),
-        "n_found": int(present.sum()),
-        "fraction": float(present.mean()) if len(present) else 0.0,
-        "missing": np.asarray(model_genes[~present][:100].astype(str), dtype=object),
-    }
-    return columns, overlap
 
 
 @numba.njit(nogil=True, cache=True)
@@ -94,7 +74,7 @@ class QueryRows:
     def __init__(self, adata, target, genes: pd.Index, recipe: InputRecipe, *, layer: str | None,
                  gene_key: str | None, strip_versions: bool):  # fmt: skip
         self.adata, self.recipe, self.layer = adata, recipe, layer
-        self.where = "X" if layer is None else f"layers[{layer!r}]"
+        self.where = matrix_name(layer)
         if isinstance(adata, str | Path):
             with open_root(adata) as root:  # obs: its names only (a file's obs columns can be large)
                 index_key = root["obs"].attrs["_index"]
@@ -109,11 +89,9 @@ class QueryRows:
                            "var_names.")  # fmt: skip
         names = pd.Index(var[gene_key].astype(str)) if gene_key is not None else pd.Index(var.index.astype(str))
         self.columns, self.overlap = align_genes(names, genes, strip_versions=strip_versions)
-        if self.overlap["fraction"] < MIN_OVERLAP:
-            found, total, share = self.overlap["n_found"], self.overlap["n_model_genes"], self.overlap["fraction"]
-            raise ValueError(f"Only {found} of the model's {total} genes ({share:.0%}) are in the query, below the "
-                             f"{MIN_OVERLAP:.0%} floor: check gene identifiers (symbols or Ensembl ids; "
-                             "strip_ensembl_versions=True).")  # fmt: skip
+        require_overlap(self.overlap, where="the query", minimum=MIN_OVERLAP,
+                        why=f", below the {MIN_OVERLAP:.0%} floor: check gene identifiers (symbols or Ensembl ids; "
+                            "strip_ensembl_versions=True).")  # fmt: skip
         if self.overlap["fraction"] < WARN_OVERLAP:
             warnings.warn(f"Only {self.overlap['fraction']:.0%} of the model's genes are in the query; labels may be "
                           "less accurate (missing genes are treated as not detected).", UserWarning,
@@ -131,15 +109,13 @@ class QueryRows:
         ``values``: dense float32 over the model's genes (zero where the query lacks a gene), on the
         linear scale for a counts model; ``library_size``: float64, over all of the query's genes.
         """
-        names = self.obs.index
-        for chunk in iter_row_chunks(self.adata, layer=self.layer, chunk_size=chunk_size, fmt="csr",
-                                     progress=progress, desc="annotating"):  # fmt: skip
+        where = f"The query's {self.where}"
+        rows = checked_chunks(self.adata, layer=self.layer, where=where, names=self.obs.index,
+                              accept=lambda scale: usable_scale(scale, self.recipe, where), chunk_size=chunk_size,
+                              progress=progress, desc="annotating")  # fmt: skip
+        for chunk, scale in rows:
+            self.scale = scale
             X = chunk.X
-            if self.scale is None:
-                self.scale = detect_scale(X, where=f"The query's {self.where}", names=names, start=chunk.start)
-                usable_scale(self.scale, self.recipe, f"The query's {self.where}")
-            check_values(X, where=f"The query's {self.where}", names=names, start=chunk.start,
-                         counts=self.scale.kind == "counts")  # fmt: skip
             if self.recipe.kind == "counts":  # the model's input is log1p(1e4 · x / library): linear values
                 X = self.scale.to_linear(X)
             data = X.data if X.data.dtype in (np.float32, np.float64) else X.data.astype(np.float64)

@@ -15,8 +15,8 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from .._utils._chunks import iter_row_chunks
-from ..models._scale import InputScale, check_values, detect_scale, recover_counts
+from .._utils._panel import InputScale, adata_gene_panel, checked_chunks, library_size, matrix_name
+from ..models._scale import recover_counts
 from ..store import _split
 from ..store._sampling import BALANCE_EXPONENT, MemoryBatches, StoreLoader
 from ..store._store import Store
@@ -64,25 +64,6 @@ def from_store(store: Store, label_keys: list[str], split: str) -> TrainingData:
 
     summary = {"source": "store", "path": str(store.path), "split": split, "n_obs": store.n_obs}
     return TrainingData(store.var_names, classes, codes, store.split_codes(split), "counts", summary, make_loader)
-
-
-def gene_panel(adata, genes: Any) -> pd.Index:
-    """Panel of ``genes``: ``None`` (all), a boolean ``var`` column, or a list of names (each once, all present)."""
-    names = pd.Index(adata.var_names.astype(str))
-    if not names.is_unique:
-        raise ValueError("adata.var_names has duplicates; make them unique first (adata.var_names_make_unique()).")
-    if genes is None:
-        return names
-    if isinstance(genes, str):
-        if genes not in adata.var.columns or adata.var[genes].dtype != bool:
-            raise KeyError(f"genes={genes!r} is not a boolean column of adata.var.")
-        return names[adata.var[genes].to_numpy()]
-    panel = pd.Index([str(g) for g in genes])
-    if (absent := panel[~panel.isin(names)]).size:
-        raise KeyError(f"{absent.size} genes of the `genes` list are not in adata.var_names, e.g. {list(absent[:3])}.")
-    if not panel.is_unique:
-        raise ValueError(f"The `genes` list names a gene twice, e.g. {list(panel[panel.duplicated()][:3])}.")
-    return panel
 
 
 def _label_codes(adata, key: str) -> tuple[np.ndarray, list[str]]:
@@ -145,21 +126,16 @@ def from_anndata(adata, label_keys: list[str], *, split: str, layer: str | None,
     counts, so the model is a counts model that accepts any recognised query; values of an
     unrecognised scale are used as they are (``lognorm`` recipe).
     """
-    panel = gene_panel(adata, genes)
+    panel = adata_gene_panel(adata, genes)
     embeddings = _embeddings(adata, embedding_keys)
     columns = pd.Index(adata.var_names.astype(str)).get_indexer(panel)
     labels = {key: _label_codes(adata, key) for key in label_keys}
-    where = "adata.X" if layer is None else f"adata.layers[{layer!r}]"
-    names = adata.obs_names
+    where = matrix_name(layer, "adata.")
     blocks, library, scale = [], [], None
-    for chunk in iter_row_chunks(adata, layer=layer, fmt="csr"):
-        X = chunk.X
-        if scale is None:
-            scale = _declared(detect_scale(X, where=where, names=names, start=chunk.start), input_kind, where)
-        check_values(X, where=where, names=names, start=chunk.start, counts=scale.kind == "counts")
-        if scale.kind == "log":
-            X = recover_counts(X, scale)
-        library.append(np.asarray(X.sum(axis=1), dtype=np.float64).ravel())
+    for chunk, scale in checked_chunks(adata, layer=layer, where=where, names=adata.obs_names,
+                                       accept=lambda found: _declared(found, input_kind, where)):  # fmt: skip
+        X = recover_counts(chunk.X, scale) if scale.kind == "log" else chunk.X
+        library.append(library_size(X))
         blocks.append(X[:, columns].astype(np.float32))
     if scale is None:
         raise ValueError("The AnnData has no cells to train on.")

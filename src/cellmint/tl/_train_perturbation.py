@@ -13,6 +13,7 @@ import torch
 from .._utils import _logging as logg
 from .._utils._device import resolve_device
 from .._utils._docs import doc_params
+from .._utils._panel import adata_gene_panel as gene_panel
 from .._utils._resources import ResourceMonitor
 from ..models._artifact import check_writable
 from ..models._normalize import InputRecipe
@@ -20,7 +21,6 @@ from ..models._perturbation import PerturbationModel
 from . import _perturbation_data as data
 from . import _perturbation_stack as stacking
 from ._perturbation_fit import Settings, average_effects, binned_means, fit_network
-from ._train_data import gene_panel
 
 __all__ = ["train_perturbation", "binned_means"]
 
