@@ -187,9 +187,15 @@ def test_property_random_shapes_and_sparsity(n_obs, n_vars, density, n_batches, 
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # scanpy's own warnings on degenerate random data
             expected = scanpy_hvg(adata.copy(), inplace=False, **kwargs)
-    except (ValueError, ZeroDivisionError, IndexError):
-        with pytest.raises(ValueError, match=r"."):  # where scanpy cannot answer, cellmint says why
-            cm.pp.select_hvgs(adata, inplace=False, chunk_size=17, **kwargs)
+    except (ValueError, ZeroDivisionError, IndexError) as error:
+        # Where scanpy cannot answer, cellmint says why. A batch without a single normalised dispersion makes
+        # scanpy index an empty array (IndexError); cellmint gives the warning scanpy gives when too few genes
+        # have one (seen with seed 2725: seurat, 113 cells in 3 batches).
+        allowed = (ValueError, UserWarning) if isinstance(error, IndexError) else ValueError
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            with pytest.raises(allowed, match=r"."):
+                cm.pp.select_hvgs(adata, inplace=False, chunk_size=17, **kwargs)
         return
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
