@@ -29,7 +29,6 @@ FIRST_PARAMETER_EXCEPTIONS = {
 # Public code that fails an annotation rule in a module another change of issue 18 owns: name -> what it lacks.
 # Each is a debt to pay there, not a licence: remove its entry when that module is fixed.
 ANNOTATION_DEBTS = {
-    "cm.tl.perturbation_split": "`adata: Any` (tl/_perturbation_split.py)",
     "cm.tl.train_perturbation": "`adata: Any` (tl/_train_perturbation.py)",
 }
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
@@ -23,12 +23,15 @@ from .._utils import _logging as logg
 from .._utils._docs import doc_params
 from . import _perturbation_data as data
 
+if TYPE_CHECKING:
+    from anndata import AnnData
+
 PARTS = ["train", "test", "test_control"]
 
 
 @doc_params()
 def perturbation_split(
-    adata: Any,
+    adata: AnnData,
     perturbation_key: str,
     control: str,
     *,
