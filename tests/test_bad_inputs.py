@@ -181,7 +181,7 @@ def _nan_label(e):
     return build(e, adata)
 
 
-case("build: a label is NaN", ValueError, r"Label 'cell_type' is empty \(NaN\) for 1 cells; fill it")(_nan_label)
+case("build: a label is NaN", ValueError, r"Label 'cell_type' is empty \(NaN or blank\) for 1 cells")(_nan_label)
 
 
 def _duplicate_names(e):

@@ -1,7 +1,7 @@
 """The same bad input gives the same error from every public function that takes data.
 
 Each kind of bad input — duplicated gene names, a missing layer, a var column that is not boolean
-(as ``genes=``), no gene shared with the model, negative values, NaN — goes to every function it
+(as ``genes=``), no gene shared with the model, negative values, NaN, a blank label — goes to every function it
 applies to; all of them must raise one error type, with one message prefix (after the name of the
 object or matrix, which each message gives first). The decisions live in one module,
 :mod:`cellmint._utils._panel`.
@@ -32,6 +32,7 @@ KINDS = {
     "no shared genes": (ValueError, r"^Only 0 of the model's \d+ genes \(0%\) are in "),
     "negative counts": (ValueError, r"^(The query's |\S+: |\S+\.)?X has negative values \("),
     "NaN": (ValueError, r"^(The query's |\S+: |\S+\.)?X contains NaN or infinite values"),
+    "blank label": (ValueError, r"^\w+ '\w+' is empty \(NaN or blank\) for 1 cells \(e\.g\. \['"),
 }
 
 
@@ -74,6 +75,10 @@ def bad(adata: ad.AnnData, kind: str) -> tuple[ad.AnnData, dict]:
         return adata, {"layer": "nope"}
     elif kind == "no shared genes":
         adata.var_names = [f"other{i}" for i in range(adata.n_vars)]
+    elif kind == "blank label":  # the column the call learns from: a cell type, or a perturbation
+        key = "cell_type" if "cell_type" in adata.obs else "perturbation"
+        adata.obs[key] = adata.obs[key].astype(str)
+        adata.obs.iloc[4, adata.obs.columns.get_loc(key)] = " "
     elif kind in ("negative counts", "NaN"):
         X = adata.X.toarray()
         X[0, 1] = -1.0 if kind == "negative counts" else np.nan
@@ -127,11 +132,32 @@ def _evaluate_perturbation(made, kind):
 #: every public function that takes data -> the kinds of bad input it can be given
 APPLIES = {
     _select_hvgs: ["duplicate gene names", "missing layer", "negative counts", "NaN"],
-    _build_store: ["duplicate gene names", "missing layer", "var column not boolean", "negative counts", "NaN"],
+    _build_store: [
+        "duplicate gene names",
+        "missing layer",
+        "var column not boolean",
+        "negative counts",
+        "NaN",
+        "blank label",
+    ],
     _cell_sentences: ["duplicate gene names", "missing layer", "negative counts", "NaN"],
-    _train_annotator: ["duplicate gene names", "missing layer", "var column not boolean", "negative counts", "NaN"],
+    _train_annotator: [
+        "duplicate gene names",
+        "missing layer",
+        "var column not boolean",
+        "negative counts",
+        "NaN",
+        "blank label",
+    ],
     _annotate: ["duplicate gene names", "missing layer", "no shared genes", "negative counts", "NaN"],
-    _train_perturbation: ["duplicate gene names", "missing layer", "var column not boolean", "negative counts", "NaN"],
+    _train_perturbation: [
+        "duplicate gene names",
+        "missing layer",
+        "var column not boolean",
+        "negative counts",
+        "NaN",
+        "blank label",
+    ],
     _predict_perturbation: ["duplicate gene names", "missing layer", "no shared genes", "negative counts", "NaN"],
     _evaluate_perturbation: ["duplicate gene names", "missing layer", "negative counts", "NaN"],
 }

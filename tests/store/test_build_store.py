@@ -193,7 +193,7 @@ def test_bad_inputs_are_named(tmp_path):
     empty = adata.copy()
     empty.obs["cell_type"] = empty.obs["cell_type"].astype(object)
     empty.obs.iloc[3, empty.obs.columns.get_loc("cell_type")] = None
-    with pytest.raises(ValueError, match=r"Label 'cell_type' is empty \(NaN\) for 1 cells"):
+    with pytest.raises(ValueError, match=r"Label 'cell_type' is empty \(NaN or blank\) for 1 cells"):
         build(empty, tmp_path / "c.zarr")
     other = sample(prefix="o")
     other.var_names = [f"x{i}" for i in range(other.n_vars)]

@@ -211,7 +211,7 @@ def test_log_normalised_input_and_bad_labels():
     broken = adata.copy()
     broken.obs["perturbation"] = broken.obs["perturbation"].astype(object)
     broken.obs.iloc[3, 0] = np.nan
-    with pytest.raises(ValueError, match="empty or NaN"):
+    with pytest.raises(ValueError, match=r"Perturbation .perturbation. is empty \(NaN or blank\) for 1 cells"):
         cm.tl.train_perturbation(broken, "perturbation", "control", context_key="donor", **SMALL)
     with pytest.raises(ValueError, match="control label"):
         cm.tl.train_perturbation(adata, "perturbation", "DMSO", context_key="donor", **SMALL)

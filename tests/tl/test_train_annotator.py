@@ -134,7 +134,7 @@ def test_bad_requests_are_refused_clearly():
     nan = adata.copy()
     nan.obs["cell_line"] = nan.obs["cell_line"].astype(object)
     nan.obs.iloc[0, nan.obs.columns.get_loc("cell_line")] = np.nan
-    with pytest.raises(ValueError, match="empty \\(NaN\\) for 1 cells"):
+    with pytest.raises(ValueError, match="empty \\(NaN or blank\\) for 1 cells"):
         cm.tl.train_annotator(nan, "cell_line", **SMALL)
     negative = adata.copy()
     negative.X = negative.X.astype(np.float32) * -1.5

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import numba
 import numpy as np
+import pandas as pd
 
 from ._chunks import RowChunk
 
@@ -70,3 +71,19 @@ def value_error(code: int, value: float, *, where: str, cells: str, expectation:
         why = " ".join(part for part in (f"{expectation}." if expectation else "", hint) if part)
         return ValueError(f"{where} has negative values (e.g. {value:g} in {cells}){': ' + why if why else '.'}")
     return ValueError(f"{expectation}, but {where} has non-integer values (e.g. {value:g} in {cells}). {hint}".strip())
+
+
+def checked_labels(values: pd.Series, what: str) -> pd.Series:
+    """``values`` as strings, or a ValueError naming ``what`` when a cell has no label (NaN, or blank text).
+
+    The one label check of every tool that learns from labels, groups or contexts (``build_store``,
+    ``train_annotator``, the perturbation tools): a blank label is no label, never a class of its own.
+    """
+    missing = pd.isna(values).to_numpy(dtype=bool)
+    text = values.astype(object).where(~missing, "").astype(str)
+    missing |= (text.str.strip() == "").to_numpy()
+    if missing.any():
+        examples = [str(name) for name in values.index[missing][:3]]
+        raise ValueError(f"{what} is empty (NaN or blank) for {int(missing.sum())} cells (e.g. {examples}); "
+                         "fill it or drop those cells.")  # fmt: skip
+    return text

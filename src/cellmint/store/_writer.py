@@ -27,6 +27,7 @@ import zarr
 from .._utils import _logging as logg
 from .._utils._files import fsync_folder
 from .._utils._lock import writer_lock
+from .._utils._values import checked_labels
 from .._version import __version__
 from . import _format
 from ._arrays import ChunkedArray, run_writes
@@ -235,13 +236,20 @@ class StoreWriter:
         return max(done, default=0)
 
     @staticmethod
-    def _codes(categories: list, values: pd.Series, what: str) -> np.ndarray:
-        values = values.astype(object)
-        missing = pd.isna(values)
-        if missing.any():
-            raise ValueError(f"{what} is empty (NaN) for {int(missing.sum())} cells; fill it (e.g. 'unknown') "
-                             "or drop those cells before building.")  # fmt: skip
-        values = values.astype(str)
+    def _codes(categories: list, values: pd.Series, what: str, *, blank: bool = False) -> np.ndarray:
+        """Category codes of ``values``.
+
+        Labels and groups are checked by :func:`checked_labels`; other obs columns (``blank=True``) may hold
+        blank text, but no NaN.
+        """
+        if blank:
+            values = values.astype(object)
+            if pd.isna(values).any():
+                raise ValueError(f"{what} is empty (NaN) for {int(pd.isna(values).sum())} cells; fill it (e.g. "
+                                 "'unknown') or drop those cells before building.")  # fmt: skip
+            values = values.astype(str)
+        else:
+            values = checked_labels(values, what)
         for value in pd.unique(values):
             if value not in categories:
                 categories.append(value)  # categories only grow, so committed codes stay valid
@@ -264,7 +272,9 @@ class StoreWriter:
         for key in m["obs_keys"]:
             column = obs[key]
             if key in cats["obs_table"]:
-                rows[f"obs_table/{key}"] = self._codes(cats["obs_table"][key], column, f"obs column {key!r}")
+                rows[f"obs_table/{key}"] = self._codes(
+                    cats["obs_table"][key], column, f"obs column {key!r}", blank=True
+                )
             elif _is_number(column):
                 rows[f"obs_table/{key}"] = column.to_numpy(dtype=np.float64)
             else:

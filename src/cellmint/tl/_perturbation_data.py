@@ -16,6 +16,7 @@ import torch
 
 from .._utils._panel import checked_chunks, layer_matrix, library_size, matrix_name, unique_gene_names
 from .._utils._panel import input_kind as detected_kind
+from .._utils._values import checked_labels
 from ..models._normalize import InputRecipe, normalize
 
 #: the context of every cell when no context_key is given
@@ -114,13 +115,7 @@ def labels(adata, key: str, *, what: str) -> pd.Series:
     """An obs column as strings, with a clear error when it is missing or has empty values."""
     if key not in adata.obs:
         raise KeyError(f"{what} key {key!r} is not a column of adata.obs (columns: {list(adata.obs.columns)[:10]}).")
-    values = adata.obs[key]
-    missing = values.isna().to_numpy() | (values.astype(str).str.strip() == "").to_numpy()
-    if missing.any():
-        examples = list(adata.obs_names[missing][:3])
-        raise ValueError(f"adata.obs[{key!r}] is empty or NaN in {int(missing.sum())} cells (e.g. {examples}): "
-                         "label every cell or drop those cells.")  # fmt: skip
-    return values.astype(str)
+    return checked_labels(adata.obs[key], f"{what} {key!r}")
 
 
 def contexts(adata, context_key: str | None) -> pd.Series:

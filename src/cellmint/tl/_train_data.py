@@ -16,6 +16,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from .._utils._panel import InputScale, adata_gene_panel, checked_chunks, library_size, matrix_name
+from .._utils._values import checked_labels
 from ..models._scale import recover_counts
 from ..store import _split
 from ..store._sampling import BALANCE_EXPONENT, MemoryBatches, StoreLoader
@@ -69,11 +70,7 @@ def from_store(store: Store, label_keys: list[str], split: str) -> TrainingData:
 def _label_codes(adata, key: str) -> tuple[np.ndarray, list[str]]:
     if key not in adata.obs.columns:
         raise KeyError(f"adata.obs has no label column {key!r}; columns: {list(adata.obs.columns)}.")
-    values = adata.obs[key]
-    if values.isna().any():
-        raise ValueError(f"Label {key!r} is empty (NaN) for {int(values.isna().sum())} cells; fill it or drop those "
-                         "cells before training.")  # fmt: skip
-    categorical = pd.Categorical(values.astype(str))
+    categorical = pd.Categorical(checked_labels(adata.obs[key], f"Label {key!r}"))
     return np.asarray(categorical.codes, dtype=np.int64), list(categorical.categories)
 
 
