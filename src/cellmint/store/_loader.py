@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from ._sampling import BALANCE_EXPONENT, StoreBatches, StoreLoader, chunk_blocks
+from ._sampling import StoreBatches, StoreLoader, check_balance, chunk_blocks
 from ._split import DEFAULT_SPLIT
 
 if TYPE_CHECKING:
@@ -23,8 +23,7 @@ def store_loader(store: StoreReader, batch_size: int, split: str | None, *, shuf
                  fetch_blocks: int, rows: np.ndarray | None, prefetch: bool,
                  distributed: str) -> StoreLoader:  # fmt: skip
     """See :meth:`cellmint.Store.loader`: the arguments checked, the rows and blocks planned, the DataLoader made."""
-    if balance not in BALANCE_EXPONENT:
-        raise ValueError(f"balance must be None, 'sqrt' or 'inverse', not {balance!r}.")
+    exponent = check_balance(balance)
     block = 1 if block_size is None else block_size
     for arg, value, minimum in (("batch_size", batch_size, 1), ("block_size", block, 1),
                                 ("fetch_blocks", fetch_blocks, 1), ("start_batch", start_batch, 0),
@@ -59,10 +58,19 @@ def store_loader(store: StoreReader, batch_size: int, split: str | None, *, shuf
         blocks = chunk_blocks(starts, store._array("X/data").chunk)
     dataset = StoreBatches(
         store.path, rows, store.label_keys, batch_size=batch_size, shuffle=shuffle, balance_codes=codes,
-        balance_exponent=BALANCE_EXPONENT[balance], random_state=random_state, drop_last=drop_last, dense=dense,
+        balance_exponent=exponent, random_state=random_state, drop_last=drop_last, dense=dense,
         block_size=block_size, fetch_blocks=fetch_blocks, start_batch=start_batch, prefetch=prefetch,
         block_ids=blocks, distributed=distributed,
     )  # fmt: skip
+    return data_loader(dataset, num_workers=num_workers, worker_start_method=worker_start_method, device=device)
+
+
+def data_loader(dataset: StoreBatches, *, num_workers: int = 0, worker_start_method: str | None = None,
+                device: str | None = None) -> StoreLoader:  # fmt: skip
+    """The torch DataLoader over planned batches (of a store, or of cells in memory), as a :class:`StoreLoader`.
+
+    The dataset yields whole batches (``batch_size=None``); batches bound for a GPU come from pinned memory.
+    """
     cuda = device is not None and str(device).startswith("cuda")
     loader = torch.utils.data.DataLoader(
         dataset, batch_size=None, num_workers=num_workers, pin_memory=cuda,

@@ -39,6 +39,15 @@ from .._utils._threads import background
 from ._arrays import ChunkedArray, read_spans
 
 BALANCE_EXPONENT = {None: 0.0, "sqrt": 0.5, "inverse": 1.0}
+
+
+def check_balance(balance: str | None) -> float:
+    """The sampling exponent of ``balance=`` (``None``, ``"sqrt"``, ``"inverse"``), or a ValueError."""
+    if balance not in BALANCE_EXPONENT:
+        raise ValueError(f"balance must be None, 'sqrt' or 'inverse', not {balance!r}.")
+    return BALANCE_EXPONENT[balance]
+
+
 #: how ranks of torch.distributed share an epoch (module docstring)
 DISTRIBUTED = ("shard", "global", "none")
 #: rows between two wanted rows that are read through rather than starting a new read

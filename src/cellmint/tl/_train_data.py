@@ -19,6 +19,7 @@ from .._utils._panel import InputScale, adata_gene_panel, checked_chunks, librar
 from .._utils._values import checked_labels
 from ..models._scale import recover_counts
 from ..store import _split
+from ..store._loader import data_loader
 from ..store._sampling import BALANCE_EXPONENT, MemoryBatches, StoreLoader
 from ..store._store import Store
 
@@ -146,16 +147,13 @@ def from_anndata(adata, label_keys: list[str], *, split: str, layer: str | None,
 
     def make_loader(rows, *, batch_size, shuffle, balance, random_state, num_workers, prefetch, distributed,
                     start_batch):  # fmt: skip
-        import torch
-
         dataset = MemoryBatches(
             None, rows, list(label_keys), batch_size=batch_size, shuffle=shuffle, random_state=random_state,
             balance_codes=codes[finest][rows] if balance else None, balance_exponent=BALANCE_EXPONENT[balance],
             matrix=matrix, library=library, codes=codes, prefetch=prefetch, distributed=distributed,
             start_batch=start_batch,
         )  # fmt: skip
-        loader = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=num_workers)
-        return StoreLoader(loader, None)
+        return data_loader(dataset, num_workers=num_workers)
 
     summary = {"source": "anndata", "split": how, "n_obs": int(adata.n_obs), "layer": layer or "",
                "input": scale.to_dict()}  # fmt: skip
