@@ -24,7 +24,7 @@ from ..store._inputs import (
     missing_panel_genes,
     open_input,
 )
-from ..store._split import DEFAULT_SPLIT
+from ..store._split import DEFAULT_FRACTIONS, DEFAULT_SPLIT
 from ..store._store import Store
 from ..store._writer import StoreWriter, create, identity_of, input_record
 
@@ -243,7 +243,7 @@ def _build(inputs: list[Input], path: Path, *, layer, genes, label_keys, group_k
         if DEFAULT_SPLIT not in store.splits:
             with warnings.catch_warnings(record=True) as caught:  # a split nobody asked for: say it, don't warn
                 warnings.simplefilter("always")
-                store.make_split(DEFAULT_SPLIT, test_fraction=0.1, val_fraction=0.1, random_state=random_state)
+                store.make_split(DEFAULT_SPLIT, **DEFAULT_FRACTIONS, random_state=random_state)
             for warning in caught:
                 logg.warning(f"default split: {warning.message}")
     report = monitor.report or monitor.stop()

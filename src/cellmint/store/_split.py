@@ -22,6 +22,8 @@ if TYPE_CHECKING:
 SPLIT_NAMES = ("train", "val", "test")
 #: the split ``build_store`` makes and ``Store.loader``/training use unless told otherwise
 DEFAULT_SPLIT = "default"
+#: the split a build makes, and train_annotator makes from an AnnData without one: 80/10/10
+DEFAULT_FRACTIONS = {"test_fraction": 0.1, "val_fraction": 0.1}
 TRAIN, VAL, TEST = 0, 1, 2
 
 

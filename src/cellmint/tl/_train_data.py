@@ -87,7 +87,7 @@ def _parts(adata, split: str, codes: np.ndarray, group_key: str | None, random_s
         if group_key not in adata.obs.columns:
             raise KeyError(f"adata.obs has no group column {group_key!r}.")
         groups = adata.obs[group_key].astype(str).to_numpy()
-    parts = _split.assign(codes, groups, n_obs=adata.n_obs, test_fraction=0.1, val_fraction=0.1,
+    parts = _split.assign(codes, groups, n_obs=adata.n_obs, **_split.DEFAULT_FRACTIONS,
                           random_state=random_state)  # fmt: skip
     return parts, f"random 80/10/10{'' if group_key is None else f' by {group_key}'} (seed {random_state})"
 
