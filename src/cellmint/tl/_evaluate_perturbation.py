@@ -279,7 +279,7 @@ def evaluate_perturbation(
 
 
 def _add_scores(table: pd.DataFrame, normalize_to: str, columns: list[str], top_k: int) -> pd.DataFrame:
-    reference = table[table["method"] == normalize_to].set_index(["context", "perturbation"])
+    reference = table[table[Key.table.method] == normalize_to].set_index([Key.table.context, Key.table.perturbation])
     keys = pd.MultiIndex.from_frame(table[["context", "perturbation"]])
     values = {}
     for column in columns:

@@ -19,6 +19,7 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 
+from .._keys import Key
 from .._utils._docs import doc_params
 from ._perturbation_data import ALL_CELLS, LogExpression, cell_groups
 
@@ -207,8 +208,8 @@ def _assemble(baseline, pairs, deltas, target, target_rows, controls, genes, *, 
     obs = pd.DataFrame({perturbation_key: pd.Categorical(perturbation)}, index=index)
     if context_key is not None:
         obs[context_key] = pd.Categorical(context)
-    obs["is_predicted"] = np.asarray(predicted, dtype=bool)
-    obs["source_cell"] = pd.Categorical(made_from)
+    obs[Key.obs.is_predicted] = np.asarray(predicted, dtype=bool)
+    obs[Key.obs.source_cell] = pd.Categorical(made_from)
     adata = ad.AnnData(np.concatenate(blocks), obs=obs, var=pd.DataFrame(index=genes))
     adata.uns["perturbation_baseline"] = {"method": baseline, "params": {k: v for k, v in params.items()
                                                                          if v is not None}}  # fmt: skip

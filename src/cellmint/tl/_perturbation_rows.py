@@ -11,6 +11,7 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 
+from .._keys import Key
 from ..models import _perturbation_metrics as pm
 from . import _perturbation_scores as scores
 from ._perturbation_data import LogExpression, cell_groups
@@ -45,7 +46,9 @@ class Side:
         self.expression = LogExpression(adata, genes, layer=layer, what=what, kind=kind)
         self.groups = cell_groups(adata.obs, perturbation_key, context_key, what=what)
         self.names = adata.obs_names.astype(str).to_numpy()
-        self.source = adata.obs["source_cell"].astype(str).to_numpy() if "source_cell" in adata.obs else None
+        self.source = (
+            adata.obs[Key.obs.source_cell].astype(str).to_numpy() if Key.obs.source_cell in adata.obs else None
+        )
         self.real_rows = False
 
     def subset(self, groups: dict) -> Side:
@@ -154,8 +157,8 @@ def method_rows(method: str, side: Side, real: Context, context: str, control: s
         deltas.append(delta)
         sets.append(cells)
         centroids.append(bulk)
-        record = {"method": method, "context": context, "perturbation": p, "n_real": real.n[p], "n_pred": len(cells),
-                  "n_control": len(real.control)}  # fmt: skip
+        record = {Key.table.method: method, Key.table.context: context, Key.table.perturbation: p,
+                  "n_real": real.n[p], "n_pred": len(cells), "n_control": len(real.control)}  # fmt: skip
         if "pearson_delta" in chosen:
             record["pearson_delta"] = pm.pearson(delta, real.delta[p])
         if "pearson_delta_top" in chosen:

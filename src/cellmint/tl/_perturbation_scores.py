@@ -38,10 +38,11 @@ from collections.abc import Sequence
 import numpy as np
 import pandas as pd
 
+from .._keys import Key
 from ..models import _perturbation_metrics as pm
 
 #: the method name of the split-half replicate rows
-CEILING = "replicate"
+CEILING = Key.table.replicate
 #: metrics with bootstrap intervals (computed from pseudobulks and cells)
 BOOTSTRAP_METRICS = ("pearson_delta", "pearson_delta_top", "mse", "mae", "mse_delta", "mae_delta", "energy_distance")
 
@@ -269,7 +270,8 @@ def add_scaled(table: pd.DataFrame, columns: Sequence[str], baselines: Sequence[
     """
     keys = list(zip(table["context"], table["perturbation"], strict=True))
     index = pd.MultiIndex.from_tuples(keys)
-    by_method = {m: part.set_index(["context", "perturbation"]) for m, part in table.groupby("method", sort=False)}
+    by_method = {m: part.set_index([Key.table.context, Key.table.perturbation])
+                 for m, part in table.groupby(Key.table.method, sort=False)}  # fmt: skip
     candidates = [b for b in baselines if b in by_method]
     can_scale = CEILING in by_method and bool(candidates)
     new = {}
@@ -284,20 +286,20 @@ def add_scaled(table: pd.DataFrame, columns: Sequence[str], baselines: Sequence[
             choice = finite.argmax(0) if best == 1.0 else finite.argmin(0)
             reference = values[choice, np.arange(len(keys))]
             ceiling = _ceilings(by_method, column, index)
-            new[f"{column}_scaled"] = scaled(table[column].to_numpy(dtype=np.float64), reference, ceiling, best)
+            new[Key.table.scaled(column)] = scaled(table[column].to_numpy(dtype=np.float64), reference, ceiling, best)
         if not resampled:
             continue
         names = [f"{column}_low", f"{column}_high"]
-        names += [f"{column}_scaled_low", f"{column}_scaled_high"] if can_scale else []
+        names += [Key.table.scaled_low(column), Key.table.scaled_high(column)] if can_scale else []
         bounds = {name: [] for name in names}
-        for i, (method, key) in enumerate(zip(table["method"], keys, strict=True)):
+        for i, (method, key) in enumerate(zip(table[Key.table.method], keys, strict=True)):
             own = replicates.get((method, *key), {}).get(column)
             found = [*interval(own, level, table[column].iloc[i], best)] if own is not None else [np.nan, np.nan]
             if can_scale:
                 base = replicates.get((candidates[choice[i]], *key), {}).get(column)
                 if own is not None and base is not None:
                     rel = resampled_scaled(own, base, reference[i], ceiling[i], best)
-                    found += interval(rel, level, new[f"{column}_scaled"][i])
+                    found += interval(rel, level, new[Key.table.scaled(column)][i])
                 else:
                     found += [np.nan, np.nan]
             for name, value in zip(names, found, strict=True):
@@ -312,7 +314,7 @@ def add_scaled(table: pd.DataFrame, columns: Sequence[str], baselines: Sequence[
 def perturbation_summary(
     tables: pd.DataFrame | Sequence[pd.DataFrame],
     *,
-    by: str | Sequence[str] = "method",
+    by: str | Sequence[str] = Key.table.method,
     metrics: Sequence[str] | None = None,
     level: float | None = None,
 ) -> pd.DataFrame:
@@ -362,7 +364,7 @@ def perturbation_summary(
     level = level if level is not None else tables[0].attrs.get("level", 0.95)
     frames, replicates = [], {}
     for i, table in enumerate(tables):
-        missing = [c for c in ("method", "context", "perturbation", *by) if c not in table]
+        missing = [c for c in (Key.table.method, Key.table.context, Key.table.perturbation, *by) if c not in table]
         if missing:
             raise KeyError(f"Table {i} has no column(s) {missing}: pass tables from cm.tl.evaluate_perturbation.")
         frames.append(table.assign(_table=i))
@@ -372,7 +374,7 @@ def perturbation_summary(
     if metrics is None:
         metrics = [c for c in frame.columns if best_value(c, top_k) is not None and not c.endswith(
             ("_score", "_scaled", "_low", "_high"))]  # fmt: skip
-    keyed = frame.set_index(["_table", "method", "context", "perturbation"])
+    keyed = frame.set_index(["_table", Key.table.method, Key.table.context, Key.table.perturbation])
     rows = []
     for group, members in frame.groupby(by, sort=False):
         group = group if isinstance(group, tuple) else (group,)
@@ -408,7 +410,8 @@ def _pooled(metric, members, keys, keyed, baselines, replicates, best, level) ->
     choice = None
     if means:
         choice = (max if best == 1.0 else min)(means, key=means.get)
-    boot_own = _boot(replicates, members["method"].iloc[0], keys, metric) if members["method"].nunique() == 1 else None
+    method = members[Key.table.method]
+    boot_own = _boot(replicates, method.iloc[0], keys, metric) if method.nunique() == 1 else None
     low = high = scaled_low = scaled_high = np.nan
     if boot_own is not None:
         with warnings.catch_warnings():  # replicates where every row is undefined are NaN, and left out
@@ -423,6 +426,6 @@ def _pooled(metric, members, keys, keyed, baselines, replicates, best, level) ->
             rel = resampled_scaled(*pooled, means[choice], ceiling[valid].mean(), best)
             scaled_low, scaled_high = interval(rel, level, value)
     out[f"{metric}_ceiling"] = float(ceiling[valid].mean()) if valid.any() else np.nan
-    return out | {f"{metric}_low": low, f"{metric}_high": high, f"{metric}_scaled": value,
-            f"{metric}_scaled_low": scaled_low, f"{metric}_scaled_high": scaled_high,
+    return out | {f"{metric}_low": low, f"{metric}_high": high, Key.table.scaled(metric): value,
+            Key.table.scaled_low(metric): scaled_low, Key.table.scaled_high(metric): scaled_high,
             f"{metric}_baseline": choice}  # fmt: skip
