@@ -83,6 +83,7 @@ class Fitted:
     history: list = field(default_factory=list)
     best_epoch: int = -1  # -1: no epoch beat the untrained network on the validation sets
     untrained_val_loss: float = float("nan")
+    validation: str = ""  # which cells chose the best epoch
 
 
 def fit_network(values: torch.Tensor, controls: dict, perturbations: list[str], train_pairs: dict, val_pairs: dict,
