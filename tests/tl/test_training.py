@@ -17,10 +17,12 @@ class Toy(training.TrainingPlan):
 
     def __init__(self, scripted: list[dict] | None = None, steps: int = 3):
         self.net = torch.nn.Linear(4, 1)
-        self.optimizer = torch.optim.SGD(self.net.parameters(), lr=0.1)
         self.steps_per_epoch, self.scripted, self.epoch = steps, scripted, -1
         self.x = torch.randn(32, 4)
         self.y = self.x @ torch.tensor([[1.0], [-2.0], [0.5], [3.0]])
+
+    def configure_optimizer(self):
+        return torch.optim.SGD(self.net.parameters(), lr=0.1)
 
     def batches(self, epoch, start):
         self.epoch = epoch

@@ -104,9 +104,10 @@ def fit_network(values: torch.Tensor, controls: dict, perturbations: list[str], 
         # competes: training is kept only where it beats its start (the binned baseline) on validation
         stopping = training.EarlyStopping("val_loss" if plan.val_keys else "loss", "min",
                                           patience=settings.early_stopping, tolerance=1e-6)  # fmt: skip
-        run = training.fit(plan, max_epochs=settings.max_epochs, stopping=stopping, monitor=settings.monitor,
-                           progress=training.Progress(settings.progress, desc=description, unit="step"),
-                           random_state=random_state, keep_untrained=True)  # fmt: skip
+        shown = training.Progress(settings.progress, desc=description, unit="step")
+        run = training.fit(plan, device=settings.device, max_epochs=settings.max_epochs, stopping=stopping,
+                           progress=shown, monitor=settings.monitor, random_state=random_state,
+                           keep_untrained=True)  # fmt: skip
     return Fitted(plan.net, run.history, run.best_epoch, run.untrained.get("val_loss", float("nan")))
 
 
@@ -126,15 +127,17 @@ class SetPlan(training.TrainingPlan):
         net.control_mean.copy_(control_means)
         if len({c for c, _ in train_pairs}) < 3:  # a slope fitted to two contexts only mirrors their difference
             net.contrast.requires_grad_(False)
-        self.net = net.to(self.device)
+        self.net = net
         self.on_device = values.to(self.device)
-        self.optimizer = torch.optim.AdamW(self.net.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
         self.val_keys = [k for k in val_pairs if k[1] in {p for _, p in self.keys}]
         if self.val_keys:  # fixed control and perturbed sets per validation pair, drawn once
             val_rng = np.random.default_rng(random_state + 1)
             self.val_controls = self.draw({k: controls[k[0]] for k in self.val_keys}, self.val_keys, val_rng)
             self.val_real = self.draw(val_pairs, self.val_keys, val_rng)
             self.val_codes = torch.tensor([perturbations.index(p) for _, p in self.val_keys], device=self.device)
+
+    def configure_optimizer(self) -> torch.optim.AdamW:
+        return torch.optim.AdamW(self.net.parameters(), lr=self.settings.lr, weight_decay=self.settings.weight_decay)
 
     def draw(self, groups: dict, picks: list, generator: np.random.Generator) -> torch.Tensor:
         """One set of ``set_size`` rows per pick (drawn again when a group has fewer cells)."""

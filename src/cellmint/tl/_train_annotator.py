@@ -314,7 +314,8 @@ class _AnnotatorPlan(training.TrainingPlan):
                         for key, v in source.embeddings.items()}  # fmt: skip
         self.dims = {key: int(v.shape[1]) for key, v in source.embeddings.items()}
         self.net = AnnotatorNet(len(source.genes), n_classes, hidden=tuple(params["hidden"]), dropout=params["dropout"],
-                                embeddings=self.dims, linear=params["linear"]).to(device)  # fmt: skip
+                                embeddings=self.dims, linear=params["linear"])  # fmt: skip
+        self.lr, self.weight_decay = params["lr"], params["weight_decay"]
         self.weights = {}
         for level in label_keys:
             counts = np.bincount(source.codes[level][train_rows], minlength=n_classes[level]).astype(np.float64)
@@ -323,7 +324,6 @@ class _AnnotatorPlan(training.TrainingPlan):
             self.weights[level] = torch.tensor(w / w[counts > 0].mean(), dtype=torch.float32, device=device)
         # each cell's loss weight, indexed by row: the denominator of every global batch's mean, on any rank
         self.cell_weight = {level: self.weights[level].cpu().numpy()[source.codes[level]] for level in label_keys}
-        self.optimizer = AdamW(self.net.parameters(), lr=params["lr"], weight_decay=params["weight_decay"])
         self.streams = RandomStreams(generator, device, random_state, ranks.rank)  # after the weights: equal on all
         # on the CPU, reading threads would compete with torch's for the same cores (measured: 5x slower)
         self.prefetch = device.type != "cpu"
@@ -332,6 +332,9 @@ class _AnnotatorPlan(training.TrainingPlan):
                                           num_workers=num_workers, prefetch=self.prefetch,
                                           distributed="global")  # fmt: skip
         self.steps_per_epoch = len(self.train_loader)
+
+    def configure_optimizer(self) -> AdamW:
+        return AdamW(self.net.parameters(), lr=self.lr, weight_decay=self.weight_decay)
 
     def evaluate(self, rows: np.ndarray, latents: list | None = None) -> tuple[dict, dict, np.ndarray, dict]:
         return _evaluate(self.net, self.source, rows, self.recipe, self.device, self.ranks, self.prefetch, latents)
@@ -628,8 +631,9 @@ def train_annotator(
                               num_workers)  # fmt: skip
         # without a bar (a log, a pipeline) one line per epoch at info level
         shown = training.Progress(progress, score_label="validation macro-F1", cells=len(train_rows),
-                                  long_run_s=LONG_RUN_S, device=torch_device)  # fmt: skip
-        run = training.fit(plan, max_epochs=max_epochs, stopping=_stopping(early_stopping, embedding_keys),
+                                  long_run_s=LONG_RUN_S)  # fmt: skip
+        run = training.fit(plan, device=torch_device, max_epochs=max_epochs,
+                           stopping=_stopping(early_stopping, embedding_keys),
                            progress=shown, ranks=ranks, checkpoints=checkpoints, streams=plan.streams,
                            random_state=random_state, monitor=monitor)  # fmt: skip
         calibrated = _calibrate(plan, train_rows, test_rows, rng, random_state)

@@ -1,11 +1,13 @@
 """The training loop, written once: ``train_annotator`` and ``train_perturbation`` supply a plan, the loop the rest.
 
 In the shape of scvi-tools' ``TrainRunner`` / ``TrainingPlan``, but ours. A model's
-:class:`TrainingPlan` says what one epoch's batches are, what a step is (its loss on a batch) and how
-an epoch is validated (its metrics). :func:`fit` owns everything around them:
+:class:`TrainingPlan` says what its network and optimizer are, what one epoch's batches are, what a
+step is (its loss on a batch) and how an epoch is validated (its metrics). :func:`fit` owns
+everything around them:
 
 - the seeded random streams (:func:`seeded`: torch's global generators forked, so the caller's are
   untouched, and seeded by ``random_state``);
+- device placement: the network is moved to the training device before its optimizer is made;
 - epochs and steps: ``zero_grad`` → ``backward`` → the gradients summed over ranks
   (:class:`~cellmint.tl._distributed.Ranks`) → the optimizer's step;
 - progress (:class:`Progress`): the bar, one log line per epoch, the estimate of a long run;
@@ -101,13 +103,19 @@ class EarlyStopping:
 class TrainingPlan:
     """What a model supplies to :func:`fit`: its network, optimizer, batches, step and validation metrics.
 
-    Subclasses set ``net``, ``optimizer`` and ``steps_per_epoch`` and implement :meth:`batches`,
-    :meth:`training_step` and :meth:`validation_metrics`; the other methods have defaults.
+    Subclasses set ``net`` (built on the CPU; :func:`fit` moves it to the device) and
+    ``steps_per_epoch``, and implement :meth:`configure_optimizer`, :meth:`batches`,
+    :meth:`training_step`, :meth:`batch_cells` and :meth:`validation_metrics`; the other methods have
+    defaults. :func:`fit` sets ``optimizer``.
     """
 
     net: torch.nn.Module
     optimizer: Any  # zero_grad(), step(), state_dict(), load_state_dict(); ``params`` or ``param_groups``
     steps_per_epoch: int
+
+    def configure_optimizer(self) -> Any:
+        """The optimizer of ``net``'s parameters, made once the network is on its device."""
+        raise NotImplementedError
 
     def batches(self, epoch: int, start: int) -> Iterable:
         """The batches of ``epoch`` from its step ``start`` on (drawn as they are iterated)."""
@@ -157,7 +165,6 @@ class Progress:
     score_label: str | None = None
     cells: int | None = None
     long_run_s: float = 600
-    device: torch.device = CPU
 
 
 #: the defaults of :func:`fit`: a bar when someone watches, no epoch lines, no estimate; one process
@@ -182,6 +189,7 @@ class Fit:
 def fit(
     plan: TrainingPlan,
     *,
+    device: torch.device = CPU,
     max_epochs: int,
     stopping: EarlyStopping,
     progress: Progress = AUTO,
@@ -192,7 +200,7 @@ def fit(
     monitor: Any = None,
     keep_untrained: bool = False,
 ) -> Fit:
-    """Train ``plan``'s network for up to ``max_epochs`` epochs and load its best weights into it.
+    """Train ``plan``'s network on ``device`` for up to ``max_epochs`` epochs and load its best weights into it.
 
     Run inside :func:`seeded` (and, for checkpoints, inside ``with checkpoints:``). ``streams``: the
     random generators a checkpoint saves and a resume restores; ``monitor``: a started
@@ -201,6 +209,8 @@ def fit(
     starting best, its weights the starting best state). Every rank calls this alike; rank 0's
     metrics decide for all.
     """
+    plan.net = plan.net.to(device)
+    plan.optimizer = plan.configure_optimizer()
     checkpoints = checkpoints if checkpoints is not None else Checkpoints(None, {}, "1 epoch", ranks)
     state = checkpoints.resume(plan.net, plan.optimizer, streams, random_state)
     run = Fit(state, best_epoch=stopping.best_epoch(state.history, state.best) if state.resumed else -1)
@@ -212,7 +222,7 @@ def fit(
             if stopping.score in run.untrained:
                 state.best = stopping.judge(run.untrained, stopping.worst)[2]
     per_epoch = plan.steps_per_epoch
-    clock = _Clock(progress, per_epoch, state.epoch, max_epochs, timed=ranks.main)
+    clock = _Clock(progress, device, per_epoch, state.epoch, max_epochs, timed=ranks.main)
     # one bar over every step of every epoch (ETA for the whole run), the epoch and scores beside it
     with progress_bar(total=max_epochs * per_epoch, desc=progress.desc, unit=progress.unit,
                       progress=progress.show if ranks.main else False) as bar:  # fmt: skip
@@ -273,8 +283,9 @@ def _step(plan: TrainingPlan, batch, state: TrainingState, ranks: Ranks, checkpo
 class _Clock:
     """The run's timings: the estimate of how long it takes (once, after the first batches) and the epoch lines."""
 
-    def __init__(self, progress: Progress, per_epoch: int, first_epoch: int, max_epochs: int, *, timed: bool):
-        self.progress, self.per_epoch, self.first_epoch = progress, per_epoch, first_epoch
+    def __init__(self, progress: Progress, device: torch.device, per_epoch: int, first_epoch: int, max_epochs: int,
+                 *, timed: bool):  # fmt: skip
+        self.progress, self.device, self.per_epoch, self.first_epoch = progress, device, per_epoch, first_epoch
         self.epochs = max_epochs - first_epoch  # at most, in this run
         self.start, self.batches, self.warm = time.perf_counter(), 0, 0.0
         self.estimated = not timed or progress.cells is None  # the estimate: rank 0, once
@@ -298,7 +309,7 @@ class _Clock:
         self.estimated = True
         total = seconds_per_batch * self.per_epoch * self.epochs
         what = f"{self.epochs} epochs of {self.progress.cells:,} cells"
-        device = self.progress.device
+        device = self.device
         if device.type == "cpu" and total > self.progress.long_run_s:
             logg.warning(f"training will take up to about {format_duration(total)} on this CPU ({what}; early "
                          "stopping may end it sooner): pass device='cuda' on a machine with a GPU, or fewer "
