@@ -25,6 +25,7 @@ from __future__ import annotations
 import copy
 import math
 import time
+from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -100,7 +101,7 @@ class EarlyStopping:
         return -1
 
 
-class TrainingPlan:
+class TrainingPlan(ABC):
     """What a model supplies to :func:`fit`: its network, optimizer, batches, step and validation metrics.
 
     Subclasses set ``net`` (built on the CPU; :func:`fit` moves it to the device) and
@@ -113,25 +114,25 @@ class TrainingPlan:
     optimizer: Any  # zero_grad(), step(), state_dict(), load_state_dict(); ``params`` or ``param_groups``
     steps_per_epoch: int
 
+    @abstractmethod
     def configure_optimizer(self) -> Any:
         """The optimizer of ``net``'s parameters, made once the network is on its device."""
-        raise NotImplementedError
 
+    @abstractmethod
     def batches(self, epoch: int, start: int) -> Iterable:
         """The batches of ``epoch`` from its step ``start`` on (drawn as they are iterated)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def training_step(self, batch) -> torch.Tensor:
         """The loss on ``batch`` (this rank's share of the global batch's loss), ready for ``backward``."""
-        raise NotImplementedError
 
+    @abstractmethod
     def batch_cells(self, batch) -> int:
         """Cells of ``batch`` (of the global batch, on every rank), for the throughput and the resource report."""
-        raise NotImplementedError
 
+    @abstractmethod
     def validation_metrics(self) -> dict[str, float]:
         """The metrics of the network as it is now (called on every rank; rank 0's are kept)."""
-        raise NotImplementedError
 
     def untrained_metrics(self) -> dict[str, float]:
         """The metrics of the untrained network, when it competes for the best epoch (``keep_untrained``)."""
