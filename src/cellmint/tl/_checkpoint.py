@@ -170,7 +170,8 @@ class Checkpoints:
     def file(self) -> Path | None:
         return None if self.folder is None else self.folder / CHECKPOINT
 
-    def resume(self, net: torch.nn.Module, optimizer, streams: RandomStreams, random_state: int) -> TrainingState:
+    def resume(self, net: torch.nn.Module, optimizer, streams: RandomStreams | None,
+               random_state: int) -> TrainingState:  # fmt: skip
         """The saved state, loaded into ``net``, ``optimizer`` and ``streams``; a fresh one without a checkpoint."""
         # rank 0 reads the file and sends it: the other ranks need not see its folder (other machines)
         busy = self._lock()
@@ -204,7 +205,9 @@ class Checkpoints:
         optimizer.load_state_dict(saved["optimizer"])
         state = TrainingState(**saved["state"])
         random = saved.get("random")
-        if random is not None and len(random) == self.ranks.world and random.shape[1] == len(streams.state()):
+        if streams is None:  # a training without random streams of its own: nothing to restore
+            pass
+        elif random is not None and len(random) == self.ranks.world and random.shape[1] == len(streams.state()):
             streams.restore(random[self.ranks.rank], mid_epoch=state.step > 0)  # each rank continues its draws
         else:  # another number of ranks (or devices): the same cells per step, new draws (module docstring)
             streams.reseed(random_state, state.epoch, state.step, self.ranks.rank)
@@ -244,7 +247,7 @@ class Checkpoints:
             return not epoch_end and self.steps >= self.every
         return time.monotonic() - self.last_time >= 60 * self.every
 
-    def save(self, state: TrainingState, net: torch.nn.Module, optimizer, streams: RandomStreams) -> None:
+    def save(self, state: TrainingState, net: torch.nn.Module, optimizer, streams: RandomStreams | None) -> None:
         """Write the checkpoint atomically: every rank sends its random states, rank 0 writes the rest.
 
         Called on every rank at the same step (the ranks hold the same weights and state).
@@ -252,13 +255,13 @@ class Checkpoints:
         self.last_time, self.steps, self.epochs = time.monotonic(), 0, 0
         if self.folder is None:
             return
-        random = self.ranks.gather(streams.state()[None])
+        random = None if streams is None else self.ranks.gather(streams.state()[None]).cpu()
         if not self.ranks.main:
             return
         self.folder.mkdir(parents=True, exist_ok=True)
         payload = {"version": CHECKPOINT_VERSION, "fingerprint": self.fingerprint, "world": self.ranks.world,
                    "state": _cpu(asdict(state)), "net": _cpu(net.state_dict()),
-                   "optimizer": _cpu(optimizer.state_dict()), "random": random.cpu()}  # fmt: skip
+                   "optimizer": _cpu(optimizer.state_dict()), "random": random}  # fmt: skip
         buffer = io.BytesIO()
         torch.save(payload, buffer)
         replace_atomically(self.file, buffer.getvalue())

@@ -4,18 +4,19 @@
 contexts (and once more when it needs a network trained on every context): each call trains a fresh
 :class:`~cellmint.models._perturbation.PerturbationNet` around the binned average effects of its
 training pairs and keeps the epoch with the lowest validation loss (the untrained network included).
+The loop itself is :func:`cellmint.tl._training.fit`; this module supplies the network's step and
+its validation loss (:class:`SetPlan`).
 """
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
-from .._utils._progress import progress_bar
 from ..models._perturbation import PerturbationNet, energy_distance
+from . import _training as training
 
 
 def binned_means(values: torch.Tensor, bins: int) -> torch.Tensor:
@@ -82,6 +83,7 @@ class Fitted:
     history: list = field(default_factory=list)
     best_epoch: int = -1  # -1: no epoch beat the untrained network on the validation sets
     untrained_val_loss: float = float("nan")
+    validation: str = ""  # which cells chose the best epoch
 
 
 def fit_network(values: torch.Tensor, controls: dict, perturbations: list[str], train_pairs: dict, val_pairs: dict,
@@ -95,83 +97,80 @@ def fit_network(values: torch.Tensor, controls: dict, perturbations: list[str], 
     rng = np.random.default_rng(random_state)
     effects, control_means = average_effects(values, train_pairs, controls, perturbations,
                                              settings.architecture["effect_bins"])  # fmt: skip
-    with torch.random.fork_rng(devices=[]):  # the initial weights and the dropout draws: a seeded local stream
-        torch.manual_seed(random_state)
-        return _train(values, controls, perturbations, train_pairs, val_pairs, settings, rng, effects, control_means,
-                      description, random_state)  # fmt: skip
+    with training.seeded(random_state, settings.device):  # the initial weights and the dropout draws
+        plan = SetPlan(values, controls, perturbations, train_pairs, val_pairs, settings, rng, effects, control_means,
+                       random_state)  # fmt: skip
+        # the lowest validation loss (the training loss without validation sets); the untrained network
+        # competes: training is kept only where it beats its start (the binned baseline) on validation
+        stopping = training.EarlyStopping("val_loss" if plan.val_keys else "loss", "min",
+                                          patience=settings.early_stopping, tolerance=1e-6)  # fmt: skip
+        shown = training.Progress(settings.progress, desc=description, unit="step")
+        run = training.fit(plan, device=settings.device, max_epochs=settings.max_epochs, stopping=stopping,
+                           progress=shown, monitor=settings.monitor, random_state=random_state,
+                           keep_untrained=True)  # fmt: skip
+    return Fitted(plan.net, run.history, run.best_epoch, run.untrained.get("val_loss", float("nan")))
 
 
-def _train(values, controls, perturbations, train_pairs, val_pairs, settings, rng, effects, control_means,
-           description, random_state) -> Fitted:  # fmt: skip
-    device = settings.device
-    keys = list(train_pairs)
-    codes = torch.tensor([perturbations.index(p) for _, p in keys])
-    n_perturbed = sum(len(v) for v in train_pairs.values())
-    steps = max(1, -(-n_perturbed // (settings.set_size * settings.sets_per_batch)))
-    net = PerturbationNet(values.shape[1], len(perturbations), **settings.architecture)
-    net.binned_effect.copy_(effects)
-    net.control_mean.copy_(control_means)
-    if len({c for c, _ in train_pairs}) < 3:  # a slope fitted to two contexts only mirrors their difference
-        net.contrast.requires_grad_(False)
-    net = net.to(device)
-    on_device = values.to(device)
-    optimizer = torch.optim.AdamW(net.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
-    size = settings.set_size
+class SetPlan(training.TrainingPlan):
+    """One network's step (the set loss of a batch of drawn sets) and its validation loss on fixed sets."""
 
-    def draw(groups: dict, picks: list, generator: np.random.Generator) -> torch.Tensor:
+    def __init__(self, values, controls, perturbations, train_pairs, val_pairs, settings, rng, effects, control_means,
+                 random_state):  # fmt: skip
+        self.device, self.settings, self.rng = settings.device, settings, rng
+        self.controls, self.train_pairs = controls, train_pairs
+        self.keys = list(train_pairs)
+        self.codes = torch.tensor([perturbations.index(p) for _, p in self.keys])
+        n_perturbed = sum(len(v) for v in train_pairs.values())
+        self.steps_per_epoch = max(1, -(-n_perturbed // (settings.set_size * settings.sets_per_batch)))
+        net = PerturbationNet(values.shape[1], len(perturbations), **settings.architecture)
+        net.binned_effect.copy_(effects)
+        net.control_mean.copy_(control_means)
+        if len({c for c, _ in train_pairs}) < 3:  # a slope fitted to two contexts only mirrors their difference
+            net.contrast.requires_grad_(False)
+        self.net = net
+        self.on_device = values.to(self.device)
+        self.val_keys = [k for k in val_pairs if k[1] in {p for _, p in self.keys}]
+        if self.val_keys:  # fixed control and perturbed sets per validation pair, drawn once
+            val_rng = np.random.default_rng(random_state + 1)
+            self.val_controls = self.draw({k: controls[k[0]] for k in self.val_keys}, self.val_keys, val_rng)
+            self.val_real = self.draw(val_pairs, self.val_keys, val_rng)
+            self.val_codes = torch.tensor([perturbations.index(p) for _, p in self.val_keys], device=self.device)
+
+    def configure_optimizer(self) -> torch.optim.AdamW:
+        return torch.optim.AdamW(self.net.parameters(), lr=self.settings.lr, weight_decay=self.settings.weight_decay)
+
+    def draw(self, groups: dict, picks: list, generator: np.random.Generator) -> torch.Tensor:
         """One set of ``set_size`` rows per pick (drawn again when a group has fewer cells)."""
+        size = self.settings.set_size
         idx = np.stack([generator.choice(groups[k], size, replace=len(groups[k]) < size) for k in picks])
-        return on_device[torch.as_tensor(idx, device=device)]
+        return self.on_device[torch.as_tensor(idx, device=self.device)]
 
-    def set_loss(predicted: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
+    def set_loss(self, predicted: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
         mean_term = ((predicted.mean(1) - real.mean(1)) ** 2).sum(-1)
-        if settings.loss == "mse":
+        if self.settings.loss == "mse":
             return mean_term.mean()
-        return (energy_distance(predicted, real) + settings.mean_weight * mean_term).mean()
+        return (energy_distance(predicted, real) + self.settings.mean_weight * mean_term).mean()
 
-    val_keys = [k for k in val_pairs if k[1] in {p for _, p in keys}]
-    if val_keys:  # fixed control and perturbed sets per validation pair, drawn once
-        val_rng = np.random.default_rng(random_state + 1)
-        val_controls = draw({k: controls[k[0]] for k in val_keys}, val_keys, val_rng)
-        val_real = draw(val_pairs, val_keys, val_rng)
-        val_codes = torch.tensor([perturbations.index(p) for _, p in val_keys], device=device)
-    fitted = Fitted(net)
-    best, best_state, stale = np.inf, copy.deepcopy(net.state_dict()), 0
-    if val_keys:  # training is kept only where it beats its start (the binned baseline) on validation
-        net.eval()
+    def batches(self, epoch: int, start: int):
+        """Each step's training pairs, drawn at random (a set of cells of each is drawn by the step)."""
+        for _ in range(start, self.steps_per_epoch):
+            yield self.rng.integers(len(self.keys), size=self.settings.sets_per_batch)
+
+    def training_step(self, picks: np.ndarray) -> torch.Tensor:
+        chosen = [self.keys[i] for i in picks]
+        x = self.draw({k: self.controls[k[0]] for k in chosen}, chosen, self.rng)
+        y = self.draw(self.train_pairs, chosen, self.rng)
+        return self.set_loss(self.net(x, self.codes[picks].to(self.device)), y)
+
+    def batch_cells(self, picks: np.ndarray) -> int:
+        return self.settings.sets_per_batch * self.settings.set_size
+
+    def validation_metrics(self) -> dict[str, float]:
+        if not self.val_keys:
+            return {}
+        self.net.eval()
         with torch.no_grad():
-            fitted.untrained_val_loss = best = float(set_loss(net(val_controls, val_codes), val_real))
-    total_steps = settings.max_epochs * steps
-    with progress_bar(total=total_steps, desc=description, unit="step", progress=settings.progress) as bar:
-        for epoch in range(settings.max_epochs):
-            net.train()
-            total = 0.0
-            for _ in range(steps):
-                picks = rng.integers(len(keys), size=settings.sets_per_batch)
-                chosen = [keys[i] for i in picks]
-                x = draw({k: controls[k[0]] for k in chosen}, chosen, rng)
-                y = draw(train_pairs, chosen, rng)
-                batch_loss = set_loss(net(x, codes[picks].to(device)), y)
-                optimizer.zero_grad(set_to_none=True)
-                batch_loss.backward()
-                optimizer.step()
-                total += batch_loss.item()
-                if settings.monitor is not None:
-                    settings.monitor.add_cells(settings.sets_per_batch * size)
-                bar.update(1)
-            entry = {"epoch": epoch, "loss": total / steps}
-            if val_keys:
-                net.eval()
-                with torch.no_grad():
-                    entry["val_loss"] = float(set_loss(net(val_controls, val_codes), val_real))
-            fitted.history.append(entry)
-            bar.set_postfix(epoch=epoch + 1, loss=f"{entry['loss']:.3f}", val=f"{entry.get('val_loss', np.nan):.3f}")
-            score = entry.get("val_loss", entry["loss"])
-            if score < best - 1e-6:
-                best, best_state, fitted.best_epoch, stale = score, copy.deepcopy(net.state_dict()), epoch, 0
-            else:
-                stale += 1
-                if settings.early_stopping and stale >= settings.early_stopping:
-                    break
-    net.load_state_dict(best_state)
-    return fitted
+            return {"val_loss": float(self.set_loss(self.net(self.val_controls, self.val_codes), self.val_real))}
+
+    def postfix(self, entry: dict) -> dict[str, str]:
+        return {"val": f"{entry.get('val_loss', np.nan):.3f}"}

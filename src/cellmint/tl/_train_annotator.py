@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import copy
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -14,7 +12,6 @@ import torch
 from .._utils import _logging as logg
 from .._utils._device import resolve_device
 from .._utils._docs import doc_params
-from .._utils._progress import format_duration, progress_bar
 from .._utils._resources import ResourceMonitor
 from ..models import _conformal as conformal
 from ..models import _open_set as open_set_rule
@@ -28,6 +25,7 @@ from ..models._normalize import InputRecipe, normalize
 from ..models._optim import AdamW
 from ..store._sampling import BALANCE_EXPONENT
 from ..store._store import Store
+from . import _training as training
 from ._checkpoint import Checkpoints, RandomStreams, checkpoint_folder, fingerprint
 from ._distributed import Ranks, join, leave
 from ._knn import NearestReference
@@ -58,9 +56,6 @@ def _validation_rows(data: TrainingData, rng: np.random.Generator) -> tuple[np.n
 MAX_EPOCHS, FULL_EPOCHS_CELLS, MIN_EPOCHS = 60, 50_000, 3
 #: a run estimated to take longer than this on a CPU is announced with a warning (and how to shorten it)
 LONG_RUN_S = 600
-#: batches of the first epoch timed for the estimate of the whole run, after WARMUP_BATCHES untimed ones (the
-#: first batches pay one-off costs: 6x the later ones on CBMC; an epoch shorter than both is timed whole)
-WARMUP_BATCHES, TIMED_BATCHES = 5, 20
 
 
 def default_max_epochs(n_train: int) -> int:
@@ -68,28 +63,6 @@ def default_max_epochs(n_train: int) -> int:
     if n_train <= FULL_EPOCHS_CELLS:
         return MAX_EPOCHS
     return max(MIN_EPOCHS, round(MAX_EPOCHS * FULL_EPOCHS_CELLS / n_train))
-
-
-def _announce_estimate(seconds_per_batch: float, per_epoch: int, max_epochs: int, n_train: int, device) -> bool:
-    """Log how long training will take at most (``max_epochs`` more epochs), as a warning for a long CPU run."""
-    total = seconds_per_batch * per_epoch * max_epochs
-    what = f"{max_epochs} epochs of {n_train:,} cells"
-    if device.type == "cpu" and total > LONG_RUN_S:
-        logg.warning(f"training will take up to about {format_duration(total)} on this CPU ({what}; early stopping "
-                     "may end it sooner): pass device='cuda' on a machine with a GPU, or fewer max_epochs")  # fmt: skip
-    else:
-        logg.info(f"    about {format_duration(total)} at most on {device} ({what})")
-    return True
-
-
-def _log_epoch(epoch: int, max_epochs: int, loss: float, score: float, per_epoch_s: float, quiet: bool) -> None:
-    """One line per epoch (info when no progress bar is drawn): loss, validation score, time left at most."""
-    left = per_epoch_s * (max_epochs - epoch - 1)
-    eta = time.strftime("%H:%M", time.localtime(time.time() + left))
-    (logg.debug if quiet else logg.info)(
-        f"    epoch {epoch + 1}/{max_epochs}: loss {loss:.4f}, validation macro-F1 {score:.4f}, "
-        f"{format_duration(per_epoch_s)} per epoch, at most {format_duration(left)} left (ETA {eta})"
-    )
 
 
 #: reference cells kept with the model (latent + labels) for nearest-neighbour refinement and open-set distances
@@ -256,6 +229,227 @@ def _report(logits: dict, labels: dict, classes: dict, temperature: dict) -> dic
     return out
 
 
+def _check_arguments(data, label_keys, *, batch_size, max_epochs, num_workers, early_stopping, lr, weight_decay,
+                     dropout, balance, input) -> list[str]:  # fmt: skip
+    """The label levels as a list, once every argument is checked (before any data is read)."""
+    if not isinstance(label_keys, str) and not (isinstance(label_keys, Sequence)
+                                                and all(isinstance(k, str) for k in label_keys)):  # fmt: skip
+        raise TypeError(f"label_keys must be a label column name or a list of them, not {label_keys!r}.")
+    label_keys = [label_keys] if isinstance(label_keys, str) else list(label_keys)
+    if not label_keys:
+        raise ValueError("label_keys is empty: give at least one obs/label column.")
+    for name, value, minimum in (("batch_size", batch_size, 1), ("max_epochs", 1 if max_epochs is None else max_epochs,
+                                  1), ("num_workers", num_workers, 0)):  # fmt: skip
+        if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < minimum:
+            raise ValueError(f"{name} must be an integer ≥ {minimum}, not {value!r}.")
+    if early_stopping is not None and (isinstance(early_stopping, bool) or not isinstance(early_stopping, int)
+                                       or early_stopping < 1):  # fmt: skip
+        raise ValueError(f"early_stopping must be None (train all epochs) or an integer ≥ 1, not {early_stopping!r}.")
+    if not (isinstance(lr, int | float) and lr > 0 and isinstance(weight_decay, int | float) and weight_decay >= 0):
+        raise ValueError(f"lr must be > 0 and weight_decay ≥ 0, not lr={lr!r}, weight_decay={weight_decay!r}.")
+    if not (isinstance(dropout, int | float) and 0 <= dropout < 1):
+        raise ValueError(f"dropout must be in [0, 1), not {dropout!r}.")
+    n_cells = getattr(data, "n_obs", None)
+    if n_cells is not None and n_cells < 2:
+        raise ValueError(f"The data has {n_cells} cell(s); training needs at least 2 cells to learn from and 1 to "
+                         "validate on.")  # fmt: skip
+    if balance not in BALANCE_EXPONENT:
+        raise ValueError(f"balance must be None, 'sqrt' or 'inverse', not {balance!r}.")
+    if input not in ("auto", "counts", "lognorm"):
+        raise ValueError(f"input must be 'auto', 'counts' or 'lognorm', not {input!r}.")
+    return label_keys
+
+
+def _training_data(data, label_keys: list[str], *, split, layer, genes, group_key, input, random_state,
+                   embedding_keys: list[str], key_added: str) -> TrainingData:  # fmt: skip
+    """The training cells of a store or an AnnData (a split made here is written to the AnnData's ``obs``)."""
+    if isinstance(data, Store):
+        if input == "lognorm":
+            raise ValueError("A store holds raw counts: input='lognorm' does not apply.")
+        if embedding_keys:
+            raise ValueError("embedding_keys needs an AnnData with those obsm entries; a store holds none.")
+        return from_store(data, label_keys, split)
+    source = from_anndata(data, label_keys, split=split, layer=layer, genes=genes, group_key=group_key,
+                          input_kind=input, random_state=random_state, embedding_keys=embedding_keys)  # fmt: skip
+    if source.summary["split"].startswith("random"):
+        import pandas as pd
+
+        data.obs[f"{key_added}_split"] = pd.Categorical.from_codes(source.parts, ["train", "val", "test"])
+    return source
+
+
+def _warn_absent_classes(source: TrainingData, train_rows: np.ndarray) -> None:
+    for level, classes in source.classes.items():
+        absent = sorted(set(range(len(classes))) - set(np.unique(source.codes[level][train_rows])))
+        if absent:
+            logg.warning(f"{level}: {len(absent)} classes have no training cells ({[classes[c] for c in absent[:5]]}).")
+
+
+def _same_call(params: dict, source: TrainingData, rows: list[np.ndarray], label_keys: list, embedding_keys: list):
+    """The fingerprint a checkpoint must match to be resumed: the parameters (but the device) and the data."""
+    return fingerprint({k: v for k, v in params.items() if k != "device"}, {
+        "genes": list(source.genes), "classes": [source.classes[k] for k in label_keys],
+        "codes": [source.codes[k] for k in label_keys], "rows": rows,
+        "embeddings": [source.embeddings[k] for k in embedding_keys], "input": repr(source.summary),
+    })  # fmt: skip
+
+
+class _AnnotatorPlan(training.TrainingPlan):
+    """The annotator's network, its training step and its validation metrics, for :func:`~cellmint.tl._training.fit`.
+
+    The step: weighted cross-entropy over levels plus the embedding heads' squared error
+    (:func:`_step_loss`); the metrics: macro-F1 over levels and the validation loss.
+    """
+
+    def __init__(self, source: TrainingData, train_rows: np.ndarray, val_rows: np.ndarray, recipe: InputRecipe,
+                 settings: Augmentation, params: dict, generator: torch.Generator, device: torch.device,
+                 ranks: Ranks, num_workers: int):  # fmt: skip
+        # built in this order inside training.seeded: the initial weights follow the seed
+        self.source, self.val_rows, self.recipe, self.settings = source, val_rows, recipe, settings
+        self.generator, self.device, self.ranks = generator, device, ranks
+        label_keys, random_state = params["label_keys"], params["random_state"]
+        n_classes = {level: len(c) for level, c in source.classes.items()}
+        self.scale = {key: (v[train_rows].mean(0), v[train_rows].std(0) + 1e-6) for key, v in source.embeddings.items()}
+        self.targets = {key: torch.as_tensor((v - self.scale[key][0]) / self.scale[key][1])
+                        for key, v in source.embeddings.items()}  # fmt: skip
+        self.dims = {key: int(v.shape[1]) for key, v in source.embeddings.items()}
+        self.net = AnnotatorNet(len(source.genes), n_classes, hidden=tuple(params["hidden"]), dropout=params["dropout"],
+                                embeddings=self.dims, linear=params["linear"])  # fmt: skip
+        self.lr, self.weight_decay = params["lr"], params["weight_decay"]
+        self.weights = {}
+        for level in label_keys:
+            counts = np.bincount(source.codes[level][train_rows], minlength=n_classes[level]).astype(np.float64)
+            w = (np.where(counts > 0, np.maximum(counts, 1) ** -0.5, 0.0) if params["class_weight"]
+                 else np.ones(len(counts)))  # fmt: skip
+            self.weights[level] = torch.tensor(w / w[counts > 0].mean(), dtype=torch.float32, device=device)
+        # each cell's loss weight, indexed by row: the denominator of every global batch's mean, on any rank
+        self.cell_weight = {level: self.weights[level].cpu().numpy()[source.codes[level]] for level in label_keys}
+        self.streams = RandomStreams(generator, device, random_state, ranks.rank)  # after the weights: equal on all
+        # on the CPU, reading threads would compete with torch's for the same cores (measured: 5x slower)
+        self.prefetch = device.type != "cpu"
+        self.train_loader = source.loader(train_rows, batch_size=params["batch_size"], shuffle=True,
+                                          balance=params["balance"], random_state=random_state,
+                                          num_workers=num_workers, prefetch=self.prefetch,
+                                          distributed="global")  # fmt: skip
+        self.steps_per_epoch = len(self.train_loader)
+
+    def configure_optimizer(self) -> AdamW:
+        return AdamW(self.net.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+
+    def evaluate(self, rows: np.ndarray, latents: list | None = None) -> tuple[dict, dict, np.ndarray, dict]:
+        return _evaluate(self.net, self.source, rows, self.recipe, self.device, self.ranks, self.prefetch, latents)
+
+    def batches(self, epoch: int, start: int):
+        self.train_loader.set_epoch(epoch, start_batch=start)
+        return self.train_loader
+
+    def training_step(self, batch: dict) -> torch.Tensor:
+        X, library = augment_batch(batch["X"], batch["library_size"], self.settings,
+                                   counts=self.recipe.kind == "counts", generator=self.generator)  # fmt: skip
+        x = normalize(X.to(self.device), library.to(self.device), self.recipe)
+        _, logits, embedded = self.net(x)
+        return _step_loss(logits, embedded, batch, self.weights, self.cell_weight, self.targets, self.device)
+
+    def batch_cells(self, batch: dict) -> int:
+        return len(batch["global_index"])
+
+    def validation_metrics(self) -> dict[str, float]:
+        val_logits, val_labels, val_index, val_embedded = self.evaluate(self.val_rows)
+        score = _macro_f1(val_logits, val_labels, self.source.classes)
+        val_loss = _validation_loss(val_logits, val_labels, val_embedded, self.targets, val_index)
+        return {"val_macro_f1": score, "val_loss": val_loss}
+
+    def postfix(self, entry: dict) -> dict[str, str]:
+        return {"val_f1": f"{entry['val_macro_f1']:.3f}"}
+
+
+def _stopping(early_stopping: int | None, embedding_keys: list) -> training.EarlyStopping:
+    """The annotator's early stopping: on the validation macro-F1 (mean over levels), ties broken by the loss.
+
+    The best epoch: highest validation macro-F1; among equal ones (often all 1.0 on easy data), the
+    lowest validation loss, which also covers the embedding heads. Patience counts epochs without a
+    better macro-F1: the loss of a model that is already right keeps falling as it grows more
+    confident, and would never let training stop (CellBench, 1,021 cells: 60 epochs → 12, same
+    labels). With embedding heads, whose error only the loss measures, a lower loss counts too.
+    """
+    return training.EarlyStopping("val_macro_f1", "max", patience=early_stopping, tolerance=1e-9, tie_break="val_loss",
+                                  tie_break_resets=bool(embedding_keys))  # fmt: skip
+
+
+def _calibrate(plan: _AnnotatorPlan, train_rows: np.ndarray, test_rows: np.ndarray, rng: np.random.Generator,
+               random_state: int) -> dict:  # fmt: skip
+    """With the best weights: temperatures, metrics, conformal and open-set calibration, reference cells.
+
+    Every rank computes them from the same gathered cells; rank 0's are kept, so the models are equal.
+    """
+    source, label_keys = plan.source, list(plan.source.classes)
+    val_latents: list = []  # the best weights' validation pass also gives the latents for the open-set threshold
+    val_logits, val_labels, _, _ = plan.evaluate(plan.val_rows, val_latents)
+    temperature = {level: fit_temperature(val_logits[level], val_labels[level]) for level in label_keys}
+    metrics = {"validation": _report(val_logits, val_labels, source.classes, temperature)}
+    test = None
+    if len(test_rows):
+        test_logits, test_labels, test_index, test_embedded = plan.evaluate(test_rows)
+        metrics["test"] = _report(test_logits, test_labels, source.classes, temperature)
+        test = (test_logits, test_labels)
+        metrics["embedding_r2"] = {key: _r2(values, plan.targets[key][test_index].numpy())
+                                   for key, values in test_embedded.items()}  # fmt: skip
+    calibration, coverage = _conformal(val_logits, val_labels, test, temperature, source.classes,
+                                       np.random.default_rng([random_state, 1]))  # fmt: skip
+    reference, open_set = _reference(plan.net, source, train_rows, torch.cat(val_latents), plan.recipe, plan.device,
+                                     rng, plan.prefetch, plan.ranks)  # fmt: skip
+    return plan.ranks.from_main({"temperature": temperature, "metrics": metrics, "calibration": calibration,
+                                 "coverage": coverage, "reference": reference, "open_set": open_set})  # fmt: skip
+
+
+def _manifest(plan: _AnnotatorPlan, run: training.Fit, calibrated: dict, params: dict, rows: list[np.ndarray],
+              report, ranks: Ranks) -> dict:  # fmt: skip
+    """What the model folder records of its training (rank 0's, timings too: one manifest for every rank's model)."""
+    source, (train_rows, val_rows, test_rows) = plan.source, rows
+    metrics, history = calibrated["metrics"], run.history
+    evaluated = metrics.get("test", metrics["validation"])
+    manifest = {
+        "unknown_label": params["unknown_label"],
+        "params": params,
+        "architecture": {
+            "hidden": params["hidden"],
+            "dropout": params["dropout"],
+            "embeddings": plan.dims,
+            "linear": params["linear"],
+        },
+        "embedding_scale": {key: {"mean": m.tolist(), "std": s.tolist()} for key, (m, s) in plan.scale.items()},
+        "augmentation": plan.settings.to_dict(),
+        "data": {
+            **source.summary,
+            "n_train": len(train_rows),
+            "n_val": len(val_rows),
+            "n_test": len(test_rows),
+            "train_classes": {
+                level: np.bincount(source.codes[level][train_rows], minlength=len(c)).tolist()
+                for level, c in source.classes.items()
+            },
+        },
+        "metrics": {
+            level: {**r, "evaluated_on": "test" if "test" in metrics else "validation"}
+            for level, r in evaluated.items()
+        },
+        "validation_metrics": metrics["validation"],
+        "embedding_r2": metrics.get("embedding_r2", {}),
+        "open_set": calibrated["open_set"],
+        "conformal": calibrated["coverage"],
+        "history": history,
+        "best_epoch": next(h["epoch"] for h in history if (h["val_macro_f1"], h["val_loss"]) == run.state.best),
+        "resources": {**report.to_dict(), "epochs": len(history)},
+        "training": {
+            "world_size": ranks.world,
+            "resumed": run.state.resumed,
+            "seconds": run.seconds,
+            "cells_per_s": run.cells / run.seconds if run.cells else None,
+        },
+    }
+    return ranks.from_main(manifest)
+
+
 @doc_params()
 def train_annotator(
     data: Store | Any,
@@ -398,50 +592,17 @@ def train_annotator(
     gathered, and every rank returns the same model; only rank 0 writes ``model_dir``
     (:mod:`cellmint.tl._distributed`, docs page "Scaling out").
     """
-    if not isinstance(label_keys, str) and not (isinstance(label_keys, Sequence)
-                                                and all(isinstance(k, str) for k in label_keys)):  # fmt: skip
-        raise TypeError(f"label_keys must be a label column name or a list of them, not {label_keys!r}.")
-    label_keys = [label_keys] if isinstance(label_keys, str) else list(label_keys)
-    if not label_keys:
-        raise ValueError("label_keys is empty: give at least one obs/label column.")
-    for name, value, minimum in (("batch_size", batch_size, 1), ("max_epochs", 1 if max_epochs is None else max_epochs,
-                                  1), ("num_workers", num_workers, 0)):  # fmt: skip
-        if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < minimum:
-            raise ValueError(f"{name} must be an integer ≥ {minimum}, not {value!r}.")
-    if early_stopping is not None and (isinstance(early_stopping, bool) or not isinstance(early_stopping, int)
-                                       or early_stopping < 1):  # fmt: skip
-        raise ValueError(f"early_stopping must be None (train all epochs) or an integer ≥ 1, not {early_stopping!r}.")
-    if not (isinstance(lr, int | float) and lr > 0 and isinstance(weight_decay, int | float) and weight_decay >= 0):
-        raise ValueError(f"lr must be > 0 and weight_decay ≥ 0, not lr={lr!r}, weight_decay={weight_decay!r}.")
-    if not (isinstance(dropout, int | float) and 0 <= dropout < 1):
-        raise ValueError(f"dropout must be in [0, 1), not {dropout!r}.")
-    n_cells = getattr(data, "n_obs", None)
-    if n_cells is not None and n_cells < 2:
-        raise ValueError(f"The data has {n_cells} cell(s); training needs at least 2 cells to learn from and 1 to "
-                         "validate on.")  # fmt: skip
-    if balance not in BALANCE_EXPONENT:
-        raise ValueError(f"balance must be None, 'sqrt' or 'inverse', not {balance!r}.")
-    if input not in ("auto", "counts", "lognorm"):
-        raise ValueError(f"input must be 'auto', 'counts' or 'lognorm', not {input!r}.")
+    label_keys = _check_arguments(data, label_keys, batch_size=batch_size, max_epochs=max_epochs,
+                                  num_workers=num_workers, early_stopping=early_stopping, lr=lr,
+                                  weight_decay=weight_decay, dropout=dropout, balance=balance, input=input)  # fmt: skip
     if model_dir is not None:
         check_writable(model_dir, overwrite=overwrite)
     ranks, torch_device = join(resolve_device(device))
     settings = Augmentation.from_arg(augment)
     start = logg.info(f"training an annotator for {label_keys} on {torch_device}")
     embedding_keys = list(embedding_keys)
-    if isinstance(data, Store):
-        if input == "lognorm":
-            raise ValueError("A store holds raw counts: input='lognorm' does not apply.")
-        if embedding_keys:
-            raise ValueError("embedding_keys needs an AnnData with those obsm entries; a store holds none.")
-        source = from_store(data, label_keys, split)
-    else:
-        source = from_anndata(data, label_keys, split=split, layer=layer, genes=genes, group_key=group_key,
-                              input_kind=input, random_state=random_state, embedding_keys=embedding_keys)  # fmt: skip
-        if source.summary["split"].startswith("random"):
-            import pandas as pd
-
-            data.obs[f"{key_added}_split"] = pd.Categorical.from_codes(source.parts, ["train", "val", "test"])
+    source = _training_data(data, label_keys, split=split, layer=layer, genes=genes, group_key=group_key, input=input,
+                            random_state=random_state, embedding_keys=embedding_keys, key_added=key_added)  # fmt: skip
     recipe = InputRecipe(kind=source.kind, transform=input_transform)
     unknown_label = choose_unknown_label(source.classes, unknown_label)
     if unknown_label != UNKNOWN_DEFAULT:
@@ -450,11 +611,7 @@ def train_annotator(
     train_rows, val_rows, val_source = _validation_rows(source, rng)
     max_epochs = default_max_epochs(len(train_rows)) if max_epochs is None else max_epochs
     test_rows = np.flatnonzero(source.parts == 2)
-    for level, classes in source.classes.items():
-        absent = sorted(set(range(len(classes))) - set(np.unique(source.codes[level][train_rows])))
-        if absent:
-            logg.warning(f"{level}: {len(absent)} classes have no training cells ({[classes[c] for c in absent[:5]]}).")
-
+    _warn_absent_classes(source, train_rows)
     params = {
         "label_keys": label_keys, "split": split, "input": recipe.kind, "input_transform": input_transform,
         "hidden": list(hidden), "dropout": dropout, "linear": linear, "augment": settings.to_dict(), "balance": balance,
@@ -462,171 +619,30 @@ def train_annotator(
         "weight_decay": weight_decay, "batch_size": batch_size, "random_state": random_state,
         "device": str(torch_device), "validation": val_source, "unknown_label": unknown_label,
     }  # fmt: skip
-    same_call = fingerprint({k: v for k, v in params.items() if k != "device"}, {
-        "genes": list(source.genes), "classes": [source.classes[k] for k in label_keys],
-        "codes": [source.codes[k] for k in label_keys], "rows": [train_rows, val_rows, test_rows],
-        "embeddings": [source.embeddings[k] for k in embedding_keys], "input": repr(source.summary),
-    })  # fmt: skip
+    rows = [train_rows, val_rows, test_rows]
+    same_call = _same_call(params, source, rows, label_keys, embedding_keys)
     checkpoints = Checkpoints(checkpoint_folder(checkpoint_dir, model_dir), same_call, checkpoint_every, ranks)
-    forked = [torch_device.index or 0] if torch_device.type == "cuda" else []
-    with torch.random.fork_rng(devices=forked), ResourceMonitor(device=torch_device) as monitor, checkpoints:
-        torch.manual_seed(random_state)  # inside fork_rng: weights and dropout follow the seed, global state untouched
-        generator = torch.Generator().manual_seed(random_state)
-        n_classes = {level: len(c) for level, c in source.classes.items()}
-        scale = {key: (v[train_rows].mean(0), v[train_rows].std(0) + 1e-6) for key, v in source.embeddings.items()}
-        targets = {key: torch.as_tensor((v - scale[key][0]) / scale[key][1]) for key, v in source.embeddings.items()}
-        dims = {key: int(v.shape[1]) for key, v in source.embeddings.items()}
-        net = AnnotatorNet(len(source.genes), n_classes, hidden=tuple(hidden), dropout=dropout,
-                           embeddings=dims, linear=linear).to(torch_device)  # fmt: skip
-        weights = {}
-        for level in label_keys:
-            counts = np.bincount(source.codes[level][train_rows], minlength=n_classes[level]).astype(np.float64)
-            w = np.where(counts > 0, np.maximum(counts, 1) ** -0.5, 0.0) if class_weight else np.ones(len(counts))
-            weights[level] = torch.tensor(w / w[counts > 0].mean(), dtype=torch.float32, device=torch_device)
-        # each cell's loss weight, indexed by row: the denominator of every global batch's mean, on any rank
-        cell_weight = {level: weights[level].cpu().numpy()[source.codes[level]] for level in label_keys}
-        optimizer = AdamW(net.parameters(), lr=lr, weight_decay=weight_decay)
-        streams = RandomStreams(generator, torch_device, random_state, ranks.rank)  # after the weights: equal on all
-        # on the CPU, reading threads would compete with torch's for the same cores (measured: 5x slower)
-        prefetch = torch_device.type != "cpu"
-        train_loader = source.loader(train_rows, batch_size=batch_size, shuffle=True, balance=balance,
-                                     random_state=random_state, num_workers=num_workers, prefetch=prefetch,
-                                     distributed="global")  # fmt: skip
-        state = checkpoints.resume(net, optimizer, streams, random_state)
-        per_epoch = len(train_loader)
-        loop_start, trained = time.perf_counter(), 0  # this process's training steps: cells of global batches / s
-        first_epoch, run_batches, estimated = state.epoch, 0, not ranks.main  # the estimate: rank 0, once
-        # one bar over every batch of every epoch (ETA for the whole run), the epoch and scores beside it;
+    with (
+        training.seeded(random_state, torch_device) as generator,  # weights and dropout follow the seed
+        ResourceMonitor(device=torch_device) as monitor,
+        checkpoints,
+    ):
+        plan = _AnnotatorPlan(source, train_rows, val_rows, recipe, settings, params, generator, torch_device, ranks,
+                              num_workers)  # fmt: skip
         # without a bar (a log, a pipeline) one line per epoch at info level
-        with progress_bar(total=max_epochs * per_epoch, desc="training", unit="batch",
-                          progress=progress if ranks.main else False) as bar:  # fmt: skip
-            bar.update(min(state.epoch, max_epochs) * per_epoch + state.step)
-            for epoch in range(state.epoch, state.epoch if state.done else max_epochs):
-                net.train()
-                train_loader.set_epoch(epoch, start_batch=state.step)
-                for batch in train_loader:
-                    streams.settle()  # resumed mid-epoch: the saved draws continue from here
-                    X, library = augment_batch(batch["X"], batch["library_size"], settings,
-                                               counts=recipe.kind == "counts", generator=generator)  # fmt: skip
-                    x = normalize(X.to(torch_device), library.to(torch_device), recipe)
-                    _, logits, embedded = net(x)
-                    loss = _step_loss(logits, embedded, batch, weights, cell_weight, targets, torch_device)
-                    optimizer.zero_grad()
-                    loss.backward()
-                    # the global batch's loss; a checkpoint is due when any rank says so (rank 0's clock)
-                    step_loss, save = ranks.sum_gradients(optimizer.params, loss, checkpoints.due(epoch_end=False))
-                    state.loss += step_loss
-                    optimizer.step()
-                    state.step, state.batches = state.step + 1, state.batches + 1
-                    monitor.add_cells(len(batch["global_index"]))
-                    trained += len(batch["global_index"])
-                    bar.update(1)
-                    run_batches += 1
-                    if run_batches == WARMUP_BATCHES:
-                        warm = time.perf_counter()
-                    if not estimated and run_batches == WARMUP_BATCHES + TIMED_BATCHES:
-                        per_batch = (time.perf_counter() - warm) / TIMED_BATCHES
-                        estimated = _announce_estimate(per_batch, per_epoch, max_epochs - first_epoch, len(train_rows),
-                                                       torch_device)  # fmt: skip
-                    if save:
-                        checkpoints.save(state, net, optimizer, streams)
-                streams.settle()
-                if not estimated and run_batches:  # epochs shorter than the warm-up and timed batches: timed whole
-                    estimated = _announce_estimate((time.perf_counter() - loop_start) / run_batches, per_epoch,
-                                                   max_epochs - first_epoch, len(train_rows), torch_device)  # fmt: skip
-                val_logits, val_labels, val_index, val_embedded = _evaluate(net, source, val_rows, recipe,
-                                                                            torch_device, ranks, prefetch)  # fmt: skip
-                score = _macro_f1(val_logits, val_labels, source.classes)
-                val_loss = _validation_loss(val_logits, val_labels, val_embedded, targets, val_index)
-                # one decision, taken alike on every rank
-                score, val_loss, save = ranks.from_main((score, val_loss, checkpoints.due(epoch_end=True)))
-                mean_loss = state.loss / max(1, state.batches)
-                state.history.append({"epoch": epoch, "loss": mean_loss, "val_macro_f1": score, "val_loss": val_loss})
-                bar.set_postfix(epoch=epoch + 1, loss=f"{mean_loss:.3f}", val_f1=f"{score:.3f}")
-                if ranks.main:
-                    _log_epoch(epoch, max_epochs, mean_loss, score, (time.perf_counter() - loop_start)
-                               / (epoch - first_epoch + 1), quiet=not bar.disable)  # fmt: skip
-                # the best epoch: highest validation macro-F1; among equal ones (often all 1.0 on easy
-                # data), the lowest validation loss, which also covers the embedding heads. Patience
-                # counts epochs without a better macro-F1: the loss of a model that is already right
-                # keeps falling as it grows more confident, and would never let training stop
-                # (CellBench, 1,021 cells: 60 epochs → 12, same labels)
-                better_f1 = score > state.best[0] + 1e-9
-                better_loss = val_loss < state.best[1]
-                if better_f1 or (abs(score - state.best[0]) <= 1e-9 and better_loss):
-                    state.best, state.best_state = (score, val_loss), copy.deepcopy(net.state_dict())
-                # (with embedding heads, whose error only the loss measures, a lower loss counts too)
-                state.stale = 0 if better_f1 or (embedding_keys and better_loss) else state.stale + 1
-                state.epoch, state.step, state.loss, state.batches = epoch + 1, 0, 0.0, 0
-                state.done = bool(early_stopping and state.stale >= early_stopping) or state.epoch >= max_epochs
-                if save or state.done:  # the last one: a resumed run only calibrates
-                    checkpoints.save(state, net, optimizer, streams)
-                if state.done:
-                    break
-        history, best = state.history, state.best
-        train_seconds = time.perf_counter() - loop_start
-        net.load_state_dict(state.best_state)
-        val_latents: list = []  # the best weights' validation pass also gives the latents for the open-set threshold
-        val_logits, val_labels, _, _ = _evaluate(net, source, val_rows, recipe, torch_device, ranks, prefetch,
-                                                 val_latents)  # fmt: skip
-        temperature = {level: fit_temperature(val_logits[level], val_labels[level]) for level in label_keys}
-        metrics = {"validation": _report(val_logits, val_labels, source.classes, temperature)}
-        test = None
-        if len(test_rows):
-            test_logits, test_labels, test_index, test_embedded = _evaluate(net, source, test_rows, recipe,
-                                                                            torch_device, ranks, prefetch)  # fmt: skip
-            metrics["test"] = _report(test_logits, test_labels, source.classes, temperature)
-            test = (test_logits, test_labels)
-            metrics["embedding_r2"] = {key: _r2(values, targets[key][test_index].numpy())
-                                       for key, values in test_embedded.items()}  # fmt: skip
-        calibration, coverage = _conformal(val_logits, val_labels, test, temperature, source.classes,
-                                           np.random.default_rng([random_state, 1]))  # fmt: skip
-        reference, open_set = _reference(net, source, train_rows, torch.cat(val_latents), recipe, torch_device, rng,
-                                         prefetch, ranks)  # fmt: skip
-        # every rank computed these from the same gathered cells; rank 0's are kept, so the models are equal
-        temperature, metrics, calibration, coverage, reference, open_set = ranks.from_main(
-            (temperature, metrics, calibration, coverage, reference, open_set))  # fmt: skip
+        shown = training.Progress(progress, score_label="validation macro-F1", cells=len(train_rows),
+                                  long_run_s=LONG_RUN_S)  # fmt: skip
+        run = training.fit(plan, device=torch_device, max_epochs=max_epochs,
+                           stopping=_stopping(early_stopping, embedding_keys),
+                           progress=shown, ranks=ranks, checkpoints=checkpoints, streams=plan.streams,
+                           random_state=random_state, monitor=monitor)  # fmt: skip
+        calibrated = _calibrate(plan, train_rows, test_rows, rng, random_state)
     report = monitor.report
-    evaluated = metrics.get("test", metrics["validation"])
-    manifest = {
-        "unknown_label": unknown_label,
-        "params": params,
-        "architecture": {"hidden": list(hidden), "dropout": dropout, "embeddings": dims, "linear": linear},
-        "embedding_scale": {key: {"mean": m.tolist(), "std": s.tolist()} for key, (m, s) in scale.items()},
-        "augmentation": settings.to_dict(),
-        "data": {
-            **source.summary,
-            "n_train": len(train_rows),
-            "n_val": len(val_rows),
-            "n_test": len(test_rows),
-            "train_classes": {
-                level: np.bincount(source.codes[level][train_rows], minlength=len(c)).tolist()
-                for level, c in source.classes.items()
-            },
-        },
-        "metrics": {
-            level: {**r, "evaluated_on": "test" if "test" in metrics else "validation"}
-            for level, r in evaluated.items()
-        },
-        "validation_metrics": metrics["validation"],
-        "embedding_r2": metrics.get("embedding_r2", {}),
-        "open_set": open_set,
-        "conformal": coverage,
-        "history": history,
-        "best_epoch": next(h["epoch"] for h in history if (h["val_macro_f1"], h["val_loss"]) == best),
-        "resources": {**report.to_dict(), "epochs": len(history)},
-        "training": {
-            "world_size": ranks.world,
-            "resumed": state.resumed,
-            "seconds": train_seconds,
-            "cells_per_s": trained / train_seconds if trained else None,
-        },
-    }
-    manifest = ranks.from_main(manifest)  # rank 0's timings too: one manifest for every rank's model
+    manifest = _manifest(plan, run, calibrated, params, rows, report, ranks)
     hierarchy = learn_hierarchy({k: v[train_rows] for k, v in source.codes.items()}, source.classes)
-    model = Annotator(net.cpu(), genes=list(source.genes), classes=source.classes, hierarchy=hierarchy,
-                      recipe=recipe, temperature=temperature, manifest=manifest, reference=reference,
-                      calibration=calibration)  # fmt: skip
+    model = Annotator(plan.net.cpu(), genes=list(source.genes), classes=source.classes, hierarchy=hierarchy,
+                      recipe=recipe, temperature=calibrated["temperature"], manifest=manifest,
+                      reference=calibrated["reference"], calibration=calibrated["calibration"])  # fmt: skip
     if model_dir is not None:
         if ranks.main:
             model.save(model_dir, overwrite=overwrite)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,7 @@ from ..models._normalize import InputRecipe
 from ..models._perturbation import PerturbationModel
 from . import _perturbation_data as data
 from . import _perturbation_stack as stacking
-from ._perturbation_fit import Settings, average_effects, binned_means, fit_network
+from ._perturbation_fit import Fitted, Settings, average_effects, binned_means, fit_network
 
 __all__ = ["train_perturbation", "binned_means"]
 
@@ -120,6 +121,147 @@ def _folds(contexts: list[str], n_folds: int, rng: np.random.Generator) -> list[
     """Training contexts in ``n_folds`` groups of (nearly) equal size, drawn at random (one context each when few)."""
     order = list(rng.permutation(contexts))
     return [sorted(order[i::n_folds]) for i in range(n_folds)]
+
+
+def _check_arguments(loss: str, set_size: int, effect_bins: int, stack_folds: int) -> None:
+    if loss not in LOSSES:
+        raise ValueError(f"loss must be one of {LOSSES}, not {loss!r}.")
+    if set_size < 2:
+        raise ValueError("set_size must be at least 2.")
+    if not 1 <= effect_bins <= set_size:
+        raise ValueError(f"effect_bins must be between 1 and set_size ({set_size}), not {effect_bins}.")
+    if stack_folds < 2:
+        raise ValueError(f"stack_folds must be at least 2, not {stack_folds!r}.")
+
+
+@dataclass
+class _Cells:
+    """The training cells: their rows of ``adata``, pairs and controls (positions in ``rows``), and their values."""
+
+    rows: np.ndarray
+    pairs: dict
+    perturbations: list[str]
+    controls: dict
+    kind: str
+    recipe: InputRecipe
+    panel: pd.Index
+    genes_values: np.ndarray  # log-values of the gene panel
+    values: torch.Tensor  # what the networks read: genes_values, or the representation use_rep
+    decoder: dict | None  # use_rep: the ridge map back to the gene panel
+
+
+def _training_cells(adata, perturbation_key: str, control: str, context_key: str | None, *, layer, genes, use_rep,
+                    input: str, split_key: str | None) -> _Cells:  # fmt: skip
+    rows = np.arange(adata.n_obs)
+    if split_key is not None:
+        split = data.labels(adata, split_key, what="Split")
+        rows = np.flatnonzero(split.to_numpy() == "train")
+        if len(rows) == 0:
+            raise ValueError(f"No cell is marked 'train' in adata.obs[{split_key!r}].")
+    perturbation = data.labels(adata, perturbation_key, what="Perturbation").iloc[rows]
+    context = data.contexts(adata, context_key).iloc[rows]
+    pairs, perturbations, controls = _pairs(perturbation, context, str(control))
+    kind = data.input_kind(adata, layer, input)
+    recipe = InputRecipe(kind=kind)
+    panel = _panel(adata, genes, kind, layer)
+    columns = pd.Index(adata.var_names.astype(str)).get_indexer(panel)
+    genes_values = data.panel_values(adata, columns, recipe, layer, rows)
+    decoder = None
+    if use_rep is not None:
+        values = data.rep_values(adata, use_rep, rows)
+        decoder = _fit_decoder(values, genes_values)
+    else:
+        values = genes_values
+    values = torch.as_tensor(values)
+    return _Cells(rows, pairs, perturbations, controls, kind, recipe, panel, genes_values, values, decoder)
+
+
+@dataclass(frozen=True)
+class _ToGenes:
+    """As PerturbationModel.shifted_genes: the decoded change added to the cells' own panel values."""
+
+    genes_values: np.ndarray
+    decoder: dict | None
+
+    def __call__(self, inputs: np.ndarray, cells: np.ndarray, members: np.ndarray) -> np.ndarray:
+        if self.decoder is not None:
+            cells = self.genes_values[members] + (cells - inputs) @ self.decoder["weight"]
+        return np.clip(cells, 0, None)
+
+
+def _fold_networks(cells: _Cells, folds: list[list[str]], settings: Settings, random_state: int) -> tuple[list, dict]:
+    """One network per inner fold, trained on the other folds' contexts; their out-of-fold pseudobulks."""
+    fitted, oof, to_genes = [], {}, _ToGenes(cells.genes_values, cells.decoder)
+    for k, held in enumerate(folds):
+        train_k = {key: v for key, v in cells.pairs.items() if key[0] not in held}
+        val_k = {key: v for key, v in cells.pairs.items() if key[0] in held}
+        if not train_k:
+            continue
+        one = fit_network(cells.values, cells.controls, cells.perturbations, train_k, val_k, settings,
+                          random_state + k, description=f"fold {k + 1}/{len(folds)}")  # fmt: skip
+        one.net.cpu()
+        known = {p for _, p in train_k}
+        oof |= stacking.network_bulks(one.net, cells.values, cells.controls, held, cells.pairs, known,
+                                      cells.perturbations, settings.set_size, to_genes, random_state)  # fmt: skip
+        one.validation = f"fold {k + 1}: contexts {held}"
+        fitted.append(one)
+    return fitted, oof
+
+
+def _model_networks(cells: _Cells, fitted: list[Fitted], effect_bins: int) -> list:
+    """The networks, each keeping every training context's average effect (its validation contexts' too)."""
+    effects, control_means = average_effects(cells.values, cells.pairs, cells.controls, cells.perturbations,
+                                             effect_bins)  # fmt: skip
+    nets = []
+    for one in fitted:
+        net = one.net.cpu()
+        net.binned_effect.copy_(effects)
+        net.control_mean.copy_(control_means)
+        nets.append(net)
+    return nets
+
+
+def _stacking(adata, cells: _Cells, folds: list, contexts: list, oof: dict, layer) -> dict:
+    """The stacking weights learned on the folds; with one training context, the network and the perturbation mean."""
+    stacked = stacking.fit_stack(adata, cells.rows, cells.pairs, cells.controls, cells.perturbations,
+                                 folds or [contexts], oof, cells.panel, cells.kind, layer)  # fmt: skip
+    if not folds:
+        logg.warning("one training context: the stacking weights cannot be learned on unseen contexts; "
+                     "the network alone predicts its panel, the perturbation mean the other genes")  # fmt: skip
+        stacked["weights"][:] = np.eye(len(stacking.COMPONENTS))[0]
+        stacked["baseline_weights"][:] = np.eye(len(stacking.BASELINES))[stacking.BASELINES.index(
+            "perturbation_mean")]  # fmt: skip
+    return stacked
+
+
+def _manifest(cells: _Cells, fitted: list[Fitted], folded: list[Fitted], params: dict, architecture: dict,
+              report) -> dict:  # fmt: skip
+    counts = pd.Series({f"{c}|{p}": len(r) for (c, p), r in cells.pairs.items()})
+    first = fitted[0]
+    history = {"loss": [h["loss"] for h in first.history],
+               "val_loss": [h.get("val_loss", np.nan) for h in first.history]}  # fmt: skip
+    networks = [{"validation": one.validation, "epochs": len(one.history), "best_epoch": one.best_epoch,
+                 "untrained_val_loss": one.untrained_val_loss} for one in fitted]  # fmt: skip
+    fold_only = [one for one in folded if all(one is not other for other in fitted)]
+    fold_networks = [{"validation": one.validation, "epochs": len(one.history), "best_epoch": one.best_epoch}
+                     for one in fold_only]  # fmt: skip
+    return {
+        "params": params,
+        "architecture": {"n_features": int(cells.values.shape[1]), **architecture},
+        "data": {
+            "n_cells": len(cells.rows),
+            "n_contexts": len(cells.controls),
+            "contexts": sorted(map(str, cells.controls)),
+            "n_pairs": len(cells.pairs),
+            "cells_per_pair": {"min": int(counts.min()), "median": float(counts.median()), "max": int(counts.max())},
+        },
+        "history": history,
+        "best_epoch": first.best_epoch,  # -1: no epoch beat the untrained network on the validation sets
+        "untrained_val_loss": first.untrained_val_loss,
+        "networks": networks,
+        "fold_networks": fold_networks,  # trained only for the stacking weights (two training contexts)
+        "resources": {**report.to_dict(), "epochs": sum(len(one.history) for one in [*fitted, *fold_only])},
+    }
 
 
 @doc_params()
@@ -276,130 +418,43 @@ def train_perturbation(
     (model folder, keys, control label, perturbations, gene panel, input recipe, parameters, data
     summary, training history, stacking weights, file checksums; h5ad-writable).
     """
-    if loss not in LOSSES:
-        raise ValueError(f"loss must be one of {LOSSES}, not {loss!r}.")
-    if set_size < 2:
-        raise ValueError("set_size must be at least 2.")
-    if not 1 <= effect_bins <= set_size:
-        raise ValueError(f"effect_bins must be between 1 and set_size ({set_size}), not {effect_bins}.")
-    if stack_folds < 2:
-        raise ValueError(f"stack_folds must be at least 2, not {stack_folds!r}.")
+    _check_arguments(loss, set_size, effect_bins, stack_folds)
     torch_device = resolve_device(device)
     if model_dir is not None:
         check_writable(model_dir, overwrite=overwrite)
     start = logg.info(f"training a perturbation model on {torch_device}")
-    rows = np.arange(adata.n_obs)
-    if split_key is not None:
-        split = data.labels(adata, split_key, what="Split")
-        rows = np.flatnonzero(split.to_numpy() == "train")
-        if len(rows) == 0:
-            raise ValueError(f"No cell is marked 'train' in adata.obs[{split_key!r}].")
-    perturbation = data.labels(adata, perturbation_key, what="Perturbation").iloc[rows]
-    context = data.contexts(adata, context_key).iloc[rows]
-    pairs, perturbations, controls = _pairs(perturbation, context, str(control))
-    kind = data.input_kind(adata, layer, input)
-    recipe = InputRecipe(kind=kind)
-    panel = _panel(adata, genes, kind, layer)
-    columns = pd.Index(adata.var_names.astype(str)).get_indexer(panel)
-    genes_values = data.panel_values(adata, columns, recipe, layer, rows)
-    decoder = None
-    if use_rep is not None:
-        values = data.rep_values(adata, use_rep, rows)
-        decoder = _fit_decoder(values, genes_values)
-    else:
-        values = genes_values
-    values = torch.as_tensor(values)
+    cells = _training_cells(adata, perturbation_key, control, context_key, layer=layer, genes=genes, use_rep=use_rep,
+                            input=input, split_key=split_key)  # fmt: skip
     rng = np.random.default_rng(random_state)
     architecture = {"hidden": hidden, "n_layers": n_layers, "n_heads": n_heads, "dropout": dropout,
                     "gene_dim": gene_dim, "effect_bins": effect_bins, "effect_input": effect_input}  # fmt: skip
-    contexts = sorted({c for c, _ in pairs})
+    contexts = sorted({c for c, _ in cells.pairs})
     folds = _folds(contexts, min(stack_folds, len(contexts)), rng) if stack and len(contexts) >= 2 else []
     params = {
         "perturbation_key": perturbation_key, "control": str(control), "context_key": context_key, "layer": layer,
-        "use_rep": use_rep, "input": kind, "split_key": split_key, "stack": stack, "stack_folds": stack_folds,
+        "use_rep": use_rep, "input": cells.kind, "split_key": split_key, "stack": stack, "stack_folds": stack_folds,
         "set_size": set_size, "sets_per_batch": sets_per_batch, "loss": loss, "mean_weight": mean_weight,
         "max_epochs": max_epochs, "early_stopping": early_stopping, "validation": validation, "lr": lr,
         "weight_decay": weight_decay, "random_state": random_state, "device": str(torch_device),
     }  # fmt: skip
-
-    def to_genes(inputs: np.ndarray, cells: np.ndarray, members: np.ndarray) -> np.ndarray:
-        """As PerturbationModel.shifted_genes: the decoded change added to the cells' own panel values."""
-        if decoder is not None:
-            cells = genes_values[members] + (cells - inputs) @ decoder["weight"]
-        return np.clip(cells, 0, None)
-
     with ResourceMonitor(device=torch_device) as monitor:
         settings = Settings(architecture, set_size, sets_per_batch, loss, mean_weight, max_epochs, early_stopping,
                             lr, weight_decay, torch_device, progress, monitor)  # fmt: skip
-        fitted, oof = [], {}
-        for k, held in enumerate(folds):
-            train_k = {key: v for key, v in pairs.items() if key[0] not in held}
-            val_k = {key: v for key, v in pairs.items() if key[0] in held}
-            if not train_k:
-                continue
-            one = fit_network(values, controls, perturbations, train_k, val_k, settings, random_state + k,
-                              description=f"fold {k + 1}/{len(folds)}")  # fmt: skip
-            one.net.cpu()
-            known = {p for _, p in train_k}
-            oof |= stacking.network_bulks(one.net, values, controls, held, pairs, known, perturbations, set_size,
-                                          to_genes, random_state)  # fmt: skip
-            one.validation = f"fold {k + 1}: contexts {held}"
-            fitted.append(one)
-        folded = fitted
+        folded, oof = _fold_networks(cells, folds, settings, random_state)
+        fitted = folded
         if len(contexts) < 3 or not fitted:  # the fold networks never saw enough contexts: one more on all of them
-            train_pairs, val_pairs, chosen = _validation(pairs, validation, rng)
-            one = fit_network(values, controls, perturbations, train_pairs, val_pairs, settings, random_state,
-                              description="training")  # fmt: skip
+            train_pairs, val_pairs, chosen = _validation(cells.pairs, validation, rng)
+            one = fit_network(cells.values, cells.controls, cells.perturbations, train_pairs, val_pairs, settings,
+                              random_state, description="training")  # fmt: skip
             one.validation = chosen
             fitted = [one]
-        # every network keeps every training context's average effect (its validation contexts' too)
-        effects, control_means = average_effects(values, pairs, controls, perturbations, effect_bins)
-        nets = []
-        for one in fitted:
-            net = one.net.cpu()
-            net.binned_effect.copy_(effects)
-            net.control_mean.copy_(control_means)
-            nets.append(net)
-        stacked = None
-        if stack:
-            stacked = stacking.fit_stack(adata, rows, pairs, controls, perturbations, folds or [contexts], oof,
-                                         panel, kind, layer)  # fmt: skip
-            if not folds:
-                logg.warning("one training context: the stacking weights cannot be learned on unseen contexts; "
-                             "the network alone predicts its panel, the perturbation mean the other genes")  # fmt: skip
-                stacked["weights"][:] = np.eye(len(stacking.COMPONENTS))[0]
-                stacked["baseline_weights"][:] = np.eye(len(stacking.BASELINES))[stacking.BASELINES.index(
-                    "perturbation_mean")]  # fmt: skip
+        nets = _model_networks(cells, fitted, effect_bins)
+        stacked = _stacking(adata, cells, folds, contexts, oof, layer) if stack else None
     report = monitor.report
-    counts = pd.Series({f"{c}|{p}": len(r) for (c, p), r in pairs.items()})
-    first = fitted[0]
-    history = {"loss": [h["loss"] for h in first.history],
-               "val_loss": [h.get("val_loss", np.nan) for h in first.history]}  # fmt: skip
-    networks = [{"validation": one.validation, "epochs": len(one.history), "best_epoch": one.best_epoch,
-                 "untrained_val_loss": one.untrained_val_loss} for one in fitted]  # fmt: skip
-    fold_networks = [{"validation": one.validation, "epochs": len(one.history), "best_epoch": one.best_epoch}
-                     for one in folded if all(one is not other for other in fitted)]  # fmt: skip
-    trained = [*fitted, *(one for one in folded if all(one is not other for other in fitted))]
-    manifest = {
-        "params": params,
-        "architecture": {"n_features": int(values.shape[1]), **architecture},
-        "data": {
-            "n_cells": len(rows),
-            "n_contexts": len(controls),
-            "contexts": sorted(map(str, controls)),
-            "n_pairs": len(pairs),
-            "cells_per_pair": {"min": int(counts.min()), "median": float(counts.median()), "max": int(counts.max())},
-        },
-        "history": history,
-        "best_epoch": first.best_epoch,  # -1: no epoch beat the untrained network on the validation sets
-        "untrained_val_loss": first.untrained_val_loss,
-        "networks": networks,
-        "fold_networks": fold_networks,  # trained only for the stacking weights (two training contexts)
-        "resources": {**report.to_dict(), "epochs": sum(len(one.history) for one in trained)},
-    }
-    model = PerturbationModel(nets, genes=list(panel), perturbations=perturbations, control=str(control),
-                              perturbation_key=perturbation_key, context_key=context_key, recipe=recipe,
-                              use_rep=use_rep, decoder=decoder, manifest=manifest, stack=stacked)  # fmt: skip
+    manifest = _manifest(cells, fitted, folded, params, architecture, report)
+    model = PerturbationModel(nets, genes=list(cells.panel), perturbations=cells.perturbations, control=str(control),
+                              perturbation_key=perturbation_key, context_key=context_key, recipe=cells.recipe,
+                              use_rep=use_rep, decoder=cells.decoder, manifest=manifest, stack=stacked)  # fmt: skip
     if model_dir is not None:
         model.save(model_dir, overwrite=overwrite)
     adata.uns[key_added] = model.uns_summary()
