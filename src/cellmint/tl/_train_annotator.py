@@ -23,7 +23,7 @@ from ..models._metrics import classification_report, expected_calibration_error,
 from ..models._network import AnnotatorNet
 from ..models._normalize import InputRecipe, normalize
 from ..models._optim import AdamW
-from ..store._sampling import BALANCE_EXPONENT
+from ..store._sampling import check_balance
 from ..store._store import Store
 from . import _training as training
 from ._checkpoint import Checkpoints, RandomStreams, checkpoint_folder, fingerprint
@@ -253,8 +253,7 @@ def _check_arguments(data, label_keys, *, batch_size, max_epochs, num_workers, e
     if n_cells is not None and n_cells < 2:
         raise ValueError(f"The data has {n_cells} cell(s); training needs at least 2 cells to learn from and 1 to "
                          "validate on.")  # fmt: skip
-    if balance not in BALANCE_EXPONENT:
-        raise ValueError(f"balance must be None, 'sqrt' or 'inverse', not {balance!r}.")
+    check_balance(balance)
     if input not in ("auto", "counts", "lognorm"):
         raise ValueError(f"input must be 'auto', 'counts' or 'lognorm', not {input!r}.")
     return label_keys

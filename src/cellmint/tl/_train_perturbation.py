@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -22,6 +22,9 @@ from ..models._perturbation import PerturbationModel
 from . import _perturbation_data as data
 from . import _perturbation_stack as stacking
 from ._perturbation_fit import Fitted, Settings, average_effects, binned_means, fit_network
+
+if TYPE_CHECKING:
+    from anndata import AnnData
 
 __all__ = ["train_perturbation", "binned_means"]
 
@@ -266,7 +269,7 @@ def _manifest(cells: _Cells, fitted: list[Fitted], folded: list[Fitted], params:
 
 @doc_params()
 def train_perturbation(
-    adata: Any,
+    adata: AnnData,
     perturbation_key: str,
     control: str,
     *,
