@@ -6,8 +6,8 @@ are the reference, the next ``--query`` cells the query (in memory, CSR counts).
 
 Models (training is not timed): cellmint trains ``cm.tl.train_annotator`` on the reference with its
 defaults but few epochs (``--epochs``); it keeps up to 50,000 reference latents for the
-nearest-neighbour search (inverted lists above 10,000; ``cellmint/tl/_knn.py``). CellTypist trains its default logistic
-regression (``celltypist.train``, all genes, no feature selection) on a 10,000-cell subsample of the
+nearest-neighbour search (inverted lists above 10,000; ``cellmint/models/_knn.py``). CellTypist trains its
+default logistic regression (``celltypist.train``, all genes, no feature selection) on a 10,000-cell subsample of the
 log-normalised reference, in its own environment ``benchmarks/.envs/celltypist`` (see
 ``benchmarks/annotator.py``). Annotation cost does not depend on how either model was trained.
 

@@ -77,7 +77,7 @@ def train(rank: int, world: int, rendezvous: str | None, kwargs: dict, out: str,
 
 def _visits(adata, batch_size: int) -> list[list[int]]:
     """The cells this rank trains on in epochs 0 and 1, read through the loader training uses."""
-    from cellmint.tl._train_data import from_anndata
+    from cellmint.tl._annotation_data import from_anndata
 
     source = from_anndata(adata, ["cell_line"], split="part", layer=None, genes=None, group_key=None,
                           input_kind="auto", random_state=0, embedding_keys=[])  # fmt: skip

@@ -234,3 +234,67 @@ def test_checker_catches_each_violation():
     problems = " | ".join(annotation_problems(_bad_annotations))
     assert "`adata` is annotated 'int', not as an AnnData" in problems
     assert "a `copy` parameter returns `AnnData | None`, not 'int'" in problems
+
+
+# The two wings (docs/design.md): each imports only its own modules and the shared floors below them.
+WINGS = {
+    "annotation": re.compile(
+        r"cellmint\.(tl\._(annotate|train_annotator|annotation_\w+)|models\._(annotator|knn|conformal|open_set|augment"
+        r"|network)|_metrics\._classification|pl\._confidence)"
+    ),
+    "perturbation": re.compile(r"cellmint\.(tl|models|pl|_metrics)\._\w*perturbation\w*"),
+}
+# Above both wings: the namespaces that export both, the command line, and the resolver of model folders.
+ENTRIES = {"cellmint", "cellmint.tl", "cellmint.pl", "cellmint.models", "cellmint.io", "cellmint.io._models",
+           "cellmint.cli"}  # fmt: skip
+
+
+def modules() -> dict[str, Path]:
+    found = {}
+    for path in SRC.rglob("*.py"):
+        parts = ("cellmint", *path.relative_to(SRC).with_suffix("").parts)
+        found[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    return found
+
+
+def imported(name: str, path: Path, known: set[str]) -> set[str]:
+    """The cellmint modules ``name`` imports (at any depth of its code, relative or absolute)."""
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    out = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            out |= {alias.name for alias in node.names if alias.name in known}
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parts = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join(parts + ([base] if base else []))
+            out |= {base} & known
+            out |= {f"{base}.{alias.name}" for alias in node.names} & known
+    return out
+
+
+def wing(name: str) -> str | None:
+    return next((w for w, pattern in WINGS.items() if pattern.fullmatch(name)), None)
+
+
+def test_the_two_wings_do_not_cross():
+    found = modules()
+    crossings = []
+    for name, path in found.items():
+        if name in ENTRIES:
+            continue
+        here = wing(name)
+        for other in imported(name, path, set(found)):
+            there = wing(other)
+            if there is not None and there != here:
+                crossings.append(f"{name} ({here or 'floor'}) imports {other} ({there})")
+    assert crossings == []
+    assert {wing(n) for n in found} == {"annotation", "perturbation", None}  # the patterns still name modules
+
+
+def test_the_wing_checker_sees_relative_imports(tmp_path):
+    path = tmp_path / "m.py"
+    path.write_text("from ..models import _perturbation as p\nfrom ._annotate import annotate\n")
+    known = {"cellmint.models._perturbation", "cellmint.tl._annotate", "cellmint.models"}
+    assert imported("cellmint.tl._x", path, known) == known

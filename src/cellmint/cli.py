@@ -295,7 +295,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     from sklearn.metrics import f1_score
 
     from . import datasets, pl, pp, tl
-    from .models._metrics import ECE_BINS, expected_calibration_error
+    from ._metrics._classification import ECE_BINS, expected_calibration_error
 
     t0, out = time.perf_counter(), Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -11,8 +11,8 @@ import torch
 from sklearn.metrics import f1_score
 
 import cellmint as cm
+from cellmint._metrics._classification import classification_report, expected_calibration_error, fit_temperature
 from cellmint.models._augment import Augmentation, augment_batch
-from cellmint.models._metrics import classification_report, expected_calibration_error, fit_temperature
 from cellmint.models._normalize import InputRecipe, detect_kind, normalize
 
 

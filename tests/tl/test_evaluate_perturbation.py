@@ -13,7 +13,7 @@ import scipy.sparse as sp
 from scipy import stats
 
 import cellmint as cm
-from cellmint.models import _perturbation_metrics as pm
+from cellmint._metrics import _perturbation as pm
 from cellmint.tl._evaluate_perturbation import evaluate_perturbation
 from cellmint.tl._perturbation_baselines import perturbation_baselines
 

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 import cellmint as cm
-from cellmint.tl import _knn
-from cellmint.tl._knn import NearestReference
+from cellmint.models import _knn
+from cellmint.models._knn import NearestReference
 
 
 def _clustered(n: int, dim: int, n_clusters: int, seed: int) -> np.ndarray:

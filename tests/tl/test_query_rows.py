@@ -8,7 +8,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from cellmint.models._normalize import InputRecipe
-from cellmint.tl._query import QueryRows
+from cellmint.tl._annotation_query import QueryRows
 
 
 def test_panel_values_match_column_selection_with_missing_reordered_and_duplicated_genes():

@@ -125,7 +125,7 @@ def neighbourhood_scores(coordinates: np.ndarray, distance: np.ndarray, *, rando
     ``coordinates``: the cells in the projected latent; neighbours are searched among up to
     :data:`POOL_CELLS` of them (all, or a seeded random sample).
     """
-    from ..tl._knn import NearestReference  # the one nearest-cell search
+    from ._knn import NearestReference  # the one nearest-cell search
 
     n = len(distance)
     if n < 2:

@@ -10,8 +10,8 @@ import numpy as np
 import pandas as pd
 
 from .._keys import Key
+from .._metrics._classification import ECE_BINS, expected_calibration_error
 from .._utils._docs import doc_params
-from ..models._metrics import ECE_BINS, expected_calibration_error
 from ._figure import finish
 
 if TYPE_CHECKING:  # pragma: no cover

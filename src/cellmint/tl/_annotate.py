@@ -26,9 +26,9 @@ from ..io._models import resolve_model
 from ..models import _conformal as conformal
 from ..models import _open_set as open_set_rule
 from ..models._annotator import UNKNOWN, Annotator
-from ._calls import Calls, Decision, Rules, level_results, vote
-from ._knn import NearestReference, reference_search
-from ._query import MIN_OVERLAP, WARN_OVERLAP, QueryRows, align_genes
+from ..models._knn import NearestReference, reference_search
+from ._annotation_calls import Calls, Decision, Rules, level_results, vote
+from ._annotation_query import MIN_OVERLAP, WARN_OVERLAP, QueryRows, align_genes
 
 __all__ = ["MIN_OVERLAP", "UNKNOWN", "WARN_OVERLAP", "align_genes", "annotate"]
 

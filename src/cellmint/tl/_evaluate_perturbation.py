@@ -1,6 +1,6 @@
 """``cm.tl.evaluate_perturbation``: score predicted perturbed cells against held-out real cells, next to baselines.
 
-The metrics are cell-eval's (``cellmint.models._perturbation_metrics``, under cell-eval's names) on
+The metrics are cell-eval's (``cellmint._metrics._perturbation``, under cell-eval's names) on
 log1p-normalised expression, computed within each context (cell-eval's ``--celltype-col``):
 pseudobulks, deltas against the control cells of the same object and context, differential
 expression against those control cells, ranks among the context's perturbations. The baselines of
@@ -18,9 +18,9 @@ import numpy as np
 import pandas as pd
 
 from .._keys import Key
+from .._metrics import _perturbation as pm
 from .._utils import _logging as logg
 from .._utils._docs import doc_params
-from ..models import _perturbation_metrics as pm
 from . import _perturbation_scores as scores
 from ._perturbation_baselines import BASELINES, NEED_PERTURBATION, perturbation_baselines
 from ._perturbation_data import NORMALIZATIONS, median_normalized

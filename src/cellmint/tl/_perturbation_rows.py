@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 
 from .._keys import Key
-from ..models import _perturbation_metrics as pm
+from .._metrics import _perturbation as pm
 from . import _perturbation_scores as scores
 from ._perturbation_data import LogExpression, cell_groups
 

@@ -39,7 +39,7 @@ import numpy as np
 import pandas as pd
 
 from .._keys import Key
-from ..models import _perturbation_metrics as pm
+from .._metrics import _perturbation as pm
 
 #: the method name of the split-half replicate rows
 CEILING = Key.table.replicate
@@ -102,7 +102,7 @@ def bulk_replicates(pred_bulk, pred_control, real_bulk, real_control, top: np.nd
     """Per bootstrap replicate (rows of the replicates × genes arrays), the pseudobulk metrics named in ``columns``.
 
     ``columns`` maps metric (``pearson_delta``, ``pearson_delta_top``, ``mse``, …) to its column name;
-    the formulas are those of :mod:`cellmint.models._perturbation_metrics`.
+    the formulas are those of :mod:`cellmint._metrics._perturbation`.
     """
     pred_delta, real_delta = pred_bulk - pred_control, real_bulk - real_control
     out = {}

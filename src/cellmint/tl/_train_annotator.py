@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .._metrics._classification import classification_report, expected_calibration_error, fit_temperature
 from .._utils import _logging as logg
 from .._utils._device import resolve_device
 from .._utils._docs import doc_params
@@ -19,17 +20,16 @@ from ..models._annotator import UNKNOWN as UNKNOWN_DEFAULT
 from ..models._annotator import Annotator, choose_unknown_label, learn_hierarchy
 from ..models._artifact import check_writable
 from ..models._augment import Augmentation, augment_batch
-from ..models._metrics import classification_report, expected_calibration_error, fit_temperature
+from ..models._knn import NearestReference
 from ..models._network import AnnotatorNet
 from ..models._normalize import InputRecipe, normalize
 from ..models._optim import AdamW
 from ..store._sampling import check_balance
 from ..store._store import Store
 from . import _training as training
+from ._annotation_data import TrainingData, from_anndata, from_store
 from ._checkpoint import Checkpoints, RandomStreams, checkpoint_folder, fingerprint
 from ._distributed import Ranks, join, leave
-from ._knn import NearestReference
-from ._train_data import TrainingData, from_anndata, from_store
 
 
 def _validation_rows(data: TrainingData, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, str]:
