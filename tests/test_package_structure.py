@@ -143,7 +143,7 @@ def body_lines(func: Callable) -> int:
     return body[-1].end_lineno - body[0].lineno + 1 if body else 0
 
 
-def test_public_functions_are_short_and_no_closure_rebinds_outer_names():
+def test_public_functions_are_short_and_no_closure_changes_outer_state():
     found = [(name, f) for ns in ("pp", "tl", "pl", "io", "datasets") for name, f in public_functions(getattr(cm, ns))]
     for cls in (cm.Annotator, cm.PerturbationModel, cm.Store):
         found += [(name, m) for name, m in public_methods(cls) if inspect.isfunction(m)]
@@ -155,6 +155,49 @@ def test_public_functions_are_short_and_no_closure_rebinds_outer_names():
         if any(isinstance(node, ast.Nonlocal | ast.Global) for node in ast.walk(ast.parse(p.read_text())))
     ]
     assert rebinding == []
+    mutating = {
+        str(p.relative_to(SRC)): found for p in SRC.rglob("*.py") if (found := closures_mutating(p.read_text()))
+    }
+    assert mutating == {}
+
+
+MUTATORS = {"append", "extend", "update", "add", "pop", "insert", "setdefault", "clear"}
+
+
+def closures_mutating(source: str) -> list[str]:
+    """Nested functions that change a container of the enclosing function (``out.append``, ``out[k] = v``)."""
+    found = []
+    for outer in ast.walk(ast.parse(source)):
+        if not isinstance(outer, ast.FunctionDef):
+            continue
+        for inner in ast.walk(outer):
+            if inner is outer or not isinstance(inner, ast.FunctionDef | ast.Lambda):
+                continue
+            args = inner.args
+            own = {a.arg for a in args.posonlyargs + args.args + args.kwonlyargs}
+            own |= {n.id for n in ast.walk(inner) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Store)}
+            for node in ast.walk(inner):
+                target = None
+                if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr in MUTATORS:
+                    target = node.func.value
+                elif isinstance(node, ast.Subscript) and isinstance(node.ctx, ast.Store):
+                    target = node.value
+                if isinstance(target, ast.Name) and target.id not in own:
+                    found.append(f"{outer.name} -> {getattr(inner, 'name', 'lambda')}: {target.id}")
+    return found
+
+
+def test_the_closure_checker_sees_outer_containers_changed():
+    source = textwrap.dedent("""
+        def f():
+            out, seen = [], {}
+            def g(x):
+                out.append(x)
+            def h(k):
+                seen[k] = 1
+        """)
+    assert closures_mutating(source) == ["f -> g: out", "f -> h: seen"]
+    assert closures_mutating("def f():\n    def g(x):\n        out = []\n        out.append(x)\n") == []
 
 
 def test_version_is_read_once_and_py_typed_ships():
