@@ -53,13 +53,14 @@ class Ranks:
         return np.array_split(rows, self.world)[self.rank] if self.world > 1 else rows
 
     # -- collectives ---------------------------------------------------------------------------
-    def sum_gradients(self, params: list[torch.nn.Parameter], loss: torch.Tensor, flag: bool) -> tuple[float, bool]:
+    def sum_gradients(self, params: list[torch.nn.Parameter], loss: torch.Tensor,
+                      flag: bool) -> tuple[torch.Tensor | float, bool]:  # fmt: skip
         """Sum every parameter's gradient over ranks, in place; the summed ``loss``, and whether any rank flagged.
 
         The loss and the flag travel in the same buffer as the gradients: no extra round trip.
         """
-        if self.world == 1:
-            return loss.item(), flag
+        if self.world == 1:  # the loss stays where it is: no host sync per step
+            return loss.detach(), flag
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
         extra = torch.stack([loss.detach().reshape(()), torch.tensor(float(flag), device=loss.device)])
         flat = torch.cat([g.reshape(-1) for g in grads] + [extra.to(grads[0].dtype)])

@@ -19,7 +19,7 @@ from ..models import _open_set as open_set_rule
 from ..models._annotator import UNKNOWN as UNKNOWN_DEFAULT
 from ..models._annotator import Annotator, choose_unknown_label, learn_hierarchy
 from ..models._artifact import check_writable
-from ..models._augment import Augmentation, augment_batch
+from ..models._augment import Augmentation, augment_batch, augment_batch_on_device
 from ..models._knn import NearestReference
 from ..models._network import AnnotatorNet
 from ..models._normalize import InputRecipe, normalize
@@ -293,6 +293,15 @@ def _same_call(params: dict, source: TrainingData, rows: list[np.ndarray], label
     })  # fmt: skip
 
 
+def augments_on_device(device: torch.device) -> bool:
+    """Whether a batch is augmented on the device it trains on.
+
+    On a GPU, yes: torch's draws, no host round trip. On the CPU the compiled host pass is faster, and gives
+    the weights of earlier versions for a seed.
+    """
+    return device.type != "cpu"
+
+
 class _AnnotatorPlan(training.TrainingPlan):
     """The annotator's network, its training step and its validation metrics, for :func:`~cellmint.tl._training.fit`.
 
@@ -343,8 +352,13 @@ class _AnnotatorPlan(training.TrainingPlan):
         return self.train_loader
 
     def training_step(self, batch: dict) -> torch.Tensor:
-        X, library = augment_batch(batch["X"], batch["library_size"], self.settings,
-                                   counts=self.recipe.kind == "counts", generator=self.generator)  # fmt: skip
+        counts = self.recipe.kind == "counts"
+        if augments_on_device(self.device):  # no host round trip: the per-value draws by torch on the device
+            X, library = (batch[k].to(self.device, non_blocking=True) for k in ("X", "library_size"))
+            X, library = augment_batch_on_device(X, library, self.settings, counts=counts, generator=self.generator)
+        else:
+            X, library = augment_batch(batch["X"], batch["library_size"], self.settings, counts=counts,
+                                       generator=self.generator)  # fmt: skip
         x = normalize(X.to(self.device), library.to(self.device), self.recipe)
         _, logits, embedded = self.net(x)
         return _step_loss(logits, embedded, batch, self.weights, self.cell_weight, self.targets, self.device)

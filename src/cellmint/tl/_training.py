@@ -240,7 +240,7 @@ def fit(
             clock.epoch_end()
             # one decision, taken alike on every rank
             metrics, save = ranks.from_main((plan.validation_metrics(), checkpoints.due(epoch_end=True)))
-            entry = {"epoch": epoch, "loss": state.loss / max(1, state.batches), **metrics}
+            entry = {"epoch": epoch, "loss": float(state.loss) / max(1, state.batches), **metrics}
             state.history.append(entry)
             bar.set_postfix(epoch=epoch + 1, loss=f"{entry['loss']:.3f}", **plan.postfix(entry))
             if ranks.main and progress.score_label is not None:
@@ -270,13 +270,15 @@ def _step(plan: TrainingPlan, batch, state: TrainingState, ranks: Ranks, checkpo
     loss.backward()
     # the global batch's loss; a checkpoint is due when any rank says so (rank 0's clock)
     step_loss, save = ranks.sum_gradients(plan.params, loss, checkpoints.due(epoch_end=False))
-    state.loss += step_loss
+    # summed in float64 where the loss is (a device tensor in one process): read once per epoch, not per step
+    state.loss = state.loss + (step_loss.double() if torch.is_tensor(step_loss) else step_loss)
     plan.optimizer.step()
     state.step, state.batches = state.step + 1, state.batches + 1
     cells = plan.batch_cells(batch)
     if monitor is not None:
         monitor.add_cells(cells)
     if save:
+        state.loss = float(state.loss)
         checkpoints.save(state, plan.net, plan.optimizer, streams)
     return cells
 
