@@ -10,7 +10,7 @@ import torch
 
 import cellmint as cm
 from cellmint.store import LockBusyError
-from cellmint.tl import _train_annotator
+from cellmint.tl import _annotation_evaluation
 from cellmint.tl._checkpoint import parse_every
 
 RUN = {"hidden": (32,), "max_epochs": 5, "early_stopping": None, "lr": 1e-3, "batch_size": 32, "progress": False}
@@ -25,7 +25,7 @@ def adata():
 def interrupted(adata, monkeypatch, after_epochs: int, **kwargs):
     """Run training until the validation of epoch ``after_epochs`` fails (as a crash would)."""
     calls = {"n": 0}
-    real = _train_annotator._macro_f1
+    real = _annotation_evaluation.macro_f1
 
     def failing(*args):
         calls["n"] += 1
@@ -34,7 +34,7 @@ def interrupted(adata, monkeypatch, after_epochs: int, **kwargs):
         return real(*args)
 
     with monkeypatch.context() as patch:
-        patch.setattr(_train_annotator, "_macro_f1", failing)
+        patch.setattr(_annotation_evaluation, "macro_f1", failing)
         with pytest.raises(KeyboardInterrupt):
             cm.tl.train_annotator(adata, "cell_line", **{**RUN, **kwargs})
 

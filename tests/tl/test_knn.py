@@ -139,7 +139,7 @@ def test_exact_is_forced_for_training_calibration_above_the_inverted_list_size()
 def test_training_nearest_other_cell_skips_the_cell_itself():
     import torch
 
-    from cellmint.tl._train_annotator import _nearest
+    from cellmint.tl._annotation_evaluation import nearest as _nearest
 
     reference = _clustered(500, 6, 5, 14)
     reference[1] = reference[0]  # a duplicated cell: its nearest other cell is at distance 0

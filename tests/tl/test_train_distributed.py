@@ -168,7 +168,7 @@ def test_a_rank_without_validation_cells_gives_empty_outputs_of_every_level():
     """A rank whose share of the validation cells is empty (fewer cells than ranks) still has every level."""
     from cellmint.models._network import AnnotatorNet
     from cellmint.models._normalize import InputRecipe
-    from cellmint.tl._train_annotator import _logits
+    from cellmint.tl._annotation_evaluation import logits_over as _logits
 
     net = AnnotatorNet(30, {"coarse": 3, "fine": 7}, hidden=(16, 8), embeddings={"X_umap": 2})
     latents = []
