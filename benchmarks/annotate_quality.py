@@ -149,7 +149,12 @@ def cellmint_run(reference, query, seed: int) -> dict:
     own, score = table["cellmint_cell_distance"].to_numpy(), table["cellmint_distance"].to_numpy()
     low = ((table["cellmint_cell_type_confidence"] < 0.5) | (table["cellmint_cell_type_margin"] < 0.1)).to_numpy()
 
-    def adaptive(values):
+    def adaptive(values):  # the default rule (models/_open_set.py)
+        from cellmint.models._open_set import query_threshold
+
+        return query_threshold(open_set, values, "auto")[0]
+
+    def product(values):  # the rule before: the floor (validation cells' tail included) times the widening
         shift = max(1.0, np.quantile(values, open_set["shift_quantile"]) / open_set["reference_q25"])
         return open_set["floor"] * shift ** open_set["shift_power"]
 
@@ -157,6 +162,7 @@ def cellmint_run(reference, query, seed: int) -> dict:
         "cell distance, 1.25 x validation q99 (before)": own > 1.25 * open_set["validation_q99"],
         "cell distance, adaptive threshold": own > adaptive(own),
         "neighbourhood score, reference floor only": score > open_set["floor"],
+        "neighbourhood score, floor x shift^2.5 (before)": score > product(score),
         "neighbourhood score, adaptive threshold (default)": score > adaptive(score),
     }
     ablation = {name: far | low for name, far in variants.items()}
