@@ -54,9 +54,7 @@ def validate_chunk(chunk: RowChunk, *, where: str, require_counts: bool, expecta
             return
     else:
         scan = values.astype(np.float32) if values.dtype == np.float16 else values  # numba has no float16
-        code, index = first_problem(scan, require_counts, False)
-        if code == OK and require_nonnegative and not require_counts and values.size and scan.min() < 0:
-            code, index = NEGATIVE, int(np.argmax(scan < 0))
+        code, index = first_problem(scan, require_counts, require_nonnegative)
     if code != OK:
         raise value_error(code, values[index], where=where, cells=f"cells {chunk.start}–{chunk.stop - 1}",
                           expectation=expectation, hint=hint)  # fmt: skip
