@@ -13,43 +13,38 @@ from __future__ import annotations
 __all__ = ["Key"]
 
 
+def _per_level(suffix: str) -> staticmethod:
+    """The key of one label level of an annotation: ``{key_added}_{level}{suffix}``."""
+
+    def key(key_added: str, level: str) -> str:
+        return f"{key_added}_{level}{suffix}"
+
+    return staticmethod(key)
+
+
+def _suffixed(suffix: str) -> staticmethod:
+    """A metric's column with ``suffix``: ``{metric}{suffix}``."""
+
+    def column(metric: str) -> str:
+        return f"{metric}{suffix}"
+
+    return staticmethod(column)
+
+
 class Key:
     """Result keys, grouped by the AnnData attribute (or table) that holds them."""
 
     class obs:
         """``obs`` columns of ``cm.tl.annotate`` (per level) and ``cm.tl.predict_perturbation``."""
 
-        @staticmethod
-        def label(key_added: str, level: str) -> str:
-            return f"{key_added}_{level}"
-
-        @staticmethod
-        def confidence(key_added: str, level: str) -> str:
-            return f"{key_added}_{level}_confidence"
-
-        @staticmethod
-        def margin(key_added: str, level: str) -> str:
-            return f"{key_added}_{level}_margin"
-
-        @staticmethod
-        def unknown(key_added: str, level: str) -> str:
-            return f"{key_added}_{level}_unknown"
-
-        @staticmethod
-        def unknown_reason(key_added: str, level: str) -> str:
-            return f"{key_added}_{level}_unknown_reason"
-
-        @staticmethod
-        def prediction_set(key_added: str, level: str) -> str:
-            return f"{key_added}_{level}_set"
-
-        @staticmethod
-        def set_size(key_added: str, level: str) -> str:
-            return f"{key_added}_{level}_set_size"
-
-        @staticmethod
-        def majority(key_added: str, level: str) -> str:
-            return f"{key_added}_{level}_majority"
+        label = _per_level("")
+        confidence = _per_level("_confidence")
+        margin = _per_level("_margin")
+        unknown = _per_level("_unknown")
+        unknown_reason = _per_level("_unknown_reason")
+        prediction_set = _per_level("_set")
+        set_size = _per_level("_set_size")
+        majority = _per_level("_majority")
 
         @staticmethod
         def distance(key_added: str) -> str:
@@ -68,9 +63,7 @@ class Key:
     class obsm:
         """``obsm`` entries of ``cm.tl.annotate``, and the embeddings the plots draw."""
 
-        @staticmethod
-        def proba(key_added: str, level: str) -> str:
-            return f"{key_added}_{level}_proba"
+        proba = _per_level("_proba")
 
         @staticmethod
         def projection(key_added: str, name: str) -> str:
@@ -111,19 +104,11 @@ class Key:
         #: the split-half replicate (the ceiling) among the methods
         replicate = "replicate"
 
-        @staticmethod
-        def scaled(metric: str) -> str:
-            return f"{metric}_scaled"
+        scaled = _suffixed("_scaled")
 
-        @staticmethod
-        def scaled_low(metric: str) -> str:
-            return f"{metric}_scaled_low"
+        scaled_low = _suffixed("_scaled_low")
 
-        @staticmethod
-        def scaled_high(metric: str) -> str:
-            return f"{metric}_scaled_high"
+        scaled_high = _suffixed("_scaled_high")
 
-        @staticmethod
-        def score(metric: str) -> str:
-            """A metric normalised to the ``normalize_to`` baseline."""
-            return f"{metric}_score"
+        #: a metric normalised to the ``normalize_to`` baseline
+        score = _suffixed("_score")
