@@ -71,17 +71,20 @@ def value_error(code: int, value: float, *, where: str, cells: str, expectation:
     return ValueError(f"{expectation}, but {where} has non-integer values (e.g. {value:g} in {cells}). {hint}".strip())
 
 
-def checked_labels(values: pd.Series, what: str) -> pd.Series:
-    """``values`` as strings, or a ValueError naming ``what`` when a cell has no label (NaN, or blank text).
+def checked_labels(values: pd.Series, what: str, *, blank_is_missing: bool = True) -> pd.Series:
+    """``values`` as strings, or a ValueError naming ``what`` when a cell has no value (NaN, or blank text).
 
-    The one label check of every tool that learns from labels, groups or contexts (``build_store``,
+    The one check of every tool that learns from labels, groups or contexts (``build_store``,
     ``train_annotator``, the perturbation tools): a blank label is no label, never a class of its own.
+    Other categorical obs columns a store keeps may hold blank text (``blank_is_missing=False``).
     """
     missing = pd.isna(values).to_numpy(dtype=bool)
     text = values.astype(object).where(~missing, "").astype(str)
-    missing |= (text.str.strip() == "").to_numpy()
+    if blank_is_missing:
+        missing |= (text.str.strip() == "").to_numpy()
     if missing.any():
         examples = [str(name) for name in values.index[missing][:3]]
-        raise ValueError(f"{what} is empty (NaN or blank) for {int(missing.sum())} cells (e.g. {examples}); "
+        empty = "NaN or blank" if blank_is_missing else "NaN"
+        raise ValueError(f"{what} is empty ({empty}) for {int(missing.sum())} cells (e.g. {examples}); "
                          "fill it or drop those cells.")  # fmt: skip
     return text

@@ -237,19 +237,8 @@ class StoreWriter:
 
     @staticmethod
     def _codes(categories: list, values: pd.Series, what: str, *, blank: bool = False) -> np.ndarray:
-        """Category codes of ``values``.
-
-        Labels and groups are checked by :func:`checked_labels`; other obs columns (``blank=True``) may hold
-        blank text, but no NaN.
-        """
-        if blank:
-            values = values.astype(object)
-            if pd.isna(values).any():
-                raise ValueError(f"{what} is empty (NaN) for {int(pd.isna(values).sum())} cells; fill it (e.g. "
-                                 "'unknown') or drop those cells before building.")  # fmt: skip
-            values = values.astype(str)
-        else:
-            values = checked_labels(values, what)
+        """Category codes of ``values`` (:func:`checked_labels`; other obs columns, ``blank=True``, may be blank)."""
+        values = checked_labels(values, what, blank_is_missing=not blank)
         for value in pd.unique(values):
             if value not in categories:
                 categories.append(value)  # categories only grow, so committed codes stay valid
