@@ -13,7 +13,8 @@ from sklearn.metrics import f1_score
 import cellmint as cm
 from cellmint._metrics._classification import classification_report, expected_calibration_error, fit_temperature
 from cellmint.models._augment import Augmentation, augment_batch
-from cellmint.models._normalize import InputRecipe, detect_kind, normalize
+from cellmint.models._normalize import InputRecipe, normalize
+from cellmint.models._scale import detect_kind
 
 
 def test_normalize_equals_scanpy_when_the_library_is_the_row_sum():

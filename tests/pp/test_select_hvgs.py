@@ -730,3 +730,22 @@ def test_pearson_backed_memory_is_bounded_by_the_chunk(tmp_path):
         backed.file.close()
     assert table["highly_variable"].sum() == 100
     assert peak < matrix_bytes / 4, (peak, matrix_bytes)
+
+
+def test_highly_variable_genes_and_cell_sentences_load_no_torch(tmp_path):
+    """The tools that need no network run without importing torch (seconds and memory in a fresh process)."""
+    import subprocess
+    import sys
+
+    path = tmp_path / "cells.h5ad"
+    ad.AnnData(sp.random(60, 40, density=0.3, format="csr", random_state=0, dtype=np.float32) * 20).write_h5ad(path)
+    code = (
+        "import sys, anndata as ad, numpy as np, cellmint as cm\n"
+        f"adata = ad.read_h5ad({str(path)!r}); adata.X.data = np.ceil(adata.X.data)\n"
+        "cm.pp.select_hvgs(adata, n_top_genes=10, flavor='seurat_v3', inplace=False)\n"
+        "cm.pp.select_hvgs(adata, n_top_genes=10, flavor='pearson_residuals', inplace=False)\n"
+        "cm.pp.cell_sentences(adata, n_genes=5, copy=True, progress=False)\n"
+        "print('torch' in sys.modules)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip().splitlines()[-1] == "False", result.stdout + result.stderr

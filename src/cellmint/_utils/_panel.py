@@ -27,8 +27,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from ..models._normalize import detect_kind
-from ..models._scale import InputScale, check_values, detect_scale
+from ..models._scale import InputScale, check_values, detect_kind, detect_scale
 from ._chunks import RowChunk, iter_row_chunks, layer_error
 
 __all__ = [

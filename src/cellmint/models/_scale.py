@@ -220,3 +220,31 @@ def recover_counts(X: sp.csr_matrix, scale: InputScale) -> sp.csr_matrix:
     linear.data = np.rint(linear.data / np.repeat(smallest, lengths))
     linear.eliminate_zeros()
     return linear
+
+
+#: log-normalised values above this are implausible (log1p(1e4 · 1) ≈ 9.2 is a cell's whole library)
+LOGNORM_MAX = 15.0
+
+
+def detect_kind(values: np.ndarray, *, where: str) -> str:
+    """``"counts"`` or ``"lognorm"`` from a sample of stored values (non-zeros of some cells).
+
+    Raises a ValueError naming what was found when the values fit neither (negative, NaN, or
+    non-integers too large to be log-normalised).
+    """
+    values = np.asarray(values, dtype=np.float64)
+    if values.size == 0:
+        raise ValueError(f"{where} holds no non-zero values in the cells sampled: cannot tell counts from log-values.")
+    if not np.isfinite(values).all():
+        raise ValueError(f"{where} contains NaN or infinite values.")
+    if values.min() < 0:
+        raise ValueError(f"{where} has negative values (e.g. {values.min():g}): neither raw counts nor "
+                         "log-normalised expression. Pass the counts with `layer=`.")  # fmt: skip
+    if np.all(values == np.round(values)):
+        return "counts"
+    if values.max() <= LOGNORM_MAX:
+        return "lognorm"
+    raise ValueError(
+        f"{where} has non-integer values up to {values.max():g}: too large for log-normalised expression "
+        f"(≤ {LOGNORM_MAX:g}) and not counts. Pass raw counts or log1p-normalised values with `layer=`."
+    )
