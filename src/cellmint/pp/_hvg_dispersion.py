@@ -13,7 +13,7 @@ import pandas as pd
 from scipy.stats import norm
 
 from .._utils import _logging as logg
-from ._hvg_stats import Moments
+from ._hvg_stats import Moments, scanpy_version
 
 _MAD_SCALE = norm.ppf(0.75)  # MAD of a standard normal: consistent estimator of the sd
 
@@ -94,6 +94,8 @@ def _score(mean, var, genes: pd.Index, *, flavor: str, n_bins: int, n_top_genes:
             "share the same mean, usually genes never detected. Filter them first, e.g. "
             "sc.pp.filter_genes(adata, min_cells=1)."
         ) from err
+    if scanpy_version() >= (1, 12):  # scanpy 1.12 names the bins by their text (pandas 3 writes them so anyway)
+        df["mean_bin"] = df["mean_bin"].cat.rename_categories(df["mean_bin"].cat.categories.astype("string"))
     grouped = df.groupby("mean_bin", observed=True)["dispersions"]
     if flavor == "seurat":
         bin_stats = grouped.agg(avg="mean", dev="std")

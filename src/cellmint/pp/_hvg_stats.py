@@ -61,13 +61,18 @@ def arithmetic_for(data, layer: str | None, *, welford_batches: bool = False) ->
     return Arithmetic(partitions=1, square_in_float64=False, welford_batches=welford_batches, dense=True)
 
 
-def scanpy_aggregates_batches() -> bool:
-    """Whether the installed scanpy (>= 1.12) takes seurat_v3's per-batch moments from ``sc.get.aggregate``."""
+def scanpy_version() -> tuple[int, int]:
+    """(major, minor) of the installed scanpy, whose arithmetic and output types the flavours follow."""
     import re
     from importlib.metadata import version
 
     major, minor = (int(part) for part in re.findall(r"\d+", version("scanpy"))[:2])
-    return (major, minor) >= (1, 12)
+    return major, minor
+
+
+def scanpy_aggregates_batches() -> bool:
+    """Whether the installed scanpy (>= 1.12) takes seurat_v3's per-batch moments from ``sc.get.aggregate``."""
+    return scanpy_version() >= (1, 12)
 
 
 @dataclass
