@@ -457,7 +457,8 @@ def build_parser() -> argparse.ArgumentParser:
         default=10,
         help="stop after this many epochs without a better validation score; 0: never (default: 10)",
     )
-    p.add_argument("--batch-size", type=int, default=256, help="cells per mini-batch (default: 256)")
+    p.add_argument("--batch-size", type=int, help="cells per mini-batch (default: chosen for the device: 256 on a "
+                   "CPU, up to 8,192 on a GPU for large references)")  # fmt: skip
     p.add_argument("--unknown-label", help="label of untrusted cells, recorded in the model (default: Unknown, "
                    "or Unassigned when a reference class is called Unknown)")  # fmt: skip
     p.add_argument("--device", **device)

@@ -236,6 +236,33 @@ def test_default_epochs_bound_large_references():
     assert default_max_epochs(10_000_000) == 3
 
 
+def test_batch_size_and_learning_rate_are_chosen_for_the_device():
+    from cellmint.tl._train_annotator import batch_lr, device_batch
+
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")  # a device object: no GPU needed
+    assert device_batch(cpu, 10_000_000) == 256  # a CPU keeps today's batches at every size
+    assert device_batch(gpu, 5_000) == device_batch(gpu, 32_767) == 256  # small references learn as on a CPU
+    assert device_batch(gpu, 32_768) == 512
+    assert device_batch(gpu, 300_000) == 4096
+    assert device_batch(gpu, 524_288) == device_batch(gpu, 10_000_000) == 8192
+    for batch in (512, 1024, 2048, 4096, 8192):  # each batch from the size that gives it 64 steps per epoch
+        assert device_batch(gpu, batch * 64) == batch
+        assert device_batch(gpu, batch * 64 - 1) == batch // 2
+    assert batch_lr(256) == pytest.approx(1e-3)
+    assert batch_lr(1024) == pytest.approx(2e-3)
+    assert batch_lr(8192) == pytest.approx(1e-3 * 32**0.5)
+
+
+def test_chosen_batch_and_learning_rate_are_recorded():
+    adata = cm.datasets.synthetic(300, 60, n_cell_types=3, random_state=0, progress=False)
+    model = cm.tl.train_annotator(adata, "cell_type", max_epochs=1, progress=False)
+    assert (model.manifest["params"]["batch_size"], model.manifest["params"]["lr"]) == (256, pytest.approx(1e-3))
+    model = cm.tl.train_annotator(adata, "cell_type", max_epochs=1, batch_size=64, progress=False)
+    assert model.manifest["params"]["lr"] == pytest.approx(5e-4)  # the square-root rule for a given batch
+    model = cm.tl.train_annotator(adata, "cell_type", max_epochs=1, batch_size=64, lr=3e-3, progress=False)
+    assert model.manifest["params"]["lr"] == pytest.approx(3e-3)  # a given rate is kept
+
+
 def test_a_class_named_unknown_gets_another_unknown_label(tmp_path):
     adata = cm.datasets.synthetic(300, 60, n_cell_types=3, random_state=0, progress=False)
     adata.obs["cell_type"] = adata.obs["cell_type"].cat.rename_categories({"type_0": "Unknown"})

@@ -52,6 +52,11 @@ def _validation_rows(data: TrainingData, rng: np.random.Generator) -> tuple[np.n
 #: Larger references give more optimiser steps per epoch and need fewer epochs; the rule bounds a CPU run
 #: (scvi-tools bounds its default the same way, ``get_max_epochs_heuristic``)
 MAX_EPOCHS, FULL_EPOCHS_CELLS, MIN_EPOCHS = 60, 50_000, 3
+#: ``batch_size=None``: cells per batch on a CPU (always) and the smallest an accelerator's rule picks;
+#: ``lr=None``: the learning rate at this batch size
+BASE_BATCH, BASE_LR = 256, 1e-3
+#: an accelerator's batch is the largest power of two (≤ MAX_BATCH) that leaves at least MIN_STEPS steps per epoch
+MIN_STEPS, MAX_BATCH = 64, 8192
 #: a run estimated to take longer than this on a CPU is announced with a warning (and how to shorten it)
 LONG_RUN_S = 600
 
@@ -61,6 +66,35 @@ def default_max_epochs(n_train: int) -> int:
     if n_train <= FULL_EPOCHS_CELLS:
         return MAX_EPOCHS
     return max(MIN_EPOCHS, round(MAX_EPOCHS * FULL_EPOCHS_CELLS / n_train))
+
+
+def device_batch(device: torch.device, n_train: int) -> int:
+    """The batch size of ``batch_size=None`` for ``n_train`` training cells on ``device``.
+
+    On a CPU, :data:`BASE_BATCH` (every reference). On a GPU (or MPS), the largest power of two up to
+    :data:`MAX_BATCH` that keeps :data:`MIN_STEPS` optimiser steps per epoch, and at least
+    :data:`BASE_BATCH`: a reference under 32,768 cells trains as on a CPU, 1 million cells with
+    batches of 8,192. A GPU's step costs nearly the same for 256 cells as for 8,192 (the annotator's
+    network is small), so large batches are what make it fast; keeping 64 steps per epoch keeps small
+    references learning (on CellBench's 5,000 cells, batches of 1,024 (5 steps per epoch) ended at a
+    macro-F1 of 0.68 where 256 reached 0.97, ``benchmarks/gpu.py``).
+    """
+    if device.type == "cpu":
+        return BASE_BATCH
+    batch = BASE_BATCH
+    while batch * 2 <= min(MAX_BATCH, n_train // MIN_STEPS):
+        batch *= 2
+    return batch
+
+
+def batch_lr(batch_size: int) -> float:
+    """The learning rate of ``lr=None``: :data:`BASE_LR` × √(batch_size / :data:`BASE_BATCH`).
+
+    The square-root rule for Adam-type optimisers (Malladi et al., NeurIPS 2022): a batch κ times
+    larger averages away κ times the gradient noise, and a step √κ times longer keeps the same
+    noise per epoch (linear scaling, right for SGD, overshoots with Adam).
+    """
+    return BASE_LR * (batch_size / BASE_BATCH) ** 0.5
 
 
 def _step_loss(logits: dict, embedded: dict, batch: dict, weights: dict, cell_weight: dict, targets: dict,
@@ -93,14 +127,16 @@ def _check_arguments(data, label_keys, *, batch_size, max_epochs, num_workers, e
     label_keys = [label_keys] if isinstance(label_keys, str) else list(label_keys)
     if not label_keys:
         raise ValueError("label_keys is empty: give at least one obs/label column.")
-    for name, value, minimum in (("batch_size", batch_size, 1), ("max_epochs", 1 if max_epochs is None else max_epochs,
+    for name, value, minimum in (("batch_size", 1 if batch_size is None else batch_size, 1),
+                                  ("max_epochs", 1 if max_epochs is None else max_epochs,
                                   1), ("num_workers", num_workers, 0)):  # fmt: skip
         if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < minimum:
             raise ValueError(f"{name} must be an integer ≥ {minimum}, not {value!r}.")
     if early_stopping is not None and (isinstance(early_stopping, bool) or not isinstance(early_stopping, int)
                                        or early_stopping < 1):  # fmt: skip
         raise ValueError(f"early_stopping must be None (train all epochs) or an integer ≥ 1, not {early_stopping!r}.")
-    if not (isinstance(lr, int | float) and lr > 0 and isinstance(weight_decay, int | float) and weight_decay >= 0):
+    good_lr = lr is None or (isinstance(lr, int | float) and lr > 0)
+    if not (good_lr and isinstance(weight_decay, int | float) and weight_decay >= 0):
         raise ValueError(f"lr must be > 0 and weight_decay ≥ 0, not lr={lr!r}, weight_decay={weight_decay!r}.")
     if not (isinstance(dropout, int | float) and 0 <= dropout < 1):
         raise ValueError(f"dropout must be in [0, 1), not {dropout!r}.")
@@ -342,9 +378,9 @@ def train_annotator(
     embedding_keys: Sequence[str] = (),
     max_epochs: int | None = None,
     early_stopping: int | None = 10,
-    lr: float = 1e-3,
+    lr: float | None = None,
     weight_decay: float = 1e-4,
-    batch_size: int = 256,
+    batch_size: int | None = None,
     device: str = "auto",
     num_workers: int = 0,
     unknown_label: str | None = None,
@@ -415,12 +451,17 @@ def train_annotator(
         ``embedding_keys``, or a lower validation loss) and keep the best weights (highest macro-F1,
         then lowest loss); ``None`` trains all epochs.
     lr
-        AdamW learning rate (1e-3, atlasmtl's too: on a 1,000-cell, 48-class reference, 3e-4 ended
-        early stopping at a macro-F1 of 0.40, below logistic regression's 0.45; 1e-3 reached 0.48).
+        AdamW learning rate. ``None``: 1e-3 at batches of 256 (atlasmtl's too: on a 1,000-cell, 48-class
+        reference, 3e-4 ended early stopping at a macro-F1 of 0.40, below logistic regression's 0.45;
+        1e-3 reached 0.48), scaled by √(batch_size / 256) for other batch sizes (the square-root rule for
+        Adam: 4,096 cells, 4e-3). Recorded in ``manifest["params"]``.
     weight_decay
         AdamW weight decay.
     batch_size
-        Cells per mini-batch.
+        Cells per mini-batch. ``None``: chosen for the device — 256 on a CPU; on a GPU the largest
+        power of two up to 8,192 that keeps 64 steps per epoch (256 below 32,768 training cells,
+        8,192 from 524,288), so that the GPU is kept busy on large references and small ones learn as on
+        a CPU. Under ``torch.distributed`` it is the global batch. Recorded in ``manifest["params"]``.
     {doc_device}
     num_workers
         torch DataLoader workers reading batches.
@@ -481,6 +522,9 @@ def train_annotator(
     rng = np.random.default_rng(random_state)
     train_rows, val_rows, val_source = _validation_rows(source, rng)
     max_epochs = default_max_epochs(len(train_rows)) if max_epochs is None else max_epochs
+    batch_size = device_batch(torch_device, len(train_rows)) if batch_size is None else batch_size
+    lr = batch_lr(batch_size) if lr is None else lr
+    logg.info(f"    batches of {batch_size} cells, learning rate {lr:.2g}")
     test_rows = np.flatnonzero(source.parts == 2)
     _warn_absent_classes(source, train_rows)
     params = {
