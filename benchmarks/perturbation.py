@@ -133,7 +133,7 @@ def compact(summary: pd.DataFrame, metrics: list[str]) -> pd.DataFrame:
 def run_task(task, args, settings):
 
     adata, key, control, context, groups = load(task, not args.full and not args.folds)
-    seeds = list(range(args.seeds))
+    seeds = list(range(args.first_seed, args.first_seed + args.seeds))
     if args.folds or not args.full:
         groups = groups[: args.folds or 2]
     tables, infos = [], []
@@ -184,6 +184,7 @@ def main() -> None:
     parser.add_argument("--full", action="store_true", help="every task, unit and 3 seeds (the figures in the docs)")
     parser.add_argument("--tasks", help="comma-separated (default: synthetic,glioblastoma,papalexi)")
     parser.add_argument("--seeds", type=int, help="seeds per unit (full: 3; smoke: 1)")
+    parser.add_argument("--first-seed", type=int, default=0, help="seeds run: first-seed, first-seed + 1, ...")
     parser.add_argument("--bootstrap", type=int, default=200, help="bootstrap replicates over cells")
     parser.add_argument("--threads", type=int, default=1, help="torch threads")
     parser.add_argument("--settings", default="{}", help="JSON keyword dict for train_perturbation")
