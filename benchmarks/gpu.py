@@ -9,7 +9,9 @@ Sized to finish in about 5 minutes on one H200 (16 cores): a synthetic store of 
   sequential / shuffled / sequential / shuffled and keeping the faster of each (cells/s; the
   ratio shuffled / sequential, target ≥ 0.5);
 - ``train``: ``cm.tl.train_annotator(device=...)``, 2 epochs (validation and calibration
-  included) at the default batch size and at ``--large-batch``, with macro-F1 on 20,000 new cells;
+  included): its defaults (on a GPU the counts staged in device memory, the batch size and learning
+  rate of the device rule), the same streamed from the store (``stage=False``), and ``--large-batch``;
+  macro-F1 on 20,000 new cells;
 - ``train_cpu``: the same on the CPU with 2 threads and with every core (``torch.set_num_threads``),
   one epoch, for the scaling with cores;
 - ``annotate``: ``cm.tl.annotate`` on an in-memory CSR query of ``--n-query`` new cells of the same
@@ -126,18 +128,21 @@ def main() -> None:
         print(f"loader: sequential {sequential:,.0f} cells/s, shuffled {shuffled:,.0f} ({shuffled / sequential:.2f}x)")
 
         rows["train"] = []
-        for batch_size in (None, args.large_batch):
-            extra = {} if batch_size is None else {"batch_size": batch_size}
+        # the defaults (on a GPU: counts staged when they fit, batch and lr by the device rule), the same
+        # streamed from the store, and a large batch
+        for extra in ({}, {"stage": False}, {"batch_size": args.large_batch}):
             model, seconds = _timed(cm.tl.train_annotator, store, "cell_type", device=args.device, max_epochs=2,
                                     early_stopping=None, progress=False, **extra)  # fmt: skip
-            resources = model.manifest["resources"]
+            resources, params = model.manifest["resources"], model.manifest["params"]
             f1 = _macro_f1(model, query[:20_000])
-            rows["train"].append({"batch_size": model.manifest["params"]["batch_size"], "seconds": seconds,
-                                  "cells_per_s_end_to_end": 2 * model.manifest["data"]["n_train"] / seconds,
-                                  "resources": resources, "macro_f1": f1})  # fmt: skip
+            end_to_end = 2 * model.manifest["data"]["n_train"] / seconds
+            rows["train"].append({"batch_size": params["batch_size"], "lr": params["lr"], "staged": params["staged"],
+                                  "seconds": seconds, "resources": resources, "macro_f1": f1,
+                                  "cells_per_s_end_to_end": end_to_end})  # fmt: skip
             print(
-                f"train (batch {model.manifest['params']['batch_size']}): {resources['cells_per_s']:,.0f} cells/s "
-                f"in the loop, {2 * model.manifest['data']['n_train'] / seconds:,.0f} end to end; macro-F1 {f1:.3f}"
+                f"train (batch {params['batch_size']}, lr {params['lr']:.2g}, "
+                f"{'staged' if params['staged'] else 'streamed'}): {resources['cells_per_s']:,.0f} cells/s "
+                f"in the loop, {end_to_end:,.0f} end to end; macro-F1 {f1:.3f}"
             )
 
         rows["train_cpu"] = []

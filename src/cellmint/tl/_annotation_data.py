@@ -21,6 +21,7 @@ from ..models._scale import recover_counts
 from ..store import _split
 from ..store._loader import data_loader
 from ..store._sampling import BALANCE_EXPONENT, MemoryBatches, StoreLoader
+from ..store._staged import StagedBatches, store_counts
 from ..store._store import Store
 
 #: split values accepted in an AnnData's split column
@@ -39,6 +40,8 @@ class TrainingData:
     summary: dict
     _make_loader: Any = field(repr=False)
     embeddings: dict[str, np.ndarray] = field(default_factory=dict)  # obsm targets, every cell
+    _make_staged: Any = field(default=None, repr=False)
+    _count_values: Any = field(default=None, repr=False)
 
     def loader(self, rows: np.ndarray, *, batch_size: int, shuffle: bool, balance: str | None, random_state: int,
                num_workers: int = 0, prefetch: bool = True, distributed: str = "none",
@@ -47,6 +50,17 @@ class TrainingData:
         return self._make_loader(np.asarray(rows, dtype=np.int64), batch_size=batch_size, shuffle=shuffle,
                                  balance=balance, random_state=random_state, num_workers=num_workers,
                                  prefetch=prefetch, distributed=distributed, start_batch=start_batch)  # fmt: skip
+
+    def stored_values(self, rows: np.ndarray) -> int:
+        """Stored (non-zero) values of ``rows``: what staging them on a device costs (:mod:`cellmint.store._staged`)."""
+        return self._count_values(np.asarray(rows, dtype=np.int64))
+
+    def staged_loader(self, rows: np.ndarray, *, device, batch_size: int, balance: str | None, random_state: int,
+                      distributed: str = "none", start_batch: int = 0) -> StoreLoader:  # fmt: skip
+        """Batches of ``rows`` from their counts copied to ``device`` once (:mod:`cellmint.store._staged`)."""
+        return self._make_staged(np.asarray(rows, dtype=np.int64), device=device, batch_size=batch_size,
+                                 balance=balance, random_state=random_state, distributed=distributed,
+                                 start_batch=start_batch)  # fmt: skip
 
 
 def from_store(store: Store, label_keys: list[str], split: str) -> TrainingData:
@@ -64,8 +78,24 @@ def from_store(store: Store, label_keys: list[str], split: str) -> TrainingData:
                             random_state=random_state, num_workers=num_workers, prefetch=prefetch,
                             distributed=distributed, start_batch=start_batch)  # fmt: skip
 
+    def make_staged(rows, *, device, batch_size, balance, random_state, distributed, start_batch):
+        streamed = store.loader(batch_size, rows=rows, shuffle=False, label_key=finest, prefetch=True).dataset
+        matrix = store_counts(streamed, rows)  # opens the dataset: its library sizes and labels are read
+        dataset = StagedBatches(
+            None, rows, list(store.label_keys), batch_size=batch_size, shuffle=True, random_state=random_state,
+            balance_codes=streamed._labels[finest][rows] if balance else None,
+            balance_exponent=BALANCE_EXPONENT[balance], matrix=matrix, library=streamed._library,
+            codes=streamed._labels, distributed=distributed, start_batch=start_batch, device=device,
+        )  # fmt: skip
+        return data_loader(dataset)
+
+    def count_values(rows):
+        indptr = store._array("X/indptr").read(0, int(rows[-1]) + 2) if len(rows) else np.zeros(1, np.int64)
+        return int((indptr[rows + 1] - indptr[rows]).sum())
+
     summary = {"source": "store", "path": str(store.path), "split": split, "n_obs": store.n_obs}
-    return TrainingData(store.var_names, classes, codes, store.split_codes(split), "counts", summary, make_loader)
+    return TrainingData(store.var_names, classes, codes, store.split_codes(split), "counts", summary, make_loader,
+                        _make_staged=make_staged, _count_values=count_values)  # fmt: skip
 
 
 def _label_codes(adata, key: str) -> tuple[np.ndarray, list[str]]:
@@ -155,7 +185,20 @@ def from_anndata(adata, label_keys: list[str], *, split: str, layer: str | None,
         )  # fmt: skip
         return data_loader(dataset, num_workers=num_workers)
 
+    def make_staged(rows, *, device, batch_size, balance, random_state, distributed, start_batch):
+        dataset = StagedBatches(
+            None, rows, list(label_keys), batch_size=batch_size, shuffle=True, random_state=random_state,
+            balance_codes=codes[finest][rows] if balance else None, balance_exponent=BALANCE_EXPONENT[balance],
+            matrix=matrix, library=library, codes=codes, distributed=distributed, start_batch=start_batch,
+            device=device,
+        )  # fmt: skip
+        return data_loader(dataset)
+
+    def count_values(rows):
+        return int((matrix.indptr[rows + 1] - matrix.indptr[rows]).sum())
+
     summary = {"source": "anndata", "split": how, "n_obs": int(adata.n_obs), "layer": layer or "",
                "input": scale.to_dict()}  # fmt: skip
     classes = {key: c for key, (_, c) in labels.items()}
-    return TrainingData(panel, classes, codes, parts, kind, summary, make_loader, embeddings)
+    return TrainingData(panel, classes, codes, parts, kind, summary, make_loader, embeddings, make_staged,
+                        count_values)  # fmt: skip

@@ -22,6 +22,7 @@ from ..models._network import AnnotatorNet
 from ..models._normalize import InputRecipe, normalize
 from ..models._optim import AdamW
 from ..store._sampling import check_balance
+from ..store._staged import fits_device
 from ..store._store import Store
 from . import _annotation_evaluation as evaluation
 from . import _training as training
@@ -95,6 +96,18 @@ def batch_lr(batch_size: int) -> float:
     noise per epoch (linear scaling, right for SGD, overshoots with Adam).
     """
     return BASE_LR * (batch_size / BASE_BATCH) ** 0.5
+
+
+def _stages(source: TrainingData, train_rows: np.ndarray, device: torch.device, stage: bool | None,
+            ranks: Ranks) -> bool:  # fmt: skip
+    """Whether the training cells' counts are staged on the device (``stage=None``: on a GPU, when they fit).
+
+    Every rank takes rank 0's answer: their free memory may differ, their plans may not.
+    """
+    if stage is not None:
+        return bool(stage)
+    fits = fits_device(source.stored_values(train_rows), len(train_rows), device)
+    return bool(ranks.from_main(fits))
 
 
 def _step_loss(logits: dict, embedded: dict, batch: dict, weights: dict, cell_weight: dict, targets: dict,
@@ -226,10 +239,15 @@ class _AnnotatorPlan(training.TrainingPlan):
         self.streams = RandomStreams(generator, device, random_state, ranks.rank)  # after the weights: equal on all
         # on the CPU, reading threads would compete with torch's for the same cores (measured: 5x slower)
         self.prefetch = device.type != "cpu"
-        self.train_loader = source.loader(train_rows, batch_size=params["batch_size"], shuffle=True,
-                                          balance=params["balance"], random_state=random_state,
-                                          num_workers=num_workers, prefetch=self.prefetch,
-                                          distributed="global")  # fmt: skip
+        if params["staged"]:  # the counts copied to the device once, batches gathered there
+            self.train_loader = source.staged_loader(train_rows, device=device, batch_size=params["batch_size"],
+                                                     balance=params["balance"], random_state=random_state,
+                                                     distributed="global")  # fmt: skip
+        else:
+            self.train_loader = source.loader(train_rows, batch_size=params["batch_size"], shuffle=True,
+                                              balance=params["balance"], random_state=random_state,
+                                              num_workers=num_workers, prefetch=self.prefetch,
+                                              distributed="global")  # fmt: skip
         self.steps_per_epoch = len(self.train_loader)
 
     def configure_optimizer(self) -> AdamW:
@@ -382,6 +400,7 @@ def train_annotator(
     weight_decay: float = 1e-4,
     batch_size: int | None = None,
     device: str = "auto",
+    stage: bool | None = None,
     num_workers: int = 0,
     unknown_label: str | None = None,
     overwrite: bool = False,
@@ -463,8 +482,15 @@ def train_annotator(
         8,192 from 524,288), so that the GPU is kept busy on large references and small ones learn as on
         a CPU. Under ``torch.distributed`` it is the global batch. Recorded in ``manifest["params"]``.
     {doc_device}
+    stage
+        Copy the training cells' counts to the device once and cut every batch there (row gather,
+        densify, augmentation, normalisation, step: no host work per batch but the plan; the epoch
+        shuffled as a whole). ``None``: on a GPU when the counts take at most half its free memory
+        (8 bytes per stored value: 10 million cells × 1,000 values ≈ 80 GB), else streamed as on a CPU.
+        ``True`` stages on any device (on a CPU: in host memory); ``False`` streams. Recorded in
+        ``manifest["params"]["staged"]``.
     num_workers
-        torch DataLoader workers reading batches.
+        torch DataLoader workers reading batches (not used when staged).
     unknown_label
         The label ``cm.tl.annotate`` gives untrusted cells with this model, recorded in it. ``None``:
         ``"Unknown"``, or ``"Unassigned"`` when the reference has a class called ``"Unknown"`` (such
@@ -523,6 +549,7 @@ def train_annotator(
     train_rows, val_rows, val_source = _validation_rows(source, rng)
     max_epochs = default_max_epochs(len(train_rows)) if max_epochs is None else max_epochs
     batch_size = device_batch(torch_device, len(train_rows)) if batch_size is None else batch_size
+    staged = _stages(source, train_rows, torch_device, stage, ranks)
     lr = batch_lr(batch_size) if lr is None else lr
     logg.info(f"    batches of {batch_size} cells, learning rate {lr:.2g}")
     test_rows = np.flatnonzero(source.parts == 2)
@@ -531,7 +558,7 @@ def train_annotator(
         "label_keys": label_keys, "split": split, "input": recipe.kind, "input_transform": input_transform,
         "hidden": list(hidden), "dropout": dropout, "linear": linear, "augment": settings.to_dict(), "balance": balance,
         "class_weight": class_weight, "max_epochs": max_epochs, "early_stopping": early_stopping, "lr": lr,
-        "weight_decay": weight_decay, "batch_size": batch_size, "random_state": random_state,
+        "weight_decay": weight_decay, "batch_size": batch_size, "random_state": random_state, "staged": staged,
         "device": str(torch_device), "validation": val_source, "unknown_label": unknown_label,
     }  # fmt: skip
     rows = [train_rows, val_rows, test_rows]
