@@ -545,3 +545,39 @@ def test_glioblastoma_held_out_patient():
         assert table.loc["replicate", f"{metric}_scaled"] < 1.0
         low, high = table.loc["linear", [f"{metric}_low", f"{metric}_high"]]
         assert low < table.loc["linear", metric] < high
+
+
+def test_baselines_predicted_from_other_controls_share_none_of_their_noise():
+    """Perturbations without effect: the "training perturbed − this context's control" prediction (the linear
+    baseline with two training contexts) correlates with the real delta through the control cells' sampling
+    noise when both use the same controls, and not when it predicts from the other half (``controls=``)."""
+    rng = np.random.default_rng(0)
+    genes = [f"G{g}" for g in range(200)]
+    perturbations = ["A", "B", "C"]
+
+    def context(name, n_control):
+        labels = ["ctrl"] * n_control + [p for p in perturbations for _ in range(60)]
+        values = rng.normal(2.0, 1.0, (len(labels), len(genes))).clip(0, None)  # no perturbation does anything
+        obs = pd.DataFrame({"perturbation": labels, "context": name},
+                           index=[f"{name}_{i}" for i in range(len(labels))])  # fmt: skip
+        return ad.AnnData(values, obs=obs, var=pd.DataFrame(index=genes))
+
+    train = ad.concat([context("t1", 60), context("t2", 60)])
+    held = context("h", 40)  # few control cells: a noisy control pseudobulk
+    controls = np.flatnonzero(held.obs["perturbation"] == "ctrl")
+    half, other = held[controls[:20]].copy(), held[np.setdiff1d(np.arange(held.n_obs), controls[:20])].copy()
+    predicted = ad.concat([half, held[held.obs["perturbation"] != "ctrl"]])  # any prediction made from `half`
+    kwargs = {**KEYS, "control": "ctrl", "context_key": "context", "train": train, "baselines": ("linear",),
+              "normalize_to": None, "ceiling": False, "n_bootstrap": 0}  # fmt: skip
+    shared = evaluate_perturbation(held, held, **kwargs)
+    split = evaluate_perturbation(predicted, other, controls=half, **kwargs)
+    column = "pearson_delta_top100"
+
+    def linear(table):
+        return table.loc[table["method"] == "linear", column].mean()
+
+    assert linear(shared) > 0.5  # noise shared with the real delta
+    assert abs(linear(split)) < 0.3  # no effect, no shared noise: no correlation
+    # the default (controls of `real`) is what it was
+    again = evaluate_perturbation(held, held, controls=held, **kwargs)
+    pd.testing.assert_frame_equal(again.reset_index(drop=True), shared.reset_index(drop=True))

@@ -76,6 +76,7 @@ def evaluate_perturbation(
     normalization: str = "cellmint",
     name: str = "model",
     layer: str | None = None,
+    controls: ad.AnnData | None = None,
     random_state: int = 0,
 ) -> pd.DataFrame:
     """Compare predicted perturbed cells with held-out real ones, per context and perturbation, on a 0–1 scale.
@@ -153,6 +154,16 @@ def evaluate_perturbation(
     baselines
         Baselines scored next to the prediction (see :func:`~cellmint.tl.perturbation_baselines`);
         their rows have ``method`` set to the baseline's name. ``()`` for none (then no scaled scores).
+    controls
+        The control cells the baselines are predicted from (and their deltas taken against), by
+        default the control cells of ``real``. Give the control cells ``pred`` was made from when
+        they are not ``real``'s: e.g. half of each held-out context's control cells to predict from
+        and the other half in ``real`` to score against, so that no method's delta shares the
+        scoring controls' sampling noise. With the same control cells on both sides, a prediction
+        of the form "training perturbed pseudobulk − this context's control pseudobulk" (the
+        ``linear`` baseline with few training contexts) correlates with the real delta through
+        that noise alone, which inflates ``pearson_delta`` on weak perturbations (docs page
+        "How to read perturbation scores").
     metrics
         Metrics to compute (names above); ``None``: all but ``clustering_agreement``; ``"all"``: all.
     top_k
@@ -240,8 +251,12 @@ def evaluate_perturbation(
     pred_side = next(iter(methods.values()))
     start = logg.info(f"evaluating {len(pairs)} predicted perturbations against {len(baselines)} baselines")
     if baselines:
-        is_control = real.obs[perturbation_key].astype(str).to_numpy() == control
-        predicted = perturbation_baselines(train, real[is_control], pairs, perturbation_key=perturbation_key,
+        if controls is None:
+            sources = real[real.obs[perturbation_key].astype(str).to_numpy() == control]
+        else:
+            sources, _ = _log_values(controls, layer, normalization, "controls")
+            sources = sources[sources.obs[perturbation_key].astype(str).to_numpy() == control]
+        predicted = perturbation_baselines(train, sources, pairs, perturbation_key=perturbation_key,
                                            control=control, context_key=context_key, baselines=baselines,
                                            layer=real_layer)  # fmt: skip
         for baseline, adata in predicted.items():
