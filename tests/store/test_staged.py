@@ -108,3 +108,14 @@ def test_store_counts_reads_the_rows_asked_for(store, adata):
 def test_staging_is_decided_by_the_device_memory():
     assert not fits_device(10, 10, torch.device("cpu"))  # a CPU streams unless staging is asked for
     assert staged_bytes(1_000_000_000, 1_000_000) == 8_000_000_000 + 8 * 1_000_001 + 12_000_000
+
+
+def test_only_the_training_cells_are_staged(adata):
+    rows = np.flatnonzero(adata.obs["part"].to_numpy() == "train")
+    data = from_anndata(adata, ["cell_type"], split="part", layer=None, genes=None, group_key=None,
+                        input_kind="auto", random_state=0, embedding_keys=[])  # fmt: skip
+    loader = data.staged_loader(rows, device=torch.device("cpu"), batch_size=64, balance="sqrt", random_state=0)
+    batches = _epoch(loader)
+    dataset = loader.dataset
+    assert dataset._device_data.numel() == data.stored_values(rows) < sp.csr_matrix(adata.X).nnz
+    assert len({len(b["index"]) for b in batches[:-1]}) == 1  # whole batches but the last: one window

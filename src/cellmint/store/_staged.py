@@ -81,8 +81,8 @@ class StagedBatches(MemoryBatches):
     def __post_init__(self) -> None:
         super().__post_init__()
         self.prefetch = False  # nothing to read ahead: the counts are on the device
-        self.block_size = self.batch_size  # one window: the whole epoch shuffled (module docstring)
-        self.fetch_blocks = max(1, -(-len(self.rows) // self.batch_size))
+        self.block_size = self.batch_size
+        self.fetch_blocks = 1 << 30  # one window: the whole epoch shuffled (module docstring)
 
     def _open(self) -> None:
         super()._open()

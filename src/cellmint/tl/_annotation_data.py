@@ -186,10 +186,14 @@ def from_anndata(adata, label_keys: list[str], *, split: str, layer: str | None,
         return data_loader(dataset, num_workers=num_workers)
 
     def make_staged(rows, *, device, batch_size, balance, random_state, distributed, start_batch):
+        keep = np.zeros(matrix.shape[0], dtype=np.float32)
+        keep[rows] = 1.0
+        staged = sp.csr_matrix(sp.diags(keep) @ matrix)  # only these cells' counts go to the device
+        staged.eliminate_zeros()
         dataset = StagedBatches(
             None, rows, list(label_keys), batch_size=batch_size, shuffle=True, random_state=random_state,
             balance_codes=codes[finest][rows] if balance else None, balance_exponent=BALANCE_EXPONENT[balance],
-            matrix=matrix, library=library, codes=codes, distributed=distributed, start_batch=start_batch,
+            matrix=staged, library=library, codes=codes, distributed=distributed, start_batch=start_batch,
             device=device,
         )  # fmt: skip
         return data_loader(dataset)
