@@ -66,24 +66,31 @@ def train(rank: int, world: int, rendezvous: str | None, kwargs: dict, out: str,
         "threshold": model.manifest["open_set"].get("floor"),
         "history": model.manifest["history"],
         "training": model.manifest["training"],
+        "staged": model.manifest["params"]["staged"],
         "world": torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1,
     }
     if visits:
-        result["visits"] = _visits(adata, kwargs.get("batch_size", 256))
+        result["visits"] = _visits(adata, kwargs.get("batch_size", 256), staged=bool(kwargs.get("stage")))
     if world > 1:
         torch.distributed.destroy_process_group()
     Path(out, f"rank{rank}.json").write_text(json.dumps(result))
 
 
-def _visits(adata, batch_size: int) -> list[list[int]]:
+def _visits(adata, batch_size: int, staged: bool = False) -> list[list[int]]:
     """The cells this rank trains on in epochs 0 and 1, read through the loader training uses."""
+    import torch
+
     from cellmint.tl._annotation_data import from_anndata
 
     source = from_anndata(adata, ["cell_line"], split="part", layer=None, genes=None, group_key=None,
                           input_kind="auto", random_state=0, embedding_keys=[])  # fmt: skip
     rows = np.flatnonzero(source.parts == 0)
-    loader = source.loader(rows, batch_size=batch_size, shuffle=True, balance=None, random_state=0,
-                           distributed="global")  # fmt: skip
+    if staged:
+        loader = source.staged_loader(rows, device=torch.device("cpu"), batch_size=batch_size, balance=None,
+                                      random_state=0, distributed="global")  # fmt: skip
+    else:
+        loader = source.loader(rows, batch_size=batch_size, shuffle=True, balance=None, random_state=0,
+                               distributed="global")  # fmt: skip
     epochs = []
     for epoch in range(2):
         loader.set_epoch(epoch)

@@ -69,6 +69,25 @@ def test_every_training_cell_once_per_epoch_across_ranks(two_ranks):
     assert rank0["visits"][0] != rank0["visits"][1]  # a new order every epoch
 
 
+def test_two_ranks_train_one_model_from_staged_counts(tmp_path):
+    """Counts staged on each rank's device: the ranks share every global batch, as streaming ranks do."""
+    ctx = context()
+    run = {**RUN, "balance": None, "stage": True}
+    pair = start(ctx, 2, run, tmp_path / "two", visits=True)
+    finish(pair)
+    single = start(ctx, 1, run, tmp_path / "one")
+    finish(single)
+    (rank0, rank1), alone = results(tmp_path / "two", 2), results(tmp_path / "one", 1)[0]
+    assert [rank0["staged"], rank1["staged"], alone["staged"]] == [True, True, True]
+    assert rank0["weights"] == rank1["weights"]
+    for epoch in range(2):
+        seen = Counter(rank0["visits"][epoch]) + Counter(rank1["visits"][epoch])
+        assert len(seen) == 300
+        assert set(seen.values()) == {1}
+    assert abs(rank0["macro_f1"] - alone["macro_f1"]) <= 0.02
+    assert rank0["macro_f1"] > 0.85
+
+
 def test_kill_and_resume_gives_the_uninterrupted_model(tmp_path):
     """SIGKILL one process at random points (≥ 5 times), rerun the same call each time: the same weights."""
     ctx = context()
