@@ -77,8 +77,8 @@ def device_batch(device: torch.device, n_train: int) -> int:
     :data:`BASE_BATCH`: a reference under 32,768 cells trains as on a CPU, 1 million cells with
     batches of 8,192. A GPU's step costs nearly the same for 256 cells as for 8,192 (the annotator's
     network is small), so large batches are what make it fast; keeping 64 steps per epoch keeps small
-    references learning (on CellBench's 5,000 cells, batches of 1,024 (5 steps per epoch) ended at a
-    macro-F1 of 0.68 where 256 reached 0.97, ``benchmarks/gpu.py``).
+    references learning as they do on a CPU (``docs/speed.md``: on forced larger batches, with the
+    learning rate of :func:`batch_lr`, real references of a few thousand cells kept their macro-F1).
     """
     if device.type == "cpu":
         return BASE_BATCH
