@@ -175,14 +175,16 @@ def from_anndata(adata, label_keys: list[str], *, split: str, layer: str | None,
     parts, how = _parts(adata, split, codes[label_keys[-1]], group_key, random_state)
     finest = label_keys[-1]
 
+    def planned(kind, rows, *, balance, **options):
+        """A dataset of ``kind`` over ``rows`` (its matrix in ``options``), balanced on the finest level."""
+        return kind(None, rows, list(label_keys), balance_codes=codes[finest][rows] if balance else None,
+                    balance_exponent=BALANCE_EXPONENT[balance], library=library, codes=codes, **options)  # fmt: skip
+
     def make_loader(rows, *, batch_size, shuffle, balance, random_state, num_workers, prefetch, distributed,
                     start_batch):  # fmt: skip
-        dataset = MemoryBatches(
-            None, rows, list(label_keys), batch_size=batch_size, shuffle=shuffle, random_state=random_state,
-            balance_codes=codes[finest][rows] if balance else None, balance_exponent=BALANCE_EXPONENT[balance],
-            matrix=matrix, library=library, codes=codes, prefetch=prefetch, distributed=distributed,
-            start_batch=start_batch,
-        )  # fmt: skip
+        dataset = planned(MemoryBatches, rows, balance=balance, matrix=matrix, batch_size=batch_size, shuffle=shuffle,
+                          random_state=random_state, prefetch=prefetch, distributed=distributed,
+                          start_batch=start_batch)  # fmt: skip
         return data_loader(dataset, num_workers=num_workers)
 
     def make_staged(rows, *, device, batch_size, balance, random_state, distributed, start_batch):
@@ -190,12 +192,9 @@ def from_anndata(adata, label_keys: list[str], *, split: str, layer: str | None,
         keep[rows] = 1.0
         staged = sp.csr_matrix(sp.diags(keep) @ matrix)  # only these cells' counts go to the device
         staged.eliminate_zeros()
-        dataset = StagedBatches(
-            None, rows, list(label_keys), batch_size=batch_size, shuffle=True, random_state=random_state,
-            balance_codes=codes[finest][rows] if balance else None, balance_exponent=BALANCE_EXPONENT[balance],
-            matrix=staged, library=library, codes=codes, distributed=distributed, start_batch=start_batch,
-            device=device,
-        )  # fmt: skip
+        dataset = planned(StagedBatches, rows, balance=balance, matrix=staged, batch_size=batch_size, shuffle=True,
+                          random_state=random_state, distributed=distributed, start_batch=start_batch,
+                          device=device)  # fmt: skip
         return data_loader(dataset)
 
     def count_values(rows):

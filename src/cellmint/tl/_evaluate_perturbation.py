@@ -251,11 +251,8 @@ def evaluate_perturbation(
     pred_side = next(iter(methods.values()))
     start = logg.info(f"evaluating {len(pairs)} predicted perturbations against {len(baselines)} baselines")
     if baselines:
-        if controls is None:
-            sources = real[real.obs[perturbation_key].astype(str).to_numpy() == control]
-        else:
-            sources, _ = _log_values(controls, layer, normalization, "controls")
-            sources = sources[sources.obs[perturbation_key].astype(str).to_numpy() == control]
+        sources = real if controls is None else _log_values(controls, layer, normalization, "controls")[0]
+        sources = sources[sources.obs[perturbation_key].astype(str).to_numpy() == control]
         predicted = perturbation_baselines(train, sources, pairs, perturbation_key=perturbation_key,
                                            control=control, context_key=context_key, baselines=baselines,
                                            layer=real_layer)  # fmt: skip
