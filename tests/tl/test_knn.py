@@ -38,8 +38,10 @@ def test_small_references_are_searched_exactly():
     assert search.query(queries, k=1)[0].shape == (400, 1)
 
 
-def test_inverted_lists_find_the_true_neighbours_of_almost_every_cell():
-    cells = _clustered(13_000, 32, 20, 2)
+@pytest.mark.parametrize("dim", [32, 48])  # the numba pass (up to LOW_DIMENSIONS) and torch's products
+def test_inverted_lists_find_the_true_neighbours_of_almost_every_cell(dim):
+    assert (dim <= _knn.LOW_DIMENSIONS) == (dim == 32)
+    cells = _clustered(13_000, dim, 20, 2)
     reference, queries = cells[:12_000], cells[12_000:]
     search = NearestReference(reference)
     assert not search.exact
@@ -56,7 +58,7 @@ def test_inverted_lists_find_the_true_neighbours_of_almost_every_cell():
     assert (distances >= expected_distances - 1e-3).all()
     # cells unlike the reference (other cluster centres): fewer exact hits, but a distance is only
     # ever overstated, so a far cell is never called near
-    far = _clustered(500, 32, 20, 3)
+    far = _clustered(500, dim, 20, 3)
     found, far_distances = search.query(far, k=1)
     nearest, exact = _brute(far, reference, 1)
     assert (found == nearest).mean() > 0.8
@@ -77,6 +79,35 @@ def test_more_neighbours_than_the_probed_lists_hold_fall_back_to_an_exact_search
     assert np.isfinite(distances).all()
     _, expected_distances = _brute(queries, reference, k)
     np.testing.assert_allclose(distances, expected_distances, rtol=1e-4, atol=1e-3)
+
+
+def test_low_dimensional_search_compares_the_same_cells_as_the_products(monkeypatch):
+    reference, queries = _clustered(12_000, 16, 20, 15), _clustered(2000, 16, 20, 16)
+    search = NearestReference(reference)
+    assert not search.exact
+    fast = search.query(queries, 11)
+    monkeypatch.setattr(_knn, "LOW_DIMENSIONS", 0)  # the same search through torch's products and top-k
+    slow = search.query(queries, 11)
+    assert (fast[0] == slow[0]).mean() > 0.999  # float32 ties aside
+    np.testing.assert_allclose(fast[1], slow[1], rtol=1e-4, atol=1e-3)
+    assert (np.diff(fast[1], axis=1) >= 0).all()
+    # the distances are those of the cells returned
+    true = np.sqrt(((queries[:, None, :].astype(np.float64) - reference[fast[0]]) ** 2).sum(-1))
+    np.testing.assert_allclose(fast[1], true, rtol=1e-5, atol=1e-4)
+
+
+def test_low_dimensional_search_falls_back_to_every_cell_where_the_probed_lists_are_short():
+    reference, queries = _clustered(12_000, 8, 200, 4), _clustered(300, 8, 200, 5)
+    search = NearestReference(reference)
+    search.n_probe = 1  # one list of about 110 cells per query: shorter than 64 for some
+    assert min(search.sizes) < 64
+    _, distances = search.query(queries, 64)
+    _, expected_distances = _brute(queries, reference, 64)
+    probed = ((queries[:, None, :] - search.centroids.numpy()[None]) ** 2).sum(-1).argmin(1)
+    short = np.asarray(search.sizes)[probed] < 64
+    assert 0 < short.sum() < len(queries)
+    np.testing.assert_allclose(distances[short], expected_distances[short], rtol=1e-4, atol=1e-3)
+    assert (distances >= expected_distances - 1e-3).all()  # the others: their one list's 64 nearest
 
 
 def test_empty_query_gives_empty_results():

@@ -13,13 +13,23 @@ every cell needs — found the true nearest cell for 45% of the cells (94% when 
 overstated distances and tripled the false Unknown calls at the reference's own threshold (0.19% →
 0.59%); and compiling it costs about 0.5 GB of memory and 20 s in every process. The inverted lists
 find the true nearest cell for 99.9% of the cells and all 15 neighbours for 99.7%, at the same speed.
+
+Through inverted lists, low-dimensional latents (at most :data:`LOW_DIMENSIONS`, such as the
+open-set rule's projection of query cells onto the reference's first principal axes) are compared
+by one numba pass instead of torch's products: distances summed directly and each cell's k nearest
+kept as they are found. The same cells are compared (the members of the same probed lists), and
+torch's top-k over every compared pair, which took 80% of the time there, is gone: 20,000 cells'
+11 nearest among themselves in 16 dimensions in 0.11 s instead of 0.52 s (one thread).
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 import weakref
+from concurrent.futures import ThreadPoolExecutor
 
+import numba
 import numpy as np
 import torch
 
@@ -40,6 +50,10 @@ PROBE_BLOCK_BYTES = 64 * 2**20
 PROBE_BLOCK = 1024
 #: Lloyd iterations of the k-means that builds the lists
 KMEANS_ITERATIONS = 10
+#: latents of at most this many dimensions are searched through inverted lists by :func:`_nearest_members`,
+#: for up to :data:`LOW_DIMENSIONS_NEIGHBOURS` neighbours (it keeps them sorted by insertion)
+LOW_DIMENSIONS = 32
+LOW_DIMENSIONS_NEIGHBOURS = 64
 
 
 def _squared_distances(queries: torch.Tensor, reference: torch.Tensor, reference_norms: torch.Tensor) -> torch.Tensor:
@@ -58,6 +72,32 @@ def kmeans(points: torch.Tensor, n_clusters: int, *, iterations: int = KMEANS_IT
         filled = counts > 0  # an emptied cluster keeps its centroid
         centroids[filled] = sums[filled] / counts[filled, None]
     return centroids, _squared_distances(points, centroids, (centroids * centroids).sum(1)).argmin(1)
+
+
+@numba.njit(nogil=True, cache=True, fastmath={"reassoc", "contract", "nsz", "arcp"})  # no "ninf": inf fills
+def _nearest_members(queries, reference, probed, offsets, sizes, found, squared):  # pragma: no cover - numba
+    """Each query's ``k`` nearest reference rows among the members of its probed lists, nearest first.
+
+    ``probed[i]`` lists the lists query ``i`` is compared with; list ``l`` holds reference rows
+    ``offsets[l]`` to ``offsets[l] + sizes[l]``. ``found`` and ``squared`` (queries × k) come filled
+    with anything and ``inf``; a row that keeps an ``inf`` had fewer than ``k`` members to compare.
+    """
+    k = found.shape[1]
+    for i in range(queries.shape[0]):
+        best, where = squared[i], found[i]
+        for p in range(probed.shape[1]):
+            start = offsets[probed[i, p]]
+            for j in range(start, start + sizes[probed[i, p]]):
+                value = np.float32(0.0)
+                for d in range(queries.shape[1]):
+                    difference = queries[i, d] - reference[j, d]
+                    value += difference * difference
+                if value < best[k - 1]:  # insert, keeping the row sorted
+                    m = k - 1
+                    while m > 0 and best[m - 1] > value:
+                        best[m], where[m] = best[m - 1], where[m - 1]
+                        m -= 1
+                    best[m], where[m] = value, j
 
 
 class NearestReference:
@@ -104,10 +144,42 @@ class NearestReference:
             return np.zeros((len(queries), k), dtype=np.int64), np.zeros((len(queries), k), dtype=np.float32)
         if self.exact:
             indices, squared = self._exact(queries, k)
+        elif queries.shape[1] <= LOW_DIMENSIONS and k <= LOW_DIMENSIONS_NEIGHBOURS:
+            indices, squared = self._low_dimensional(queries, k)
         else:
             positions, squared = self._probe(queries, k)
             indices = self.ids[positions]
         return indices.cpu().numpy(), squared.clamp_min_(0).sqrt_().cpu().numpy()
+
+    def _low_dimensional(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Reference rows and squared distances of the ``k`` nearest probed members (:func:`_nearest_members`)."""
+        values = np.ascontiguousarray(queries.numpy())
+        probed = _squared_distances(queries, self.centroids, self.centroid_norms).topk(self.n_probe, largest=False)
+        found, squared = self._members(values, k, probed.indices.numpy())
+        short = np.flatnonzero(np.isinf(squared[:, -1]))  # probed lists held fewer than k cells
+        if len(short):
+            found[short], squared[short] = self._members(values[short], k, None)
+        return self.ids[torch.from_numpy(found)], torch.from_numpy(squared)
+
+    def _members(self, values: np.ndarray, k: int, probed: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+        """:func:`_nearest_members` over the probed lists, or over every reference cell (``probed=None``)."""
+        if probed is None:  # one list holding every cell
+            probed = np.zeros((len(values), 1), np.int64)
+            offsets, sizes = np.zeros(1, np.int64), np.array([self.n_reference], np.int64)
+        else:
+            offsets, sizes = np.asarray(self.offsets, np.int64), np.asarray(self.sizes, np.int64)
+        found = np.zeros((len(values), k), np.int64)
+        squared = np.full((len(values), k), np.inf, np.float32)
+        reference = self.reference.numpy()
+
+        def search(rows: slice) -> None:  # the kernel releases the GIL: torch's threads share the rows
+            _nearest_members(values[rows], reference, probed[rows], offsets, sizes, found[rows], squared[rows])
+
+        threads = max(1, min(torch.get_num_threads(), len(values) // 1024))
+        bounds = np.linspace(0, len(values), threads + 1).astype(int)
+        with ThreadPoolExecutor(threads) as pool:
+            list(pool.map(search, [slice(a, b) for a, b in itertools.pairwise(bounds)]))
+        return found, squared
 
     def _exact(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Positions in :attr:`reference` and squared distances of each cell's k nearest, over every reference cell."""
