@@ -5,8 +5,10 @@
     on a random ``n_cells`` subsample (all genes, no feature selection), write the model.
 ``python _celltypist_annotate.py annotate query.h5ad label_key model.pkl [majority]``
     load the query counts and the model, log1p(10,000-normalise) the query (timed apart: ``normalise_s``),
-    then time ``celltypist.annotate`` on the in-memory AnnData (``annotate_s``; majority voting with
-    ``majority``). Prints one JSON line: the timings, the accuracy on ``label_key`` and the peak RSS.
+    then time ``celltypist.annotate`` on the in-memory AnnData twice: the first call in this fresh
+    process (``first_annotate_s``) and the same call again (``annotate_s``, what the ratio uses: cellmint
+    is timed warm too). With ``majority`` (majority voting) only once. Prints one JSON line: the
+    timings, the accuracy on ``label_key`` and the peak RSS.
 """
 
 import json
@@ -48,11 +50,13 @@ else:
     model = celltypist.models.Model.load(model_path)
     truth = adata.obs[label_key].astype(str).to_numpy()
     normalise_s = lognormalise(adata)
-    t0 = time.perf_counter()
-    result = celltypist.annotate(adata, model=model, majority_voting=majority)
-    annotate_s = time.perf_counter() - t0
+    calls = []
+    for _ in range(1 if majority else 2):  # the first call in this fresh process, then the same call again
+        t0 = time.perf_counter()
+        result = celltypist.annotate(adata, model=model, majority_voting=majority)
+        calls.append(time.perf_counter() - t0)
     column = "majority_voting" if majority else "predicted_labels"
     predicted = result.predicted_labels[column].astype(str).to_numpy()
-    print(json.dumps({"n_obs": adata.n_obs, "normalise_s": normalise_s, "annotate_s": annotate_s,
-                      "accuracy": float(np.mean(predicted == truth)), "peak_rss_bytes": peak_rss_bytes(),
-                      "version": celltypist.__version__}))  # fmt: skip
+    print(json.dumps({"n_obs": adata.n_obs, "normalise_s": normalise_s, "annotate_s": calls[-1],
+                      "first_annotate_s": calls[0], "accuracy": float(np.mean(predicted == truth)),
+                      "peak_rss_bytes": peak_rss_bytes(), "version": celltypist.__version__}))  # fmt: skip
