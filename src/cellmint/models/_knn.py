@@ -5,7 +5,8 @@ Training calibrates the open-set rule on this module's exact search too (``exact
 Small references (up to :data:`EXACT_SEARCH` cells), and any reference on a GPU, are searched exactly
 (all distances, in blocks). Larger references on a CPU are searched through inverted lists: k-means
 splits the reference into about √n lists and a query cell is compared with the members of its
-:data:`PROBE_FRACTION` nearest lists only. Everything is torch: no compilation, no index kept on disk.
+:data:`PROBE_FRACTION` nearest lists only. Torch does the work (but for the low-dimensional pass
+below); no index is kept on disk.
 
 Why not pynndescent (measured on a 40,000-cell, 256-dimensional reference and 20,000 query cells,
 ``benchmarks/annotate.py``): its graph search for the single nearest cell — the open-set distance
