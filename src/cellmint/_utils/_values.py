@@ -78,7 +78,7 @@ def checked_labels(values: pd.Series, what: str, *, blank_is_missing: bool = Tru
     ``train_annotator``, the perturbation tools): a blank label is no label, never a class of its own.
     Other categorical obs columns a store keeps may hold blank text (``blank_is_missing=False``).
     """
-    missing = pd.isna(values).to_numpy(dtype=bool)
+    missing = np.array(pd.isna(values), dtype=bool)  # a copy: pandas 3 hands out read-only views
     text = values.astype(object).where(~missing, "").astype(str)
     if blank_is_missing:
         missing |= (text.str.strip() == "").to_numpy()
