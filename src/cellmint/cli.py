@@ -235,11 +235,14 @@ def _write_annotated(query: Path, adata, out: Path, key: str) -> None:
         shutil.copyfile(query, tmp)
         with h5py.File(tmp, "r+") as f:
             write_elem(f, "obs", adata.obs)
+            if "obsm" not in f:
+                write_elem(f, "obsm", {})
+            obsm = f["obsm"]  # entries written into the group: anndata >= 0.13 refuses "obsm/name" keys
             for name, value in adata.obsm.items():
-                if name.startswith((f"{key}_", f"X_{key}_")) and f"obsm/{name}" in f:
-                    del f[f"obsm/{name}"]  # an earlier annotation's, replaced
-                if f"obsm/{name}" not in f:
-                    write_elem(f, f"obsm/{name}", value)
+                if name.startswith((f"{key}_", f"X_{key}_")) and name in obsm:
+                    del obsm[name]  # an earlier annotation's, replaced
+                if name not in obsm:
+                    write_elem(obsm, name, value)
             write_elem(f, "uns", dict(adata.uns))
 
     write_file_via(out, fill)
