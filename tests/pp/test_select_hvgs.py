@@ -81,11 +81,21 @@ def run_both(adata, data, chunk_size=None, **kwargs):
     return expected, result
 
 
+def _dtypes(frame: pd.DataFrame) -> dict[str, str]:
+    """Column dtypes, gene names as "text" whether object or pandas 3's string dtype.
+
+    A file read by anndata >= 0.13 with pandas 3 has string-dtype names where the in-memory object scanpy
+    ran on has object ones: scanpy's ``gene_name`` column follows its input's names, as ours does.
+    """
+    return {column: "text" if pd.api.types.is_object_dtype(dtype) or isinstance(dtype, pd.StringDtype) else str(dtype)
+            for column, dtype in frame.dtypes.items()}  # fmt: skip
+
+
 def assert_same_table(expected: pd.DataFrame, result: pd.DataFrame, *, exact: bool) -> None:
     assert list(result.columns) == list(expected.columns)
     assert set(result.index) == set(expected.index)
     result = result.loc[expected.index]  # scanpy sorts some tables by gene name
-    assert result.dtypes.astype(str).to_dict() == expected.dtypes.astype(str).to_dict()
+    assert _dtypes(result) == _dtypes(expected)
     assert set(result.index[result["highly_variable"]]) == set(expected.index[expected["highly_variable"]])
     for column in expected.columns:
         if column == "mean_bin":  # intervals up to scanpy 1.11, their text from 1.12 on
@@ -455,6 +465,7 @@ def test_dask_distributed_cluster_computes_chunks_concurrently_with_the_exact_an
         _hvg_stats, "_moments_on_cluster", lambda *a, **k: summed.append(on_cluster(*a, **k)) or summed[-1]
     )
     cases = [(counts, "counts", {"flavor": "seurat_v3", "batch_key": "batch"}),
+             (counts, "counts", {"flavor": "seurat_v3"}),
              (counts, "counts", {"flavor": "pearson_residuals"}),
              (logs, "logs", {"flavor": "seurat", "batch_key": "batch"}),
              (halves, "halves", {"flavor": "seurat_v3", "check_values": False})]  # fmt: skip
@@ -469,10 +480,14 @@ def test_dask_distributed_cluster_computes_chunks_concurrently_with_the_exact_an
             lazy.obs = adata.obs.copy()
             got = cm.pp.select_hvgs(lazy, n_top_genes=50, inplace=False, chunk_size=250, **kwargs)
             assert used[-1] is not None  # the chunks went to the cluster
-            pd.testing.assert_frame_equal(got, expected, check_names=False, check_exact=True)
-    # counts: the first pass was added up by the workers, chunk by chunk (integers: exact in any order);
-    # pearson_residuals needs more from its first pass; log values and halves are summed in row order
-    assert [s is not None for s in summed] == [True, False]
+            assert _dtypes(got) == _dtypes(expected)  # read_lazy's names: pandas 3's string dtype, the same names
+            pd.testing.assert_frame_equal(got, expected, check_names=False, check_exact=True, check_dtype=False,
+                                          check_index_type=False)  # fmt: skip
+    # counts: the first pass was added up by the workers, chunk by chunk (integers: exact in any order),
+    # except per-batch moments from scanpy 1.12 on (Welford's recurrence, in row order); pearson_residuals
+    # needs more from its first pass; log values and halves are summed in row order
+    batches_on_cluster = _hvg_stats.scanpy_version() < (1, 12)
+    assert [s is not None for s in summed] == [True] * batches_on_cluster + [True, False]
     used.clear()
     cm.pp.select_hvgs(read_lazy(tmp_path / "counts.h5ad"), n_top_genes=50, inplace=False)
     assert used
