@@ -27,8 +27,8 @@ log-normalised reference, in its own environment ``benchmarks/.envs/celltypist``
   repeat is a fresh subprocess (loading is not timed) that calls ``annotate`` twice on the same query:
   the second call is the timed one, warm as cellmint's repeats are; the first is reported as
   ``first_call_cells_per_s``. (Until December 2026 the ratio used that first call, which costs
-  CellTypist 3–10× its warm time here: densifying the query in a fresh process. That made the ratio
-  look 3–6× better for cellmint than it is.) Its majority voting (over-clustering,
+  CellTypist 4–10× its warm time here: densifying the query in a fresh process. That made the ratio
+  look 4–7× better for cellmint than it is.) Its majority voting (over-clustering,
   neighbours, Leiden) is timed once on the first ``--majority-cells`` query cells.
 
 Repeats alternate between the tools (``--repeats``; the median is reported), so that load from
