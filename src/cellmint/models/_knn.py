@@ -152,11 +152,15 @@ class NearestReference:
             indices = self.ids[positions]
         return indices.cpu().numpy(), squared.clamp_min_(0).sqrt_().cpu().numpy()
 
+    def _probed(self, queries: torch.Tensor) -> torch.Tensor:
+        """The lists each cell is compared with: its :attr:`n_probe` nearest centroids (cells × n_probe)."""
+        distances = _squared_distances(queries, self.centroids, self.centroid_norms)
+        return distances.topk(self.n_probe, largest=False).indices
+
     def _low_dimensional(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Reference rows and squared distances of the ``k`` nearest probed members (:func:`_nearest_members`)."""
         values = np.ascontiguousarray(queries.numpy())
-        probed = _squared_distances(queries, self.centroids, self.centroid_norms).topk(self.n_probe, largest=False)
-        found, squared = self._members(values, k, probed.indices.numpy())
+        found, squared = self._members(values, k, self._probed(queries).numpy())
         short = np.flatnonzero(np.isinf(squared[:, -1]))  # probed lists held fewer than k cells
         if len(short):
             found[short], squared[short] = self._members(values[short], k, None)
@@ -205,7 +209,7 @@ class NearestReference:
         n, probes = len(queries), self.n_probe
         if k > probes * max(self.sizes):  # more neighbours than any cell's probed lists can hold
             return self._exact(queries, k)
-        probed = _squared_distances(queries, self.centroids, self.centroid_norms).topk(probes, largest=False).indices
+        probed = self._probed(queries)
         flat = probed.reshape(-1)
         order = torch.argsort(flat, stable=True)  # (cell, probe) pairs grouped by list
         lists, counts = torch.unique_consecutive(flat[order], return_counts=True)
