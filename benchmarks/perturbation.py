@@ -17,8 +17,9 @@ Tasks:
 
 Every held-out unit is scored by :func:`cellmint.tl.evaluate_perturbation` with, side by side
 on the same cells and bootstrap draws: ``default`` (the stacked prediction), ``network`` (the
-network alone), ``baselines`` (the baselines' own stack), each baseline (control, perturbation
-mean, context mean, linear ridge) and the split-half ``replicate``. :func:`cellmint.tl.perturbation_summary`
+network alone), ``baselines`` (the stack without the network), ``pls`` (the stack's
+partial-least-squares component alone), each baseline (control, perturbation mean, context mean,
+linear ridge) and the split-half ``replicate``. :func:`cellmint.tl.perturbation_summary`
 gives, per unit and pooled, the raw value and the 0–1 scaled score (0 = the best simple baseline,
 1 = the replicate) with bootstrap 95% intervals over cells.
 
@@ -121,6 +122,9 @@ def run_fold(adata, key, control, context, held_out, settings, seed, n_bootstrap
     for name, predictor in predictors.items():
         preds[name] = cm.tl.predict_perturbation(inputs, model, known, device="cpu", predictor=predictor,
                                                  random_state=seed)  # fmt: skip
+    # the stack's pls component alone (not a simple baseline: it does not set the scaled score's zero)
+    preds["pls"] = cm.tl.perturbation_baselines(train, inputs, known, perturbation_key=key, control=control,
+                                                context_key=context, baselines=["pls"])["pls"]  # fmt: skip
     start = time.perf_counter()
     table = cm.tl.evaluate_perturbation(preds, scored, perturbation_key=key, control=control, context_key=context,
                                         train=train, n_bootstrap=n_bootstrap, random_state=seed,

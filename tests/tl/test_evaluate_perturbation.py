@@ -467,6 +467,36 @@ def test_linear_baseline_recovers_a_linear_response():
     assert (table.loc[table["method"] == "model", "mse_delta_score"] > 0.99).all()
 
 
+def test_pls_learns_one_context_direction_shared_by_every_perturbation():
+    # each perturbation scales the context's departure along v by its own factor: one latent direction
+    d = {"G1": np.array([0.3, 0.1, -0.2, 0.0, 0.4, 0.2]), "G2": np.full(6, -0.1)}
+    factor = {"G1": 1.0, "G2": -0.5}
+    response = lambda p, control: control + d[p] + factor[p] * (control - 1.5)  # noqa: E731
+    train = contexts_with_response(response, [0.0, 1.0, 2.0])
+    # G2 not measured in t2: its effect there is taken as its mean over t0 and t1
+    train = train[~((train.obs["context"] == "t2") & (train.obs["perturbation"] == "G2")).to_numpy()].copy()
+    target = contexts_with_response(response, [3.0], prefix="new")
+    controls = target[target.obs["perturbation"] == "ctrl"]
+    out = perturbation_baselines(train, controls, ["G1", "G2"], **KEYS, context_key="context",
+                                 baselines=("pls", "perturbation_mean"))  # fmt: skip
+    v = np.linspace(0.1, 0.6, 6)
+    assert predicted_delta(out["pls"], "new0", "G1") == pytest.approx(d["G1"] + 3 * v, abs=1e-5)
+    assert predicted_delta(out["perturbation_mean"], "new0", "G1") == pytest.approx(d["G1"] + 1 * v, abs=1e-6)
+    # G2 fitted on the imputed effect: its slope is shrunk towards none, its direction kept
+    g2 = predicted_delta(out["pls"], "new0", "G2") - d["G2"]
+    slope = g2 @ v / (v @ v)
+    assert -0.5 * 3 < slope < 0
+    assert np.abs(g2 - slope * v).max() < 1e-5
+    # one training context: pls is that context's effect, the perturbation mean
+    one = train[(train.obs["context"] == "t1").to_numpy()].copy()
+    single = perturbation_baselines(one, controls, ["G1"], **KEYS, context_key="context",
+                                    baselines=("pls", "perturbation_mean"))  # fmt: skip
+    np.testing.assert_allclose(single["pls"].X, single["perturbation_mean"].X, atol=1e-6)
+    # not a baseline of the scaled score: evaluate_perturbation refuses it there
+    with pytest.raises(ValueError, match="baselines must be among"):
+        evaluate_perturbation(out["pls"], target, **KEYS, context_key="context", train=train, baselines=("pls",))
+
+
 def test_context_mean_uses_the_target_context_and_unknown_perturbations_raise():
     train = contexts_with_response(lambda p, control: control + (0.2 if p == "G1" else 0.6), [0.0, 1.0])
     controls = train[train.obs["perturbation"] == "ctrl"]

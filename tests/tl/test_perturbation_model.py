@@ -340,7 +340,8 @@ def test_stacked_default_is_never_below_an_exact_baseline():
     model = cm.tl.train_perturbation(train, "perturbation", "control", context_key="donor",
                                      **{**SMALL, "lr": 0.05, "max_epochs": 4, "early_stopping": None})  # fmt: skip
     weights = model.stack_weights()
-    assert (weights["perturbation_mean"] + weights["network"] > 0.8).all()
+    # pls fits the same effect in every context as well (its latent part only fits the noise)
+    assert (weights["perturbation_mean"] + weights["pls"] + weights["network"] > 0.8).all()
     scores = {}
     for predictor in ("stack", "network"):
         pred = cm.tl.predict_perturbation(held, model, ["up", "down"], device="cpu", predictor=predictor)
@@ -376,15 +377,24 @@ def test_every_gene_of_the_input_is_predicted_and_its_source_recorded():
         rows = (pred.obs["perturbation"] == p).to_numpy()
         np.testing.assert_allclose(pred.X[rows, 40], pred.X[is_control, 40])
     assert set(pred.uns["cellmint_perturbation"]["weights"].columns) == {"network", "control", "perturbation_mean",
-                                                                         "context_mean", "linear"}  # fmt: skip
-    # the baselines' own stack is the weighted sum of perturbation_baselines' predictions, cell by cell
+                                                                         "context_mean", "linear", "pls"}  # fmt: skip
+    # the stack without the network is the weighted sum of perturbation_baselines' predictions, cell by cell
     only = cm.tl.predict_perturbation(held, model, ["KO_A"], device="cpu", predictor="baselines")
-    baselines = cm.tl.perturbation_baselines(train, held, ["KO_A"], perturbation_key="perturbation",
-                                             control="control", context_key="donor")  # fmt: skip
     weights = model.stack_weights(baselines_only=True).loc["KO_A"]
+    baselines = cm.tl.perturbation_baselines(train, held, ["KO_A"], perturbation_key="perturbation",
+                                             control="control", context_key="donor",
+                                             baselines=list(weights.index))  # fmt: skip
     expected = sum(weights[b] * np.asarray(baselines[b].X[baselines[b].obs["is_predicted"].to_numpy()])
                    for b in weights.index)  # fmt: skip
     np.testing.assert_allclose(only.X[only.obs["is_predicted"].to_numpy()], expected, atol=1e-5)
+    # a model stacked before ``pls`` existed (four baselines) predicts with the components it was trained with
+    older = model.stack | {"components": model.stack["components"][:-1], "weights": model.stack["weights"][:, :-1],
+                           "baseline_weights": np.full((2, 4), 0.25)}  # fmt: skip
+    model.stack = older
+    before = cm.tl.predict_perturbation(held, model, ["KO_A"], device="cpu", predictor="baselines")
+    expected = sum(0.25 * np.asarray(baselines[b].X[baselines[b].obs["is_predicted"].to_numpy()])
+                   for b in ("control", "perturbation_mean", "context_mean", "linear"))  # fmt: skip
+    np.testing.assert_allclose(before.X[before.obs["is_predicted"].to_numpy()], expected, atol=1e-5)
 
 
 def test_folders_of_the_first_format_still_load_and_predict():

@@ -9,6 +9,12 @@ expression (``predicted cell = max(control cell + delta, 0)``); the baselines di
   unseen in training, of all training perturbations: cell-eval's "mean" baseline);
 - ``linear``: per perturbation, a ridge regression from a context's control pseudobulk to its
   perturbed pseudobulk, fitted on the training contexts.
+
+One more predictor of the same form is not a baseline but a component of the stacked model
+(:mod:`._perturbation_stack`): ``pls``, a partial-least-squares regression from a context's control
+pseudobulk to the effects of every perturbation at once, so that contexts share what they show
+about how a context's state shapes its responses. It is not among the baselines that set the zero
+of the scaled scores (:func:`~cellmint.tl.evaluate_perturbation`).
 """
 
 from __future__ import annotations
@@ -24,8 +30,12 @@ from .._utils._docs import doc_params
 from ._perturbation_data import ALL_CELLS, LogExpression, cell_groups
 
 BASELINES = ("control", "perturbation_mean", "context_mean", "linear")
+#: every predictor of this module: the baselines and the stack's ``pls`` component
+PREDICTORS = (*BASELINES, "pls")
 #: baselines that need the perturbation among the training cells
-NEED_PERTURBATION = ("perturbation_mean", "linear")
+NEED_PERTURBATION = ("perturbation_mean", "linear", "pls")
+#: latent components of the ``pls`` predictor (at most the training contexts less one)
+PLS_COMPONENTS = 3
 
 
 def _targets(perturbations, contexts: list[str], context_key: str | None) -> list[tuple[str, str]]:
@@ -69,7 +79,16 @@ def perturbation_baselines(
       perturbations and contexts (cell-eval's ``mean`` baseline);
     - ``"linear"``: per perturbation, a ridge regression (:class:`sklearn.linear_model.Ridge`) from
       the control pseudobulk of each training context to its perturbed pseudobulk, applied to the
-      target context's control pseudobulk (delta = prediction − that pseudobulk).
+      target context's control pseudobulk (delta = prediction − that pseudobulk);
+    - ``"pls"`` (not computed by default; a component of
+      :func:`~cellmint.tl.train_perturbation`'s stack, not a simple baseline): one
+      partial-least-squares regression (:class:`sklearn.cross_decomposition.PLSRegression`,
+      ``min(3, training contexts − 1)`` components, unscaled) from the control pseudobulk of each
+      training context to the effects of every training perturbation at once, applied to the
+      target context's control pseudobulk. The latent directions are those along which the
+      contexts' controls predict all responses together. An effect not measured in a context is
+      taken as the perturbation's mean effect over the contexts where it was; with one training
+      context, ``pls`` is the perturbation mean.
 
     A training context's control pseudobulk comes from its control cells in ``train``, or, when
     ``train`` has none, from its cells in ``controls``; contexts with neither are not used.
@@ -93,8 +112,9 @@ def perturbation_baselines(
         ``obs`` column of the context (cell line, patient, donor); ``None``: one context.
     baselines
         Which baselines to compute, among ``"control"``, ``"perturbation_mean"``,
-        ``"context_mean"`` and ``"linear"``. ``perturbation_mean`` and ``linear`` need each
-        perturbation in ``train``: a perturbation never seen there is an error naming it.
+        ``"context_mean"``, ``"linear"`` and ``"pls"``. ``perturbation_mean``, ``linear`` and
+        ``pls`` need each perturbation in ``train``: a perturbation never seen there is an error
+        naming it.
     {doc_layer} The same layer is read from ``train`` and ``controls``.
     alpha
         Ridge penalty of the ``linear`` baseline.
@@ -110,9 +130,9 @@ def perturbation_baselines(
     parameters and, for ``context_mean``, ``"source"``: per context, ``"context"`` or ``"all"``
     (which average was used).
     """
-    unknown = [b for b in baselines if b not in BASELINES]
+    unknown = [b for b in baselines if b not in PREDICTORS]
     if unknown or not baselines:
-        raise ValueError(f"baselines must be among {BASELINES}, not {list(baselines)}.")
+        raise ValueError(f"baselines must be among {PREDICTORS}, not {list(baselines)}.")
     if train is None and any(b != "control" for b in baselines):
         raise ValueError(f"The baselines {[b for b in baselines if b != 'control']} need train=.")
     genes = pd.Index(controls.var_names.astype(str))
@@ -170,6 +190,8 @@ def _deltas(baseline: str, pairs, effects: dict, target_bulk: dict, alpha: float
         per_context = {c: np.mean([d for (k, _), d in delta.items() if k == c], axis=0) for c in {c for c, _ in delta}}
         source = {c: "context" if c in per_context else "all" for c, _ in pairs}
         return [per_context.get(c, overall) for c, _ in pairs], source
+    if baseline == "pls":
+        return _pls_deltas(pairs, effects, target_bulk), {}
     from sklearn.linear_model import Ridge
 
     models = {}
@@ -179,6 +201,32 @@ def _deltas(baseline: str, pairs, effects: dict, target_bulk: dict, alpha: float
         y = np.stack([effects["perturbed"][(c, p)] for c in contexts])
         models[p] = Ridge(alpha=alpha).fit(x, y)
     return [models[p].predict(target_bulk[c][None, :])[0] - target_bulk[c] for c, p in pairs], {}
+
+
+def _pls_deltas(pairs, effects: dict, target_bulk: dict) -> list[np.ndarray]:
+    """The ``pls`` predictor: one PLS regression from control pseudobulk to every perturbation's effect."""
+    from sklearn.cross_decomposition import PLSRegression
+
+    delta = effects["delta"]
+    perturbations = list(dict.fromkeys(p for _, p in sorted(delta)))
+    contexts = list(dict.fromkeys(c for c, _ in sorted(delta)))
+    mean = {p: np.mean([d for (_, q), d in delta.items() if q == p], axis=0) for p in perturbations}
+    n_genes = len(mean[perturbations[0]])
+    # contexts × (perturbations · genes): each context's effects side by side, the mean where one was not measured
+    y = np.stack([np.concatenate([delta.get((c, p), mean[p]) for p in perturbations]) for c in contexts])
+    x = np.stack([effects["control"][c] for c in contexts])
+    n_components = min(PLS_COMPONENTS, len(contexts) - 1)
+    centred_x, centred_y = x - x.mean(axis=0), y - y.mean(axis=0)
+    scale = max(np.abs(x).max(), 1e-12), max(np.abs(y).max(), 1e-12)
+    fitted = None
+    if n_components >= 1 and np.abs(centred_x).max() > 1e-9 * scale[0] and np.abs(centred_y).max() > 1e-9 * scale[1]:
+        n_components = min(n_components, np.linalg.matrix_rank(centred_x))
+        fitted = PLSRegression(n_components=n_components, scale=False).fit(x, y)
+    if fitted is None:  # one context, or contexts that do not differ: the mean effect
+        return [mean[p] for _, p in pairs]
+    targets = list(dict.fromkeys(c for c, _ in pairs))
+    predicted = dict(zip(targets, fitted.predict(np.stack([target_bulk[c] for c in targets])), strict=True))
+    return [predicted[c].reshape(len(perturbations), n_genes)[perturbations.index(p)] for c, p in pairs]
 
 
 def _assemble(baseline, pairs, deltas, target, target_rows, controls, genes, *, perturbation_key, control,

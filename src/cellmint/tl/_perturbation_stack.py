@@ -1,8 +1,10 @@
 """The default perturbation predictor: the network stacked with the simple baselines it is shown beside.
 
-Each prediction is a weighted average, cell by cell, of five predictions of the same control cell:
-the network's and the four baselines' of :func:`~cellmint.tl.perturbation_baselines` (``control``,
-``perturbation_mean``, ``context_mean``, ``linear``; each ``max(control cell + delta, 0)``). The
+Each prediction is a weighted average, cell by cell, of six predictions of the same control cell:
+the network's, the four baselines' of :func:`~cellmint.tl.perturbation_baselines` (``control``,
+``perturbation_mean``, ``context_mean``, ``linear``) and that of its ``pls`` predictor (a
+partial-least-squares regression from a context's control pseudobulk to every perturbation's
+effect at once); each but the network's is ``max(control cell + delta, 0)``. The
 weights are learned where the truth is known but the answer was not seen: the training contexts
 are split into folds (one context per fold when there are at most ``stack_folds``), and for each
 fold every component is fitted on the other folds and predicts the fold's contexts from their
@@ -28,10 +30,11 @@ import numpy as np
 import pandas as pd
 
 from ..models._perturbation import respond
-from ._perturbation_baselines import BASELINES, _deltas
+from ._perturbation_baselines import PREDICTORS, _deltas
 from ._perturbation_data import LogExpression
 
-COMPONENTS = ("network", *BASELINES)
+#: the stacked predictions: the network's, then the simple baselines' and ``pls``'s (``PREDICTORS``)
+COMPONENTS = ("network", *PREDICTORS)
 #: pseudo-contexts of evidence that the weights shared by all perturbations count for, in each perturbation's fit
 PRIOR_CONTEXTS = 2.0
 #: ridge penalty of the linear baseline (perturbation_baselines' default)
@@ -64,9 +67,10 @@ def effects_of(bulks: dict, contexts=None, genes: np.ndarray | None = None) -> d
     return {"control": control, "perturbed": perturbed, "delta": delta}
 
 
-def baseline_deltas(effects: dict, pairs: list[tuple[str, str]], target_bulk: dict) -> dict[str, list[np.ndarray]]:
+def baseline_deltas(effects: dict, pairs: list[tuple[str, str]], target_bulk: dict,
+                    baselines=PREDICTORS) -> dict[str, list[np.ndarray]]:  # fmt: skip
     """Per baseline, the delta of each ``(context, perturbation)`` pair (perturbation_baselines' formulas)."""
-    return {b: _deltas(b, pairs, effects, target_bulk, ALPHA)[0] for b in BASELINES}
+    return {b: _deltas(b, pairs, effects, target_bulk, ALPHA)[0] for b in baselines}
 
 
 def shifted_mean(control_cells: np.ndarray, delta: np.ndarray) -> np.ndarray:
@@ -185,7 +189,7 @@ def fit_stack(adata, rows, pairs: dict, controls: dict, perturbations: list[str]
             cells = expression.rows(groups[(c, "__control__")])
             deltas = baseline_deltas(effects, targets, {c: control_bulk})
             for i, (_, p) in enumerate(targets):
-                components = np.stack([shifted_mean(cells, deltas[b][i]) for b in BASELINES])
+                components = np.stack([shifted_mean(cells, deltas[b][i]) for b in PREDICTORS])
                 components -= control_bulk
                 real = bulks["perturbed_bulk"][pair_index[(c, p)]] - control_bulk
                 baseline_only.setdefault(p, []).append((components[:, rest], real[rest]))
@@ -193,13 +197,13 @@ def fit_stack(adata, rows, pairs: dict, controls: dict, perturbations: list[str]
                     network = oof[(c, p)] - control_bulk[in_panel]
                     full.setdefault(p, []).append((np.vstack([network, components[:, in_panel]]), real[in_panel]))
     weights, full_errors = fit_weights(full, perturbations, len(COMPONENTS), fallback=0)
-    baseline_weights, rest_errors = fit_weights(baseline_only, perturbations, len(BASELINES),
-                                                fallback=BASELINES.index("perturbation_mean"))  # fmt: skip
+    baseline_weights, rest_errors = fit_weights(baseline_only, perturbations, len(PREDICTORS),
+                                                fallback=PREDICTORS.index("perturbation_mean"))  # fmt: skip
     return {"genes": list(names), "contexts": bulks["contexts"], "pairs": bulks["pairs"],
             "control_bulk": bulks["control_bulk"], "perturbed_bulk": bulks["perturbed_bulk"],
             "weights": weights, "baseline_weights": baseline_weights, "components": list(COMPONENTS),
             "alpha": ALPHA, "folds": folds,
             "out_of_fold": {"panel": dict(zip([*COMPONENTS, "stack"], full_errors["errors"], strict=True)),
-                            "other_genes": dict(zip([*BASELINES, "stack"], rest_errors["errors"],
+                            "other_genes": dict(zip([*PREDICTORS, "stack"], rest_errors["errors"],
                                                     strict=True)),
                             "n_samples": full_errors["n_samples"], "n_other_genes": len(rest)}}  # fmt: skip

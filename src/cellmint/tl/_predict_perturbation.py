@@ -44,11 +44,12 @@ def predict_perturbation(
 
     Every control cell of a context gets a predicted perturbed state for each perturbation. By default
     (``predictor="stack"``) it is the weighted average, cell by cell, of the network's prediction
-    (computed in sets of the model's ``set_size`` cells of the same context) and of the four simple
-    baselines' (each ``max(control cell + delta, 0)``), with the weights the model learned on
-    training contexts it had not seen (see :func:`~cellmint.tl.train_perturbation`); genes outside
-    the network's panel are the weighted average of the baselines alone, so every gene of ``adata``
-    is predicted. Genes are matched to the model's by name (Ensembl versions ignored); values are
+    (computed in sets of the model's ``set_size`` cells of the same context), of the four simple
+    baselines' and of the ``pls`` predictor's (each ``max(control cell + delta, 0)``; see
+    :func:`~cellmint.tl.perturbation_baselines`), with the weights the model learned on training
+    contexts it had not seen (see :func:`~cellmint.tl.train_perturbation`); genes outside the
+    network's panel are the weighted average of those other predictors alone, so every gene of
+    ``adata`` is predicted. Genes are matched to the model's by name (Ensembl versions ignored); values are
     normalised as in training.
 
     Parameters
@@ -77,8 +78,8 @@ def predict_perturbation(
     predictor
         ``"stack"`` (default): the network stacked with the baselines, every gene of ``adata``;
         ``"network"``: the network alone, over its panel (for ablations, and what models trained
-        with ``stack=False`` or by cellmint before stacking give); ``"baselines"``: the baselines'
-        own stack, every gene.
+        with ``stack=False`` or by cellmint before stacking give); ``"baselines"``: the stack
+        without the network (the baselines and ``pls``), every gene.
     {doc_device}
     {doc_random_state}
     key_added
@@ -224,13 +225,14 @@ def _context_predictions(model, adata, rows, context, perturbations, plan, predi
     others = known & ~panel_genes
     effects = stacking.effects_of(model.stack, genes=plan["in_stack"][known])
     pairs = [(str(context), p) for p in perturbations]
-    deltas = stacking.baseline_deltas(effects, pairs, {str(context): cells[:, known].mean(axis=0)})
     full, base = model.stack_weights(), model.stack_weights(baselines_only=True)
+    components = list(base.columns)  # those the model was trained with (models before ``pls``: the baselines)
+    deltas = stacking.baseline_deltas(effects, pairs, {str(context): cells[:, known].mean(axis=0)}, components)
     for i, p in enumerate(perturbations):
         predicted = cells.copy()  # genes the training data did not have: no effect
-        shifted = {b: np.maximum(cells[:, known] + deltas[b][i], 0.0) for b in stacking.BASELINES}
+        shifted = {b: np.maximum(cells[:, known] + deltas[b][i], 0.0) for b in components}
         in_known_others = others[known]
-        predicted[:, others] = sum(base.loc[p, b] * shifted[b][:, in_known_others] for b in stacking.BASELINES)
+        predicted[:, others] = sum(base.loc[p, b] * shifted[b][:, in_known_others] for b in components)
         if panel_genes.any():
             order = plan["in_panel"][panel_genes]
             measured = np.zeros((len(cells), len(model.genes)))
@@ -239,7 +241,7 @@ def _context_predictions(model, adata, rows, context, perturbations, plan, predi
             network = model.shifted_genes(network_values, predicted_values, measured)
             in_known_panel = panel_genes[known]
             combined = full.loc[p, "network"] * network[:, order]
-            combined += sum(full.loc[p, b] * shifted[b][:, in_known_panel] for b in stacking.BASELINES)
+            combined += sum(full.loc[p, b] * shifted[b][:, in_known_panel] for b in components)
             predicted[:, panel_genes] = combined
         out[p] = predicted.astype(np.float32)
     return out

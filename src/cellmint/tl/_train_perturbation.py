@@ -232,7 +232,7 @@ def _stacking(adata, cells: _Cells, folds: list, contexts: list, oof: dict, laye
         logg.warning("one training context: the stacking weights cannot be learned on unseen contexts; "
                      "the network alone predicts its panel, the perturbation mean the other genes")  # fmt: skip
         stacked["weights"][:] = np.eye(len(stacking.COMPONENTS))[0]
-        stacked["baseline_weights"][:] = np.eye(len(stacking.BASELINES))[stacking.BASELINES.index(
+        stacked["baseline_weights"][:] = np.eye(len(stacking.PREDICTORS))[stacking.PREDICTORS.index(
             "perturbation_mean")]  # fmt: skip
     return stacked
 
@@ -318,13 +318,16 @@ def train_perturbation(
 
     With ``stack=True`` (the default) the training contexts are split into ``stack_folds`` folds; a
     network is trained on each fold's complement and chooses its epoch on the fold, and every
-    component (that network and the four baselines of :func:`~cellmint.tl.perturbation_baselines`)
-    predicts the fold's contexts. Per perturbation, the weights of the components that best predict
-    those unseen contexts (squared error of pseudobulks, non-negative, summing to 1) make the
-    default prediction of :func:`~cellmint.tl.predict_perturbation`: the best of what it is shown
-    beside, in expectation never below the best baseline. With three or more training contexts the
-    fold networks are also the model's networks (their predictions are averaged); with two, one more
-    network is trained on both. Genes outside the panel are predicted by the baselines' own stack.
+    component (that network, the four baselines of :func:`~cellmint.tl.perturbation_baselines` and
+    its ``pls`` predictor, a partial-least-squares regression from a context's control pseudobulk to
+    every perturbation's effect at once) predicts the fold's contexts. Per perturbation, the
+    weights of the components that best predict those unseen contexts (squared error of
+    pseudobulks, non-negative, summing to 1) make the default prediction of
+    :func:`~cellmint.tl.predict_perturbation`: the best of what it is shown beside, in expectation
+    never below the best baseline. With three or more training contexts the fold networks are also
+    the model's networks (their predictions are averaged); with two, one more network is trained on
+    both. Genes outside the panel are predicted by the stack of the other
+    components alone.
 
     Parameters
     ----------
