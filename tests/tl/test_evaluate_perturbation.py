@@ -487,11 +487,16 @@ def test_pls_learns_one_context_direction_shared_by_every_perturbation():
     slope = g2 @ v / (v @ v)
     assert -0.5 * 3 < slope < 0
     assert np.abs(g2 - slope * v).max() < 1e-5
-    # one training context: pls is that context's effect, the perturbation mean
-    one = train[(train.obs["context"] == "t1").to_numpy()].copy()
+    # two training contexts: pls is the perturbation mean (a line through two could not be checked out of fold)
+    one = train[train.obs["context"].isin(["t0", "t1"]).to_numpy()].copy()
     single = perturbation_baselines(one, controls, ["G1"], **KEYS, context_key="context",
                                     baselines=("pls", "perturbation_mean"))  # fmt: skip
     np.testing.assert_allclose(single["pls"].X, single["perturbation_mean"].X, atol=1e-6)
+    # contexts that do not differ have no direction to learn: the perturbation mean, without a warning
+    same = contexts_with_response(response, [1.0, 1.0, 1.0])
+    flat = perturbation_baselines(same, controls, ["G1"], **KEYS, context_key="context",
+                                  baselines=("pls", "perturbation_mean"))  # fmt: skip
+    np.testing.assert_allclose(flat["pls"].X, flat["perturbation_mean"].X, atol=1e-6)
     # not a baseline of the scaled score: evaluate_perturbation refuses it there
     with pytest.raises(ValueError, match="baselines must be among"):
         evaluate_perturbation(out["pls"], target, **KEYS, context_key="context", train=train, baselines=("pls",))

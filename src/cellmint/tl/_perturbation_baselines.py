@@ -34,7 +34,8 @@ BASELINES = ("control", "perturbation_mean", "context_mean", "linear")
 PREDICTORS = (*BASELINES, "pls")
 #: baselines that need the perturbation among the training cells
 NEED_PERTURBATION = ("perturbation_mean", "linear", "pls")
-#: latent components of the ``pls`` predictor (at most the training contexts less one)
+#: latent components of the ``pls`` predictor (at most the training contexts less two: with two or fewer, whose
+#: inner folds would fit it on one context, it is the perturbation mean)
 PLS_COMPONENTS = 3
 
 
@@ -83,12 +84,13 @@ def perturbation_baselines(
     - ``"pls"`` (not computed by default; a component of
       :func:`~cellmint.tl.train_perturbation`'s stack, not a simple baseline): one
       partial-least-squares regression (:class:`sklearn.cross_decomposition.PLSRegression`,
-      ``min(3, training contexts − 1)`` components, unscaled) from the control pseudobulk of each
+      ``min(3, training contexts − 2)`` components, unscaled) from the control pseudobulk of each
       training context to the effects of every training perturbation at once, applied to the
       target context's control pseudobulk. The latent directions are those along which the
       contexts' controls predict all responses together. An effect not measured in a context is
-      taken as the perturbation's mean effect over the contexts where it was; with one training
-      context, ``pls`` is the perturbation mean.
+      taken as the perturbation's mean effect over the contexts where it was. With two training
+      contexts or fewer, ``pls`` is the perturbation mean: a line through two contexts is an
+      extrapolation that the stack's inner folds (fitted on one context) could not have checked.
 
     A training context's control pseudobulk comes from its control cells in ``train``, or, when
     ``train`` has none, from its cells in ``controls``; contexts with neither are not used.
@@ -215,15 +217,13 @@ def _pls_deltas(pairs, effects: dict, target_bulk: dict) -> list[np.ndarray]:
     # contexts × (perturbations · genes): each context's effects side by side, the mean where one was not measured
     y = np.stack([np.concatenate([delta.get((c, p), mean[p]) for p in perturbations]) for c in contexts])
     x = np.stack([effects["control"][c] for c in contexts])
-    n_components = min(PLS_COMPONENTS, len(contexts) - 1)
-    centred_x, centred_y = x - x.mean(axis=0), y - y.mean(axis=0)
-    scale = max(np.abs(x).max(), 1e-12), max(np.abs(y).max(), 1e-12)
-    fitted = None
-    if n_components >= 1 and np.abs(centred_x).max() > 1e-9 * scale[0] and np.abs(centred_y).max() > 1e-9 * scale[1]:
-        n_components = min(n_components, np.linalg.matrix_rank(centred_x))
-        fitted = PLSRegression(n_components=n_components, scale=False).fit(x, y)
-    if fitted is None:  # one context, or contexts that do not differ: the mean effect
+    n_components = min(PLS_COMPONENTS, len(contexts) - 2)
+    if n_components >= 1:
+        # no more components than the contexts' controls and effects have directions (else PLS divides by ~0)
+        n_components = min(n_components, *(np.linalg.matrix_rank(v - v.mean(axis=0)) for v in (x, y)))
+    if n_components < 1:  # two contexts or fewer, or contexts that do not differ: the mean effect
         return [mean[p] for _, p in pairs]
+    fitted = PLSRegression(n_components=n_components, scale=False).fit(x, y)
     targets = list(dict.fromkeys(c for c, _ in pairs))
     predicted = dict(zip(targets, fitted.predict(np.stack([target_bulk[c] for c in targets])), strict=True))
     return [predicted[c].reshape(len(perturbations), n_genes)[perturbations.index(p)] for c, p in pairs]
