@@ -502,6 +502,24 @@ def test_pls_learns_one_context_direction_shared_by_every_perturbation():
         evaluate_perturbation(out["pls"], target, **KEYS, context_key="context", train=train, baselines=("pls",))
 
 
+def test_pls_is_sklearns_partial_least_squares_solved_exactly():
+    from sklearn.cross_decomposition import PLSRegression
+
+    from cellmint.tl._perturbation_baselines import pls_fit, pls_predict
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(12, 80))
+    y = x[:, :3] @ rng.normal(size=(3, 400)) + 0.5 * rng.normal(size=(12, 400))
+    new = rng.normal(size=(5, 80))
+    ours = pls_predict(pls_fit(x, y, 3), new)
+    reference = PLSRegression(n_components=3, scale=False, max_iter=5000, tol=1e-14).fit(x, y).predict(new)
+    np.testing.assert_allclose(ours, reference, atol=1e-6)
+    # exact, so the order of the genes does not matter (sklearn's iteration differs at its tolerance)
+    order = rng.permutation(80)
+    np.testing.assert_allclose(pls_predict(pls_fit(x[:, order], y, 3), new[:, order]), ours, atol=1e-10)
+    assert pls_fit(np.ones((4, 80)), y[:4], 3) is None  # rows that do not differ: nothing to learn
+
+
 def test_context_mean_uses_the_target_context_and_unknown_perturbations_raise():
     train = contexts_with_response(lambda p, control: control + (0.2 if p == "G1" else 0.6), [0.0, 1.0])
     controls = train[train.obs["perturbation"] == "ctrl"]

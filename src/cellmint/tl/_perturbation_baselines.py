@@ -207,8 +207,6 @@ def _deltas(baseline: str, pairs, effects: dict, target_bulk: dict, alpha: float
 
 def _pls_deltas(pairs, effects: dict, target_bulk: dict) -> list[np.ndarray]:
     """The ``pls`` predictor: one PLS regression from control pseudobulk to every perturbation's effect."""
-    from sklearn.cross_decomposition import PLSRegression
-
     delta = effects["delta"]
     perturbations = list(dict.fromkeys(p for _, p in sorted(delta)))
     contexts = list(dict.fromkeys(c for c, _ in sorted(delta)))
@@ -217,16 +215,55 @@ def _pls_deltas(pairs, effects: dict, target_bulk: dict) -> list[np.ndarray]:
     # contexts × (perturbations · genes): each context's effects side by side, the mean where one was not measured
     y = np.stack([np.concatenate([delta.get((c, p), mean[p]) for p in perturbations]) for c in contexts])
     x = np.stack([effects["control"][c] for c in contexts])
-    n_components = min(PLS_COMPONENTS, len(contexts) - 2)
-    if n_components >= 1:
-        # no more components than the contexts' controls and effects have directions (else PLS divides by ~0)
-        n_components = min(n_components, *(np.linalg.matrix_rank(v - v.mean(axis=0)) for v in (x, y)))
-    if n_components < 1:  # two contexts or fewer, or contexts that do not differ: the mean effect
+    fitted = pls_fit(x, y, min(PLS_COMPONENTS, len(contexts) - 2))
+    if fitted is None:  # two contexts or fewer, or contexts that do not differ: the mean effect
         return [mean[p] for _, p in pairs]
-    fitted = PLSRegression(n_components=n_components, scale=False).fit(x, y)
     targets = list(dict.fromkeys(c for c, _ in pairs))
-    predicted = dict(zip(targets, fitted.predict(np.stack([target_bulk[c] for c in targets])), strict=True))
+    predicted = dict(zip(targets, pls_predict(fitted, np.stack([target_bulk[c] for c in targets])), strict=True))
     return [predicted[c].reshape(len(perturbations), n_genes)[perturbations.index(p)] for c, p in pairs]
+
+
+def pls_fit(x: np.ndarray, y: np.ndarray, n_components: int) -> dict | None:
+    """PLS regression of ``y`` on ``x`` (few rows, many columns), unscaled; None when nothing can be learned.
+
+    The NIPALS model of :class:`sklearn.cross_decomposition.PLSRegression` (``scale=False``), solved
+    exactly rather than iterated: each component's weight vector is the leading left singular vector
+    of ``X_kᵀY_k`` (``X_k``, ``Y_k`` deflated by the previous scores), found through the rows' ``n × n``
+    matrices since the rows (contexts) are few and the columns (genes; perturbations × genes) many.
+    Exact, so the result does not depend on the order of the columns (iteration would, at its
+    tolerance). Components: at most ``n_components`` and the directions the centred rows span.
+    """
+    x_mean, y_mean = x.mean(axis=0), y.mean(axis=0)
+    xc, yc = x - x_mean, y - y_mean
+    n_components = min(n_components, *(np.linalg.matrix_rank(v) for v in (xc, yc))) if n_components >= 1 else 0
+    if n_components < 1:
+        return None
+    gram_y = yc @ yc.T  # n × n: what the weights need of Y, deflated alongside X
+    weights, loadings, scores = [], [], []
+    xk = xc.copy()
+    for _ in range(n_components):
+        u, sing, vt = np.linalg.svd(xk, full_matrices=False)
+        keep = sing > sing[0] * 1e-10
+        u, sing, vt = u[:, keep], sing[keep], vt[keep]
+        # X_kᵀY_k = vtᵀ · (sing · uᵀY_k): its leading left singular vector is vtᵀ times that of the small factor
+        small = (sing[:, None] * u.T) @ gram_y @ (u * sing[None, :])
+        w = vt.T @ np.linalg.eigh(small)[1][:, -1]
+        t = xk @ w
+        tt = t @ t
+        loading = xk.T @ t / tt
+        xk -= np.outer(t, loading)
+        project = np.eye(len(t)) - np.outer(t, t) / tt
+        gram_y = project @ gram_y @ project
+        weights.append(w), loadings.append(loading), scores.append(t)
+    w, loading, t = (np.stack(v, axis=1) for v in (weights, loadings, scores))
+    rotation = w @ np.linalg.inv(loading.T @ w)  # p × k: centred rows to scores
+    coefficients = np.linalg.solve(t.T @ t, t.T @ yc)  # k × q: scores to centred responses
+    return {"x_mean": x_mean, "y_mean": y_mean, "rotation": rotation, "coefficients": coefficients}
+
+
+def pls_predict(fitted: dict, x: np.ndarray) -> np.ndarray:
+    """Responses of new rows under :func:`pls_fit`'s model."""
+    return fitted["y_mean"] + ((x - fitted["x_mean"]) @ fitted["rotation"]) @ fitted["coefficients"]
 
 
 def _assemble(baseline, pairs, deltas, target, target_rows, controls, genes, *, perturbation_key, control,
