@@ -83,8 +83,9 @@ def perturbation_baselines(
       target context's control pseudobulk (delta = prediction − that pseudobulk);
     - ``"pls"`` (not computed by default; a component of
       :func:`~cellmint.tl.train_perturbation`'s stack, not a simple baseline): one
-      partial-least-squares regression (:class:`sklearn.cross_decomposition.PLSRegression`,
-      ``min(3, training contexts − 2)`` components, unscaled) from the control pseudobulk of each
+      partial-least-squares regression (the model of
+      :class:`sklearn.cross_decomposition.PLSRegression` with ``scale=False``, solved exactly;
+      ``min(3, training contexts − 2)`` components) from the control pseudobulk of each
       training context to the effects of every training perturbation at once, applied to the
       target context's control pseudobulk. The latent directions are those along which the
       contexts' controls predict all responses together. An effect not measured in a context is
