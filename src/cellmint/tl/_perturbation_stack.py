@@ -179,23 +179,21 @@ def fit_stack(adata, rows, pairs: dict, controls: dict, perturbations: list[str]
     for held in folds:
         effects = effects_of(bulks, contexts=[c for c in bulks["contexts"] if c not in held])
         known = {p for _, p in effects["delta"]}
-        for c in held:
-            if c not in bulks["contexts"]:
-                continue
-            targets = [(c, p) for (d, p) in pairs if d == c and p in known]
-            if not targets:
-                continue
-            control_bulk = bulks["control_bulk"][bulks["contexts"].index(c)]
-            cells = expression.rows(groups[(c, "__control__")])
-            deltas = baseline_deltas(effects, targets, {c: control_bulk})
-            for i, (_, p) in enumerate(targets):
-                components = np.stack([shifted_mean(cells, deltas[b][i]) for b in PREDICTORS])
-                components -= control_bulk
-                real = bulks["perturbed_bulk"][pair_index[(c, p)]] - control_bulk
-                baseline_only.setdefault(p, []).append((components[:, rest], real[rest]))
-                if (c, p) in oof:
-                    network = oof[(c, p)] - control_bulk[in_panel]
-                    full.setdefault(p, []).append((np.vstack([network, components[:, in_panel]]), real[in_panel]))
+        held_bulk = {c: bulks["control_bulk"][bulks["contexts"].index(c)] for c in held if c in bulks["contexts"]}
+        targets = [(c, p) for (c, p) in pairs if c in held_bulk and p in known]
+        if not targets:
+            continue
+        deltas = baseline_deltas(effects, targets, held_bulk)  # each component fitted once per fold
+        cells = {c: expression.rows(groups[(c, "__control__")]) for c in {c for c, _ in targets}}
+        for i, (c, p) in enumerate(targets):
+            control_bulk = held_bulk[c]
+            components = np.stack([shifted_mean(cells[c], deltas[b][i]) for b in PREDICTORS])
+            components -= control_bulk
+            real = bulks["perturbed_bulk"][pair_index[(c, p)]] - control_bulk
+            baseline_only.setdefault(p, []).append((components[:, rest], real[rest]))
+            if (c, p) in oof:
+                network = oof[(c, p)] - control_bulk[in_panel]
+                full.setdefault(p, []).append((np.vstack([network, components[:, in_panel]]), real[in_panel]))
     weights, full_errors = fit_weights(full, perturbations, len(COMPONENTS), fallback=0)
     baseline_weights, rest_errors = fit_weights(baseline_only, perturbations, len(PREDICTORS),
                                                 fallback=PREDICTORS.index("perturbation_mean"))  # fmt: skip
