@@ -236,10 +236,10 @@ def pls_fit(x: np.ndarray, y: np.ndarray, n_components: int) -> dict | None:
     """
     x_mean, y_mean = x.mean(axis=0), y.mean(axis=0)
     xc, yc = x - x_mean, y - y_mean
-    n_components = min(n_components, *(np.linalg.matrix_rank(v) for v in (xc, yc))) if n_components >= 1 else 0
+    gram_y = yc @ yc.T  # n × n: what the weights need of Y, deflated alongside X
+    n_components = min(n_components, _rank(xc @ xc.T), _rank(gram_y))
     if n_components < 1:
         return None
-    gram_y = yc @ yc.T  # n × n: what the weights need of Y, deflated alongside X
     weights, loadings, scores = [], [], []
     xk = xc.copy()
     for _ in range(n_components):
@@ -260,6 +260,12 @@ def pls_fit(x: np.ndarray, y: np.ndarray, n_components: int) -> dict | None:
     rotation = w @ np.linalg.inv(loading.T @ w)  # p × k: centred rows to scores
     coefficients = np.linalg.solve(t.T @ t, t.T @ yc)  # k × q: scores to centred responses
     return {"x_mean": x_mean, "y_mean": y_mean, "rotation": rotation, "coefficients": coefficients}
+
+
+def _rank(gram: np.ndarray) -> int:
+    """Directions spanned by a matrix's rows, from their ``n × n`` Gram matrix (singular values ≥ 1e-6 · largest)."""
+    eigenvalues = np.linalg.eigvalsh(gram)
+    return int((eigenvalues > eigenvalues[-1] * 1e-12).sum()) if eigenvalues[-1] > 0 else 0
 
 
 def pls_predict(fitted: dict, x: np.ndarray) -> np.ndarray:
