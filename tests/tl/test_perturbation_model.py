@@ -191,6 +191,9 @@ def test_save_load_round_trip_and_damage_refused(trained, tmp_path):
     manifest = json.loads((folder / "manifest.json").read_text())
     assert manifest["kind"] == "cellmint.PerturbationModel"
     assert "weights.pt" in manifest["files"]
+    # format 4: a stack with pls, which a cellmint reading format 3 would predict without (so it refuses it)
+    assert manifest["format_version"] == 4
+    assert manifest["stack"]["components"][-1] == "pls"
     with open(folder / "weights.pt", "r+b") as fh:
         fh.seek(100)
         fh.write(b"\x00\x01\x02")
@@ -356,7 +359,7 @@ def test_stacked_default_is_never_below_an_exact_baseline():
     assert stack["mse_delta"] <= scores["network"].loc["model", "mse_delta"] * 1.05
 
 
-def test_every_gene_of_the_input_is_predicted_and_its_source_recorded():
+def test_every_gene_of_the_input_is_predicted_and_its_source_recorded(tmp_path, monkeypatch):
     adata = screen(seed=5)
     train = adata[adata.obs["donor"] != "d3"].copy()
     panel = list(adata.var_names[:20])
@@ -395,6 +398,15 @@ def test_every_gene_of_the_input_is_predicted_and_its_source_recorded():
     expected = sum(0.25 * np.asarray(baselines[b].X[baselines[b].obs["is_predicted"].to_numpy()])
                    for b in ("control", "perturbation_mean", "context_mean", "linear"))  # fmt: skip
     np.testing.assert_allclose(before.X[before.obs["is_predicted"].to_numpy()], expected, atol=1e-5)
+    # ... also from a folder of that format (3), read by this one
+    import cellmint.models._perturbation as module
+
+    with monkeypatch.context() as patch:
+        patch.setattr(module, "FORMAT_VERSION", 3)
+        folder = cm.io.write_model(model, tmp_path / "format3")
+    assert json.loads((folder / "manifest.json").read_text())["format_version"] == 3
+    again = cm.tl.predict_perturbation(held, cm.io.read_model(folder), ["KO_A"], device="cpu", predictor="baselines")
+    np.testing.assert_array_equal(again.X, before.X)
 
 
 def test_folders_of_the_first_format_still_load_and_predict():

@@ -35,8 +35,10 @@ from ._normalize import InputRecipe
 KIND = "cellmint.PerturbationModel"
 #: 1: manifest + weights.pt (network, average effects, optional decoder); 2: the manifest carries its own
 #: checksum (``_artifact``); 3: several networks (``nets.{i}.*``, averaged) and the stack (``stack.*``:
-#: weights, training pseudobulks). Versions 1 and 2 (one network, keys unprefixed) are still read.
-FORMAT_VERSION = 3
+#: weights, training pseudobulks); 4: the stack has a sixth component, ``pls`` (a reader of format 3 would
+#: predict without its weight, so it must refuse these folders). Versions 1 and 2 (one network, keys
+#: unprefixed) and 3 (a stack of the network and the four baselines) are still read.
+FORMAT_VERSION = 4
 
 
 class PerturbationNet(nn.Module):
