@@ -185,7 +185,8 @@ def _deltas(baseline: str, pairs, effects: dict, target_bulk: dict, alpha: float
         return [np.zeros(n_genes) for _ in pairs], {}
     delta = effects["delta"]
     if baseline == "perturbation_mean":
-        return [np.mean([d for (_, q), d in delta.items() if q == p], axis=0) for _, p in pairs], {}
+        mean = _mean_effects(delta, [p for _, p in pairs])
+        return [mean[p] for _, p in pairs], {}
     if baseline == "context_mean":
         if not delta:
             raise ValueError("context_mean needs perturbed cells in train (with control cells in their context).")
@@ -206,12 +207,17 @@ def _deltas(baseline: str, pairs, effects: dict, target_bulk: dict, alpha: float
     return [models[p].predict(target_bulk[c][None, :])[0] - target_bulk[c] for c, p in pairs], {}
 
 
+def _mean_effects(delta: dict, perturbations) -> dict[str, np.ndarray]:
+    """Each perturbation's effect averaged over the training contexts where it was measured."""
+    return {p: np.mean([d for (_, q), d in delta.items() if q == p], axis=0) for p in dict.fromkeys(perturbations)}
+
+
 def _pls_deltas(pairs, effects: dict, target_bulk: dict) -> list[np.ndarray]:
     """The ``pls`` predictor: one PLS regression from control pseudobulk to every perturbation's effect."""
     delta = effects["delta"]
     perturbations = list(dict.fromkeys(p for _, p in sorted(delta)))
     contexts = list(dict.fromkeys(c for c, _ in sorted(delta)))
-    mean = {p: np.mean([d for (_, q), d in delta.items() if q == p], axis=0) for p in perturbations}
+    mean = _mean_effects(delta, perturbations)
     n_genes = len(mean[perturbations[0]])
     # contexts × (perturbations · genes): each context's effects side by side, the mean where one was not measured
     y = np.stack([np.concatenate([delta.get((c, p), mean[p]) for p in perturbations]) for c in contexts])
