@@ -49,8 +49,8 @@ def predict_perturbation(
     :func:`~cellmint.tl.perturbation_baselines`), with the weights the model learned on training
     contexts it had not seen (see :func:`~cellmint.tl.train_perturbation`); genes outside the
     network's panel are the weighted average of those other predictors alone, so every gene of
-    ``adata`` is predicted. Genes are matched to the model's by name (Ensembl versions ignored); values are
-    normalised as in training.
+    ``adata`` is predicted. Genes are matched to the model's by name (Ensembl versions ignored);
+    values are normalised as in training.
 
     Parameters
     ----------

@@ -326,8 +326,7 @@ def train_perturbation(
     :func:`~cellmint.tl.predict_perturbation`: the best of what it is shown beside, in expectation
     never below the best baseline. With three or more training contexts the fold networks are also
     the model's networks (their predictions are averaged); with two, one more network is trained on
-    both. Genes outside the panel are predicted by the stack of the other
-    components alone.
+    both. Genes outside the panel are predicted by the stack of the other components alone.
 
     Parameters
     ----------
