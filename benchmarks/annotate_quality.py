@@ -134,13 +134,32 @@ def lognormalised(adata):
     return out
 
 
+def annotated_with_nearest_class(query, model, **kwargs):
+    """``cm.tl.annotate(..., return_table=True)`` and each cell's nearest reference cell's class (what the rule saw)."""
+    import cellmint as cm
+    from cellmint.models import _open_set as rule
+
+    seen, threshold = {}, rule.query_threshold
+
+    def query_threshold(open_set, scores, max_distance, nearest_class=None):
+        seen["nearest_class"] = nearest_class
+        return threshold(open_set, scores, max_distance, nearest_class)
+
+    rule.query_threshold = query_threshold
+    try:
+        table = cm.tl.annotate(query, model, return_table=True, progress=False, **kwargs)
+    finally:
+        rule.query_threshold = threshold
+    return table, seen["nearest_class"]
+
+
 def cellmint_run(reference, query, seed: int) -> dict:
     import cellmint as cm
 
     start = time.perf_counter()
     model = cm.tl.train_annotator(reference, "cell_type", split="part", random_state=seed, progress=False)
     seconds = time.perf_counter() - start
-    table = cm.tl.annotate(query, model, unknown_label=UNASSIGNED, return_table=True, progress=False)
+    table, nearest = annotated_with_nearest_class(query, model, unknown_label=UNASSIGNED)
     every = cm.tl.annotate(query, model, unknown=False, unknown_label=UNASSIGNED, alpha=None, return_table=True,
                            progress=False)  # fmt: skip
     sets = table["cellmint_cell_type_set"].astype(str).to_numpy()
@@ -152,7 +171,7 @@ def cellmint_run(reference, query, seed: int) -> dict:
     def adaptive(values):  # the default rule (models/_open_set.py)
         from cellmint.models._open_set import query_threshold
 
-        return query_threshold(open_set, values, "auto")[0]
+        return query_threshold(open_set, values, "auto", nearest)[0]
 
     def product(values):  # the rule before: the floor (validation cells' tail included) times the widening
         shift = max(1.0, np.quantile(values, open_set["shift_quantile"]) / open_set["reference_q25"])

@@ -3,15 +3,17 @@
 For each task of ``annotate_quality.py`` (and ``pbmc3k_facs``: the 800 FACS-sorted PBMC, B, CD4 T and
 CD8 T cells, as reference; pbmc3k as query, its monocytes and NK cells — types the reference lacks —
 found by their markers) trains the default model once, annotates the query, keeps what the rule sees
-(``benchmarks/results/open_set/<task>_<seed>.npz``: the query's open-set scores, the confidence and
-margin calls, the model's ``open_set`` entry, the reference spacing and validation distances) and
+(``benchmarks/results/open_set/<task>_<seed>.npz``: the query's open-set scores and nearest reference
+classes, the confidence and margin calls, the model's ``open_set`` entry, the reference spacing and
+validation distances) and
 prints, per task and seed, the threshold and Unknown shares of both rules on the same model and query
 (and, for tasks with new types, the share of new-type cells above the known cells' 98th percentile:
 the best any threshold on this score could do at about 2% false Unknown):
 
 - **before**: ``floor · max(1, shift) ** 2.5`` with ``floor = max(spacing_q99, validation_q99)``;
 - **after** (the default, :func:`cellmint.models._open_set.query_threshold`):
-  ``max(floor, spacing_q99 · max(1, shift) ** 2.5)``.
+  ``max(floor, spacing_q99 · max(1, shift) ** 2.5)``, the shift measured on the scores divided by
+  their nearest reference class's factor (``shift after``).
 
 Unknown counts every reason (distance, confidence, margin). pbmc3k's groups (log1p of counts per
 10,000): monocytes ``LYZ > 3`` and ``CD14 > 0`` or ``FCGR3A > 0`` or ``S100A8 > 1`` (DCs included);
@@ -75,6 +77,8 @@ def task(name: str, data_dir: Path, seed: int):
 
 
 def dump(name: str, seed: int, data_dir: Path, path: Path) -> None:
+    from annotate_quality import annotated_with_nearest_class
+
     import cellmint as cm
     from cellmint.models import _open_set as rule
 
@@ -86,6 +90,7 @@ def dump(name: str, seed: int, data_dir: Path, path: Path) -> None:
         scale = np.asarray(out["scale"])
         captured["spacing"] = rule.relative_distance(spacing, spacing_class, scale)
         captured["validation"] = rule.relative_distance(distance, nearest_class, scale)
+        captured["validation_class"] = np.asarray(nearest_class)
         return out
 
     reference, query, novel, group = task(name, data_dir, seed)
@@ -94,10 +99,11 @@ def dump(name: str, seed: int, data_dir: Path, path: Path) -> None:
         model = cm.tl.train_annotator(reference, "cell_type", split="part", random_state=seed, progress=False)
     finally:
         rule.calibration = original
-    table = cm.tl.annotate(query, model, unknown_label="Unassigned", return_table=True, progress=False)
+    table, captured["nearest_class"] = annotated_with_nearest_class(query, model, unknown_label="Unassigned")
     low = (table["cellmint_cell_type_confidence"] < 0.5) | (table["cellmint_cell_type_margin"] < 0.1)
     np.savez(path, spacing=captured["spacing"], validation=captured["validation"],
-             score=table["cellmint_distance"].to_numpy(), low=low.to_numpy(), novel=novel, group=group.astype(str),
+             validation_class=captured["validation_class"], score=table["cellmint_distance"].to_numpy(),
+             nearest_class=captured["nearest_class"], low=low.to_numpy(), novel=novel, group=group.astype(str),
              open_set=json.dumps(model.manifest["open_set"]))  # fmt: skip
 
 
@@ -111,9 +117,12 @@ def compare(path: Path) -> dict:
     known = np.isin(group, ["T", "B"]) if pbmc3k else ~stored["novel"]
     novel = group == "mono" if pbmc3k else stored["novel"]
     shift = max(1.0, np.quantile(score, open_set["shift_quantile"]) / open_set["reference_q25"])
-    thresholds = {"before": open_set["floor"] * shift ** open_set["shift_power"],
-                  "after": query_threshold(open_set, score, "auto")[0]}  # fmt: skip
-    row = {"floor": open_set["floor"], "spacing_q99": open_set["spacing_q99"], "shift": shift}
+    nearest = stored["nearest_class"] if "nearest_class" in stored else None
+    after, how = query_threshold(open_set, score, "auto", nearest)
+    thresholds = {"before": open_set["floor"] * shift ** open_set["shift_power"], "after": after}
+    # the shift as the rule before measured it, and as the rule measures it (scores over their class's factor)
+    row = {"floor": open_set["floor"], "spacing_q99": open_set["spacing_q99"], "shift": shift,
+           "shift after": how["shift"]}  # fmt: skip
     for rule, threshold in thresholds.items():
         unknown = (score > threshold) | low
         row |= {f"threshold {rule}": threshold, f"false Unknown {rule}": 100 * unknown[known].mean(),

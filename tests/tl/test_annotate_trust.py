@@ -136,10 +136,21 @@ def test_known_types_from_another_technology_are_not_called_unknown(cellbench, d
     assert (table["cellmint_cell_line"][labelled].astype(str) == query.obs["cell_line"][labelled].astype(str)).all()
 
 
-def test_a_cell_line_the_reference_lacks_is_unknown_by_distance(cellbench):
-    reference, query = cellbench
+@pytest.fixture(scope="module")
+def without_h2228(cellbench):
+    reference, _ = cellbench
     without = reference[reference.obs["cell_line"] != "H2228"].copy()
-    model = cm.tl.train_annotator(without, "cell_line", random_state=0, progress=False)
+    return cm.tl.train_annotator(without, "cell_line", random_state=0, progress=False)
+
+
+@pytest.mark.parametrize("axes_cells", [None, 64])  # 64: the axes from a sample, every cell placed in a second read
+def test_a_cell_line_the_reference_lacks_is_unknown_by_distance(cellbench, without_h2228, axes_cells, monkeypatch):
+    from cellmint.models import _open_set
+
+    if axes_cells is not None:
+        monkeypatch.setattr(_open_set, "AXES_CELLS", axes_cells)
+    _, query = cellbench
+    model = without_h2228
     query = query.copy()
     cm.tl.annotate(query, model, progress=False)
     novel = (query.obs["cell_line"] == "H2228").to_numpy()
@@ -189,3 +200,28 @@ def test_set_coverage_on_held_out_cells_is_what_alpha_promises(shared_data):
     members = test.obs["cellmint_cell_type_set"].astype(str).str.split("|")
     covered = np.mean([t in m for t, m in zip(test.obs["cell_type"], members, strict=True)])
     assert covered == pytest.approx(recorded["marginal"]["coverage"], abs=1e-9)
+
+
+def test_a_cross_study_query_has_its_new_type_called_unknown_and_its_known_types_kept(shared_data):
+    """pbmc3k (another study) on the 800 FACS-sorted PBMC (B, CD4 T, CD8 T cells): monocytes new, half of it T cells."""
+    import scanpy as sc
+
+    reference = ad.read_h5ad(shared_data / "pbmc_facs_sorted_800.h5ad")
+    reference.obs["part"] = "train"  # 10% of the cells validate, as in benchmarks/open_set_rules.py
+    model = cm.tl.train_annotator(reference, "FACS_type", split="part", random_state=0, progress=False)
+    query = ad.read_h5ad(shared_data / "pbmc3k_raw.h5ad")
+    query.var_names_make_unique()
+    markers = sc.pp.log1p(sc.pp.normalize_total(query, target_sum=1e4, copy=True), copy=True)
+
+    def gene(name):
+        return np.asarray(markers[:, name].X.toarray()).ravel()
+
+    monocytes = (gene("LYZ") > 3) & ((gene("CD14") > 0) | (gene("FCGR3A") > 0))
+    t_and_b = ((gene("CD3E") > 0) | (gene("MS4A1") > 0)) & (gene("LYZ") < 2)
+    cm.tl.annotate(query, model, progress=False)
+    unknown = query.obs["cellmint_FACS_type_unknown"].to_numpy()
+    assert unknown[monocytes].mean() >= 0.6
+    assert unknown[t_and_b].mean() <= 0.03
+    # the query's T cells sit far from the reference as new T cells always do, so its shift is measured without them
+    open_set = query.uns["cellmint"]["annotation"]["open_set"]
+    assert open_set["shift"] < 1.5

@@ -151,6 +151,11 @@ class Annotator:
                      + np.asarray(scale[key]["mean"], np.float32) for key, values in embedded.items()}  # fmt: skip
         return latent.cpu().numpy().copy(), probabilities, projected
 
+    def inputs(self, X: np.ndarray, library_size: np.ndarray) -> np.ndarray:
+        """The network's input for raw values over :attr:`genes` (the model's normalisation), as NumPy float32."""
+        X = torch.as_tensor(np.asarray(X, dtype=np.float32))
+        return normalize(X, torch.as_tensor(np.asarray(library_size, np.float32)), self.recipe).numpy()
+
     def predict(self, X, library_size: np.ndarray | None = None) -> pd.DataFrame:
         """Most probable class per level (columns) for raw values over :attr:`genes` (rows: cells)."""
         _, probabilities, _ = self.forward(X, library_size)

@@ -52,8 +52,6 @@ class _Search:
     index: NearestReference
     scale: np.ndarray  # per class of the open-set level
     codes: np.ndarray  # reference cells' classes at that level
-    mean: np.ndarray  # the projection of latents where query neighbourhoods are found
-    axes: np.ndarray  # latent × PROJECTION_DIMS
 
     @classmethod
     def of(cls, annotator: Annotator, device) -> _Search | None:
@@ -67,21 +65,19 @@ class _Search:
         open_set = annotator.manifest.get("open_set", {})
         level = open_set.get("level", annotator.label_keys[-1])
         scale = np.asarray(open_set.get("scale", np.ones(len(annotator.classes[level]))), dtype=np.float64)
-        mean, axes = open_set_rule.projection(annotator)
-        return cls(reference_search(annotator, device), scale, np.asarray(annotator.reference["codes"][level]), mean,
-                   axes)  # fmt: skip
+        return cls(reference_search(annotator, device), scale, np.asarray(annotator.reference["codes"][level]))
 
 
 def _searched(pending: list, search: _Search | None, decide: Decision, annotator: Annotator, knn: str,
-              n_neighbors: int) -> tuple[dict, dict, np.ndarray, np.ndarray | None]:  # fmt: skip
+              n_neighbors: int) -> tuple[dict, dict, np.ndarray, np.ndarray]:  # fmt: skip
     """Search the pending cells' nearest reference cells and make their calls (one batch, any chunks).
 
     Returns the calls per level, the network's probabilities per level, the cells' relative
-    distances to the reference (zero without a search) and their projected latents (float16).
+    distances to the reference and their nearest reference cell's class (zeros without a search).
     """
     latent = np.concatenate([part[0] for part in pending])
     proba = {level: np.concatenate([part[1][level] for part in pending]) for level in annotator.classes}
-    distance, coordinates = np.zeros(len(latent), dtype=np.float32), None
+    distance, nearest_class = np.zeros(len(latent), dtype=np.float32), np.zeros(len(latent), dtype=np.int32)
     votes, voted = {}, np.zeros(0, dtype=np.int64)
     if search is not None:
         # every cell needs its nearest reference cell (open set); only the cells that may be
@@ -103,10 +99,9 @@ def _searched(pending: list, search: _Search | None, decide: Decision, annotator
             nearest[voted], nearest_distance[voted] = neighbours[:, 0], dist[:, 0]
             votes = {level: vote(neighbours, dist, np.asarray(annotator.reference["codes"][level]), len(classes))
                      for level, classes in annotator.classes.items()}  # fmt: skip
-        distance = open_set_rule.relative_distance(nearest_distance, search.codes[nearest], search.scale)
-        distance = distance.astype(np.float32)
-        coordinates = ((latent - search.mean) @ search.axes).astype(np.float16)
-    return decide(proba, votes, voted, knn == "all"), proba, distance, coordinates
+        nearest_class = search.codes[nearest].astype(np.int32)
+        distance = open_set_rule.relative_distance(nearest_distance, nearest_class, search.scale).astype(np.float32)
+    return decide(proba, votes, voted, knn == "all"), proba, distance, nearest_class
 
 
 def _calibration(annotator: Annotator, alpha: float | None, class_conditional: bool) -> dict | None:
@@ -200,8 +195,10 @@ def annotate(
         Open-set threshold on the relative distance: a cell's latent distance to its nearest
         reference cell, divided by the scale of that reference cell's class (finest level): the
         median distance between the class's reference cells and their nearest other reference cell.
-        ``"auto"``: the model's rule, fitted to this query (see :func:`~cellmint.models._annotator.query_threshold`
-        and the docs page "Reading Unknown and prediction sets"); a number fixes the threshold.
+        ``"auto"``: the model's rule, fitted to this query: the reference's spread, widened by how far
+        the query's closer quarter sits beyond the reference's, each cell's score first divided by its
+        nearest reference class's factor (see :func:`~cellmint.models._open_set.query_threshold` and
+        the docs page "Reading Unknown and prediction sets"); a number fixes the threshold.
     alpha
         Prediction sets: each cell gets the set of classes that holds its true class with
         probability at least ``1 - alpha`` (split conformal, calibrated on the model's held-out
@@ -242,7 +239,9 @@ def annotate(
 
     With ``cluster_key``, also ``obs[f"{{key_added}}_{{level}}_majority"]`` per level. Also
     ``obs[f"{{key_added}}_distance"]`` (the open-set score compared with ``max_distance``: the median
-    relative distance to the reference of the cell and its nearest query cells),
+    relative distance to the reference of the cell and its nearest query cells, found in the query's
+    own expression over the model's genes; a query of more than 10,000 cells is read a second time
+    for it),
     ``obs[f"{{key_added}}_cell_distance"]`` (the cell's own relative distance),
     ``obsm[f"X_{{key_added}}_{{name}}"]`` for each projected embedding, and
     ``uns[key_added]["annotation"]`` (model folder, gene overlap, the input scale detected, thresholds
@@ -267,11 +266,16 @@ def annotate(
     keep_proba = cluster_key is not None or not (return_table or is_path)
     found = Calls(annotator, keep_proba=keep_proba, calibration=calibration)
     chunk_size = chunk_size or max(64, DENSE_CHUNK_BYTES // (4 * max(1, len(annotator.genes))))
-    projections = _network_pass(rows, annotator, found, search, decide, knn=knn, n_neighbors=n_neighbors,
-                                project=project, chunk_size=chunk_size, device=torch_device,
+    expression = open_set_rule.QueryExpression(len(rows.obs)) if search is not None else None
+    projections = _network_pass(rows, annotator, found, search, decide, expression, knn=knn,
+                                n_neighbors=n_neighbors, project=project, chunk_size=chunk_size, device=torch_device,
                                 progress=progress)  # fmt: skip
-    distance, score = found.distances()
-    threshold, open_set = _open_set_threshold(annotator, search, score, max_distance)
+    distance, nearest_class = found.distances()
+    score = distance
+    if expression is not None:
+        coordinates = _expression_coordinates(rows, annotator, expression, chunk_size=chunk_size, progress=progress)
+        score = open_set_rule.neighbourhood_scores(coordinates, distance)
+    threshold, open_set = _open_set_threshold(annotator, search, score, max_distance, nearest_class)
     monitor.stop()
     rules = Rules(unknown=unknown, min_confidence=min_confidence, min_margin=min_margin, label=unknown_label)
     table, probabilities, counts = level_results(found, annotator, rows.obs, score > threshold, rules,
@@ -310,17 +314,20 @@ def _unknown_label(annotator: Annotator, unknown_label: str | None) -> str:
     return unknown_label
 
 
-def _network_pass(rows: QueryRows, annotator: Annotator, found: Calls, search: _Search | None, decide: Decision, *,
-                  knn: str, n_neighbors: int, project: bool, chunk_size: int, device, progress: bool | None
-                  ) -> dict[str, list[np.ndarray]]:  # fmt: skip
+def _network_pass(rows: QueryRows, annotator: Annotator, found: Calls, search: _Search | None, decide: Decision,
+                  expression: open_set_rule.QueryExpression | None, *, knn: str, n_neighbors: int, project: bool,
+                  chunk_size: int, device, progress: bool | None) -> dict[str, list[np.ndarray]]:  # fmt: skip
     """Put the query through the network a chunk at a time, its calls into ``found``; returns the projections.
 
     The network outputs of consecutive chunks wait until ``SEARCH_BATCH`` cells are gathered, then are
-    searched against the reference together.
+    searched against the reference together. ``expression`` keeps its sample of the cells' network inputs.
     """
     projections: dict[str, list[np.ndarray]] = {}
     pending: list[tuple[np.ndarray, dict[str, np.ndarray]]] = []  # network outputs not yet searched
-    for _, _, values, library in rows.chunks(chunk_size, progress=progress):
+    for start, _, values, library in rows.chunks(chunk_size, progress=progress):
+        if expression is not None:
+            kept = expression.wanted(start, len(values))
+            expression.add(annotator.inputs(values[kept], library[kept]))
         latent, proba, projected = annotator.forward(values, library, device=device)
         del values
         if project:
@@ -335,12 +342,24 @@ def _network_pass(rows: QueryRows, annotator: Annotator, found: Calls, search: _
     return projections
 
 
-def _open_set_threshold(annotator: Annotator, search: _Search | None, score: np.ndarray,
-                        max_distance: float | str) -> tuple[float, dict]:  # fmt: skip
+def _expression_coordinates(rows: QueryRows, annotator: Annotator, expression: open_set_rule.QueryExpression, *,
+                            chunk_size: int, progress: bool | None) -> np.ndarray:  # fmt: skip
+    """Every cell's place in the query's expression space (a second read of the query when it was sampled)."""
+    sampled = expression.fit()
+    if expression.complete:
+        return sampled
+    coordinates = np.empty((len(rows.obs), expression.axes.shape[1]), dtype=np.float16)
+    for start, stop, values, library in rows.chunks(chunk_size, progress=progress, desc="open-set neighbourhoods"):
+        coordinates[start:stop] = expression.project(annotator.inputs(values, library))
+    return coordinates
+
+
+def _open_set_threshold(annotator: Annotator, search: _Search | None, score: np.ndarray, max_distance: float | str,
+                        nearest_class: np.ndarray) -> tuple[float, dict]:  # fmt: skip
     """The open-set threshold on the cells' scores, and how it was set."""
     if search is None:  # no reference kept with the model: no open-set call, no refinement
         return float("inf"), {"rule": "none (the model keeps no reference cells)"}
-    return open_set_rule.query_threshold(annotator.manifest.get("open_set", {}), score, max_distance)
+    return open_set_rule.query_threshold(annotator.manifest.get("open_set", {}), score, max_distance, nearest_class)
 
 
 def _write(target: ad.AnnData, key_added: str, table: pd.DataFrame, probabilities: dict[str, pd.DataFrame],

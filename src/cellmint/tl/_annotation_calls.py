@@ -19,7 +19,6 @@ import pandas as pd
 
 from .._keys import Key
 from ..models import _conformal as conformal
-from ..models import _open_set as open_set_rule
 from ..models._annotator import Annotator
 
 
@@ -140,9 +139,9 @@ class Calls:
         self.n_classes = {level: len(c) for level, c in annotator.classes.items()}
         self.keep_proba, self.calibration = keep_proba, calibration
         self.parts: list[np.ndarray] = []
-        self.coordinates: list[np.ndarray] = []
+        self.nearest: list[np.ndarray] = []
 
-    def add(self, calls: dict, proba: dict, distance: np.ndarray, coordinates: np.ndarray | None) -> None:
+    def add(self, calls: dict, proba: dict, distance: np.ndarray, nearest_class: np.ndarray) -> None:
         for level, result in calls.items():
             if not self.keep_proba:
                 del result["proba"]
@@ -151,17 +150,16 @@ class Calls:
                 result["members"] = np.packbits(members, axis=1)
             self.levels[level].append(result)
         self.parts.append(distance)
-        if coordinates is not None:
-            self.coordinates.append(coordinates)
+        self.nearest.append(nearest_class)
 
     def distances(self) -> tuple[np.ndarray, np.ndarray]:
-        """Each cell's own relative distance, and its open-set score (:mod:`~cellmint.models._open_set`)."""
-        distance = np.concatenate(self.parts) if self.parts else np.zeros(0, dtype=np.float32)
-        if not self.coordinates:
-            return distance, distance
-        coordinates = np.concatenate(self.coordinates)
-        self.coordinates = []
-        return distance, open_set_rule.neighbourhood_scores(coordinates, distance)
+        """Each cell's own relative distance to the reference and its nearest reference cell's class.
+
+        (:mod:`~cellmint.models._open_set`; both zero without a reference search.)
+        """
+        if not self.parts:
+            return np.zeros(0, dtype=np.float32), np.zeros(0, dtype=np.int32)
+        return np.concatenate(self.parts), np.concatenate(self.nearest)
 
     def level(self, level: str) -> dict[str, np.ndarray]:
         """The level's columns over all cells, in order (the parts are released)."""

@@ -103,7 +103,8 @@ class QueryRows:
         self.positions[self.columns[self.present]] = self.present
         self.scale: InputScale | None = None
 
-    def chunks(self, chunk_size: int, *, progress: bool | None) -> Iterator[tuple[int, int, np.ndarray, np.ndarray]]:
+    def chunks(self, chunk_size: int, *, progress: bool | None, desc: str = "annotating"
+               ) -> Iterator[tuple[int, int, np.ndarray, np.ndarray]]:  # fmt: skip
         """``(start, stop, values, library_size)`` per chunk.
 
         ``values``: dense float32 over the model's genes (zero where the query lacks a gene), on the
@@ -112,7 +113,7 @@ class QueryRows:
         where = f"The query's {self.where}"
         rows = checked_chunks(self.adata, layer=self.layer, where=where, names=self.obs.index,
                               accept=lambda scale: usable_scale(scale, self.recipe, where), chunk_size=chunk_size,
-                              progress=progress, desc="annotating")  # fmt: skip
+                              progress=progress, desc=desc)  # fmt: skip
         for chunk, scale in rows:
             self.scale = scale
             X = chunk.X
