@@ -124,22 +124,31 @@ class Annotator:
 
     # -- applying --------------------------------------------------------------------------------
     @torch.no_grad()
-    def forward(self, X: np.ndarray | sp.spmatrix | torch.Tensor, library_size: np.ndarray | None = None, *,
-                device: Any = "cpu") -> tuple[np.ndarray, dict[str, np.ndarray], dict[str, np.ndarray]]:  # fmt: skip
-        """Latent, calibrated class probabilities per level and projected embeddings, for raw values over :attr:`genes`.
+    def inputs(self, X: np.ndarray | sp.spmatrix | torch.Tensor, library_size: np.ndarray | None = None, *,
+               device: Any = "cpu") -> torch.Tensor:  # fmt: skip
+        """The network's input (the model's normalisation) of raw values over :attr:`genes`, on ``device``.
 
         ``library_size`` is each cell's total over all of its genes (default: the row sums of ``X``,
-        right only when ``X`` holds every gene). Returns ``(latent, {level: probabilities},
-        {embedding key: coordinates})``, the last empty unless the model learned ``embedding_keys``.
+        right only when ``X`` holds every gene). The values are normalised on ``device``.
         """
         if sp.issparse(X):
             X = X.toarray()
         X = torch.as_tensor(np.asarray(X, dtype=np.float32) if not isinstance(X, torch.Tensor) else X)
-        if X.shape[1] != len(self.genes):
-            raise ValueError(f"Expected values over the model's {len(self.genes)} genes, got {X.shape[1]} columns.")
+        if X.ndim != 2 or X.shape[1] != len(self.genes):
+            raise ValueError(f"Expected values over the model's {len(self.genes)} genes, got shape {tuple(X.shape)}.")
         library = X.sum(dim=1) if library_size is None else torch.as_tensor(np.asarray(library_size, np.float32))
-        net = self.net.to(device)
-        latent, logits, embedded = net(normalize(X.to(device), library.to(device), self.recipe))
+        return normalize(X.to(device), library.to(device), self.recipe)
+
+    @torch.no_grad()
+    def outputs(self, inputs: torch.Tensor) -> tuple[np.ndarray, dict[str, np.ndarray], dict[str, np.ndarray]]:
+        """Latent, calibrated class probabilities per level and projected embeddings of network inputs.
+
+        ``inputs``: what :meth:`inputs` gives (the network runs on their device). Returns ``(latent,
+        {level: probabilities}, {embedding key: coordinates})``, the last empty unless the model
+        learned ``embedding_keys``.
+        """
+        net = self.net.to(inputs.device)
+        latent, logits, embedded = net(inputs)
         # owned NumPy copies, not views of torch tensors: a caller that keeps the small outputs of many
         # chunks would otherwise pin torch's freed chunk-sized blocks (8 MB per 1,000 cells, measured)
         probabilities = {
@@ -151,10 +160,10 @@ class Annotator:
                      + np.asarray(scale[key]["mean"], np.float32) for key, values in embedded.items()}  # fmt: skip
         return latent.cpu().numpy().copy(), probabilities, projected
 
-    def inputs(self, X: np.ndarray, library_size: np.ndarray) -> np.ndarray:
-        """The network's input for raw values over :attr:`genes` (the model's normalisation), as NumPy float32."""
-        X = torch.as_tensor(np.asarray(X, dtype=np.float32))
-        return normalize(X, torch.as_tensor(np.asarray(library_size, np.float32)), self.recipe).numpy()
+    def forward(self, X: np.ndarray | sp.spmatrix | torch.Tensor, library_size: np.ndarray | None = None, *,
+                device: Any = "cpu") -> tuple[np.ndarray, dict[str, np.ndarray], dict[str, np.ndarray]]:  # fmt: skip
+        """:meth:`outputs` of :meth:`inputs`: latent, calibrated probabilities and embeddings of raw values."""
+        return self.outputs(self.inputs(X, library_size, device=device))
 
     def predict(self, X, library_size: np.ndarray | None = None) -> pd.DataFrame:
         """Most probable class per level (columns) for raw values over :attr:`genes` (rows: cells)."""

@@ -16,6 +16,7 @@ from pathlib import Path
 import anndata as ad
 import numpy as np
 import pandas as pd
+import torch
 
 from .._keys import Key
 from .._utils import _logging as logg
@@ -273,8 +274,9 @@ def annotate(
     distance, nearest_class = found.distances()
     score = distance
     if expression is not None:
-        coordinates = _expression_coordinates(rows, annotator, expression, chunk_size=chunk_size, progress=progress)
-        score = open_set_rule.neighbourhood_scores(coordinates, distance)
+        coordinates = _expression_coordinates(rows, annotator, expression, chunk_size=chunk_size,
+                                              device=torch_device, progress=progress)  # fmt: skip
+        score = open_set_rule.neighbourhood_scores(coordinates, distance, device=torch_device)
     threshold, open_set = _open_set_threshold(annotator, search, score, max_distance, nearest_class)
     monitor.stop()
     rules = Rules(unknown=unknown, min_confidence=min_confidence, min_margin=min_margin, label=unknown_label)
@@ -325,11 +327,12 @@ def _network_pass(rows: QueryRows, annotator: Annotator, found: Calls, search: _
     projections: dict[str, list[np.ndarray]] = {}
     pending: list[tuple[np.ndarray, dict[str, np.ndarray]]] = []  # network outputs not yet searched
     for start, _, values, library in rows.chunks(chunk_size, progress=progress):
-        if expression is not None:
-            kept = expression.wanted(start, len(values))
-            expression.add(annotator.inputs(values[kept], library[kept]))
-        latent, proba, projected = annotator.forward(values, library, device=device)
+        inputs = annotator.inputs(values, library, device=device)  # normalised once, on the device
         del values
+        if expression is not None:
+            expression.add(inputs[torch.from_numpy(expression.wanted(start, len(inputs))).to(inputs.device)])
+        latent, proba, projected = annotator.outputs(inputs)
+        del inputs
         if project:
             for key, coordinates in projected.items():
                 projections.setdefault(key, []).append(coordinates)
@@ -343,14 +346,17 @@ def _network_pass(rows: QueryRows, annotator: Annotator, found: Calls, search: _
 
 
 def _expression_coordinates(rows: QueryRows, annotator: Annotator, expression: open_set_rule.QueryExpression, *,
-                            chunk_size: int, progress: bool | None) -> np.ndarray:  # fmt: skip
-    """Every cell's place in the query's expression space (a second read of the query when it was sampled)."""
+                            chunk_size: int, device, progress: bool | None) -> np.ndarray:  # fmt: skip
+    """Every cell's place in the query's expression space (a second read of the query when it was sampled).
+
+    The second read normalises and projects each chunk on ``device``, as the network pass did.
+    """
     sampled = expression.fit()
     if expression.complete:
         return sampled
     coordinates = np.empty((len(rows.obs), expression.axes.shape[1]), dtype=np.float16)
     for start, stop, values, library in rows.chunks(chunk_size, progress=progress, desc="open-set neighbourhoods"):
-        coordinates[start:stop] = expression.project(annotator.inputs(values, library))
+        coordinates[start:stop] = expression.project(annotator.inputs(values, library, device=device))
     return coordinates
 
 
