@@ -6,6 +6,7 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 import pytest
+import scipy.sparse as sp
 
 import cellmint as cm
 
@@ -209,3 +210,26 @@ def test_a_model_without_a_reference_makes_no_open_set_call_and_no_refinement(tr
     expected = cm.tl.annotate(query, model, max_distance=np.inf, knn="off", return_table=True, progress=False)
     for level in ("cell_type", "cell_subtype"):
         assert (query.obs[f"cellmint_{level}_unknown"] == expected[f"cellmint_{level}_unknown"]).all()
+
+
+def test_the_gpu_reading_sparse_chunks_densified_on_the_device_gives_the_same_calls(trained, monkeypatch):
+    """Off the CPU the reader yields CSR chunks over the panel and the device densifies them: run that path here."""
+    from cellmint.models import _annotator
+    from cellmint.tl import _annotation_query
+
+    model, query = trained
+    host = cm.tl.annotate(query, model, return_table=True, progress=False)
+    monkeypatch.setattr(_annotator, "HOST_DENSIFIED", ())
+    sent = []
+    chunks = _annotation_query.QueryRows.chunks
+
+    def recorded(self, *args, **kwargs):
+        for chunk in chunks(self, *args, **kwargs):
+            sent.append(chunk[2])
+            yield chunk
+
+    monkeypatch.setattr(_annotation_query.QueryRows, "chunks", recorded)
+    device = cm.tl.annotate(query, model, return_table=True, chunk_size=70, progress=False)
+    assert sent
+    assert all(sp.issparse(values) for values in sent)
+    pd.testing.assert_frame_equal(device, host, check_exact=False, rtol=1e-5)

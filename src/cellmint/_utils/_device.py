@@ -30,3 +30,20 @@ def resolve_device(device: Any = "auto"):
     if resolved.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
         raise RuntimeError(f"device={device!r} was asked for, but Apple MPS is not available here.")
     return resolved
+
+
+def dense_rows(counts, columns, values, n_columns: int, total: int):
+    """Stored values scattered into a dense block on their device: row ``i`` holds the next ``counts[i]`` of them.
+
+    ``counts``, ``columns`` and ``values`` are tensors on one device; ``total`` is ``counts.sum()``,
+    known on the host (no device sync). A column stored twice in a row adds up, as SciPy's
+    ``toarray`` does. The only copy made is the dense block, on the device: a GPU densifies what the
+    host sent as CSR.
+    """
+    import torch
+
+    device = values.device
+    cells = torch.repeat_interleave(torch.arange(len(counts), device=device), counts, output_size=total)
+    dense = torch.zeros(len(counts) * n_columns, dtype=values.dtype, device=device)
+    dense.index_add_(0, cells * n_columns + columns.long(), values)
+    return dense.view(len(counts), n_columns)

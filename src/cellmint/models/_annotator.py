@@ -19,6 +19,7 @@ import pandas as pd
 import scipy.sparse as sp
 import torch
 
+from .._utils._device import dense_rows
 from ._artifact import h5ad_safe, read_artifact, write_artifact
 from ._network import AnnotatorNet
 from ._normalize import InputRecipe, normalize
@@ -72,6 +73,20 @@ def learn_hierarchy(codes: dict[str, np.ndarray], classes: dict[str, list[str]])
             purity[classes[fine][fine_code]] = float(row.max() / row.sum())
         tree[fine] = {"parent_level": coarse, "parents": parents, "purity": purity}
     return tree
+
+
+#: device types on which the host densifies sparse values (numba, SciPy: 3-6x faster on a CPU than torch's
+#: scatter); any other device (a GPU) is sent the stored values as CSR and densifies them itself
+HOST_DENSIFIED = ("cpu",)
+
+
+def _dense_on(X: sp.spmatrix, device: torch.device) -> torch.Tensor:
+    """A sparse matrix densified on ``device``: only its stored values are sent there."""
+    X = sp.csr_matrix(X)
+    counts = torch.from_numpy(np.diff(X.indptr).astype(np.int64)).to(device)
+    columns = torch.from_numpy(X.indices).to(device)
+    values = torch.from_numpy(X.data.astype(np.float32, copy=False)).to(device)
+    return dense_rows(counts, columns, values, X.shape[1], X.nnz)
 
 
 class Annotator:
@@ -129,10 +144,12 @@ class Annotator:
         """The network's input (the model's normalisation) of raw values over :attr:`genes`, on ``device``.
 
         ``library_size`` is each cell's total over all of its genes (default: the row sums of ``X``,
-        right only when ``X`` holds every gene). The values are normalised on ``device``.
+        right only when ``X`` holds every gene). The values are normalised on ``device``; a sparse ``X``
+        is densified there too (a GPU is sent only the stored values; a CPU densifies faster with SciPy).
         """
+        device = torch.device(device)
         if sp.issparse(X):
-            X = X.toarray()
+            X = X.toarray() if device.type in HOST_DENSIFIED else _dense_on(X, device)
         X = torch.as_tensor(np.asarray(X, dtype=np.float32) if not isinstance(X, torch.Tensor) else X)
         if X.ndim != 2 or X.shape[1] != len(self.genes):
             raise ValueError(f"Expected values over the model's {len(self.genes)} genes, got shape {tuple(X.shape)}.")

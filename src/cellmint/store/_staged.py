@@ -20,6 +20,7 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
+from .._utils._device import dense_rows
 from ._sampling import MemoryBatches, StoreBatches, _gather
 
 #: the share of the device's free memory the staged counts may take (the rest: the network, its batches)
@@ -106,9 +107,7 @@ class StagedBatches(MemoryBatches):
         shift = torch.as_tensor(starts - offsets).to(device, non_blocking=True)
         counts = torch.as_tensor(lengths).to(device, non_blocking=True)
         where = torch.repeat_interleave(shift, counts, output_size=total) + torch.arange(total, device=device)
-        cells = torch.repeat_interleave(torch.arange(len(batch), device=device), counts, output_size=total)
-        X = torch.zeros((len(batch), self._n_vars), dtype=torch.float32, device=device)
-        X[cells, self._device_index[where].long()] = self._device_data[where]
+        X = dense_rows(counts, self._device_index[where], self._device_data[where], self._n_vars, total)
         picked = torch.as_tensor(batch).to(device, non_blocking=True)
         out = {
             "X": X,

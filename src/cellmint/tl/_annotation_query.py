@@ -18,6 +18,7 @@ import anndata as ad
 import numba
 import numpy as np
 import pandas as pd
+import scipy.sparse as sp
 
 from .._utils._chunks import open_root
 from .._utils._panel import InputScale, align_genes, checked_chunks, matrix_name, require_overlap
@@ -45,6 +46,35 @@ def _panel_values(indptr, indices, data, positions, out, library):
             if p >= 0:
                 out[row, p] += value
         library[row] = total
+
+
+@numba.njit(nogil=True, cache=True)
+def _panel_entries(indptr, indices, data, positions, slot, crow, columns, values, library):  # pragma: no cover
+    """One pass over a CSR chunk: its values over the model's panel as CSR, and each cell's total over all genes.
+
+    Like :func:`_panel_values`, without the dense block: ``columns`` (panel positions) and ``values``
+    get the row's panel entries in stored order, a gene stored twice in a row summed into one entry;
+    ``slot`` (one per panel gene, filled with -1) is scratch. Returns the number of entries.
+    """
+    n = 0
+    for row in range(len(indptr) - 1):
+        crow[row] = n
+        total = 0.0
+        for j in range(indptr[row], indptr[row + 1]):
+            value = data[j]
+            total += value
+            p = positions[indices[j]]
+            if p >= 0:
+                if slot[p] >= crow[row]:  # already in this row
+                    values[slot[p]] += value
+                else:
+                    slot[p] = n
+                    columns[n] = p
+                    values[n] = value
+                    n += 1
+        library[row] = total
+    crow[len(indptr) - 1] = n
+    return n
 
 
 def usable_scale(scale: InputScale, recipe: InputRecipe, where: str) -> None:
@@ -103,24 +133,34 @@ class QueryRows:
         self.positions[self.columns[self.present]] = self.present
         self.scale: InputScale | None = None
 
-    def chunks(self, chunk_size: int, *, progress: bool | None, desc: str = "annotating"
-               ) -> Iterator[tuple[int, int, np.ndarray, np.ndarray]]:  # fmt: skip
+    def chunks(self, chunk_size: int, *, progress: bool | None, desc: str = "annotating", dense: bool = True
+               ) -> Iterator[tuple[int, int, np.ndarray | sp.csr_matrix, np.ndarray]]:  # fmt: skip
         """``(start, stop, values, library_size)`` per chunk.
 
-        ``values``: dense float32 over the model's genes (zero where the query lacks a gene), on the
-        linear scale for a counts model; ``library_size``: float64, over all of the query's genes.
+        ``values``: float32 over the model's genes (zero where the query lacks a gene), on the linear
+        scale for a counts model: a dense array, or with ``dense=False`` a CSR matrix (for a device that
+        densifies it itself: a GPU is sent the stored values, not the zeros); ``library_size``: float64,
+        over all of the query's genes.
         """
         where = f"The query's {self.where}"
         rows = checked_chunks(self.adata, layer=self.layer, where=where, names=self.obs.index,
                               accept=lambda scale: usable_scale(scale, self.recipe, where), chunk_size=chunk_size,
                               progress=progress, desc=desc)  # fmt: skip
+        slot = np.full(self.n_genes, -1, dtype=np.int64)
         for chunk, scale in rows:
             self.scale = scale
             X = chunk.X
             if self.recipe.kind == "counts":  # the model's input is log1p(1e4 · x / library): linear values
                 X = self.scale.to_linear(X)
             data = X.data if X.data.dtype in (np.float32, np.float64) else X.data.astype(np.float64)
-            dense = np.zeros((X.shape[0], self.n_genes), dtype=np.float32)
             library = np.empty(X.shape[0], dtype=np.float64)
-            _panel_values(X.indptr, X.indices, data, self.positions, dense, library)
-            yield chunk.start, chunk.stop, dense, library
+            if dense:
+                values = np.zeros((X.shape[0], self.n_genes), dtype=np.float32)
+                _panel_values(X.indptr, X.indices, data, self.positions, values, library)
+            else:
+                crow = np.empty(X.shape[0] + 1, dtype=np.int64)
+                columns, entries = np.empty(len(data), dtype=np.int32), np.empty(len(data), dtype=np.float32)
+                slot[:] = -1
+                n = _panel_entries(X.indptr, X.indices, data, self.positions, slot, crow, columns, entries, library)
+                values = sp.csr_matrix((entries[:n], columns[:n], crow), shape=(X.shape[0], self.n_genes))
+            yield chunk.start, chunk.stop, values, library
