@@ -119,9 +119,11 @@ def test_a_class_whose_new_cells_sit_far_does_not_widen_the_threshold():
     nearest = np.repeat([0, 1], [20, 80])
     widened, how = query_threshold(open_set, scores, "auto")  # without the classes: a shift of 2.5
     assert how["shift"] == pytest.approx(2.5)
+    assert not how["class_factors"]
     assert widened > 6.0
     threshold, how = query_threshold(open_set, scores, "auto", nearest)
     assert how["shift"] == pytest.approx(1.0)
+    assert how["class_factors"]
     assert threshold == pytest.approx(6.0)  # the floor
     # a model saved without class factors measures the shift as before
     older = {k: v for k, v in open_set.items() if k != "class_factor"}

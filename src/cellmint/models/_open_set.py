@@ -251,7 +251,8 @@ def query_threshold(open_set: dict, scores: np.ndarray, max_distance: float | st
 
     ``nearest_class``: each cell's nearest reference cell's class; the shift is measured on the
     scores divided by those classes' factors (``open_set["class_factor"]``; models saved without
-    them: none). Models saved before the neighbourhood rule keep the threshold they were saved with.
+    them: none; ``class_factors`` in the record says which). Models saved before the neighbourhood
+    rule keep the threshold they were saved with.
     """
     if max_distance != "auto":
         return float(max_distance), {"rule": "given (max_distance)"}
@@ -261,12 +262,13 @@ def query_threshold(open_set: dict, scores: np.ndarray, max_distance: float | st
     floor, reference = float(open_set["floor"]), float(open_set["reference_q25"])
     spread = float(open_set.get("spacing_q99", floor))
     factor = open_set.get("class_factor")
-    if factor is not None and nearest_class is not None and len(scores):
+    by_class = factor is not None and nearest_class is not None and len(scores) > 0
+    if by_class:
         scores = np.asarray(scores, np.float64) / np.asarray(factor, np.float64)[np.asarray(nearest_class)]
     query = float(np.quantile(scores, open_set["shift_quantile"])) if len(scores) else reference
     shift = max(1.0, query / reference) if reference > 0 else 1.0
     widened = spread * shift ** float(open_set["shift_power"])
     threshold = max(floor, widened)  # the validation cells' tail (in floor) as it is, the spread widened
     return threshold, {"rule": "neighbourhood", "floor": floor, "spacing_q99": spread, "query_q25": query,
-                       "reference_q25": reference, "shift": shift, "widened_spread": widened,
-                       "threshold": threshold}  # fmt: skip
+                       "reference_q25": reference, "shift": shift, "class_factors": by_class,
+                       "widened_spread": widened, "threshold": threshold}  # fmt: skip
