@@ -164,7 +164,7 @@ class QueryExpression:
         self._kept: list[np.ndarray] = []
         self.mean: np.ndarray | None = None
         self.axes: np.ndarray | None = None
-        self._on: tuple | None = None  # (device, mean, axes) as tensors there, for project
+        self._on: tuple | None = None  # (device, mean · axes, axes) as tensors there, for project
 
     @property
     def complete(self) -> bool:
@@ -212,11 +212,16 @@ class QueryExpression:
         A tensor is projected where it lies (on a GPU, only the coordinates come back to the host).
         """
         values = torch.as_tensor(np.asarray(values, np.float32) if not isinstance(values, torch.Tensor) else values)
+        dims = self.axes.shape[1]
         if self._on is None or self._on[0] != values.device:
-            self._on = (values.device, torch.from_numpy(self.mean).to(values.device),
-                        torch.from_numpy(self.axes).to(values.device))  # fmt: skip
-        _, mean, axes = self._on
-        return ((values - mean) @ axes).to(torch.float16).cpu().numpy()
+            # the axes padded with zeros to a multiple of 16: a product 30 columns wide ran at half the speed
+            # of one 32 wide on this project's CPU (AVX-512); and x·A - mean·A, with no centred copy of x
+            axes = torch.zeros((self.axes.shape[0], -(-dims // 16) * 16), dtype=torch.float32)
+            axes[:, :dims] = torch.from_numpy(self.axes)
+            axes = axes.to(values.device)
+            self._on = (values.device, torch.from_numpy(self.mean).to(values.device) @ axes, axes)
+        _, offset, axes = self._on
+        return (values @ axes - offset)[:, :dims].to(torch.float16).cpu().numpy()
 
 
 def neighbourhood_scores(coordinates: np.ndarray, distance: np.ndarray, *, random_state: int = 0,

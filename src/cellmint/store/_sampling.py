@@ -282,15 +282,8 @@ class StoreBatches(torch.utils.data.IterableDataset):
                 X = torch.sparse_csr_tensor(torch.from_numpy(crow), torch.from_numpy(cols.astype(np.int64)),
                                             torch.from_numpy(values), size=(len(batch), self._n_vars),
                                             check_invariants=False)  # fmt: skip
-        out = {
-            "X": X,
-            "labels": {key: torch.from_numpy(codes[batch]) for key, codes in self._labels.items()},
-            "library_size": torch.from_numpy(self._library[batch]),
-            "index": torch.from_numpy(batch.astype(np.int64)),
-        }
-        if whole is not None:
-            out["global_index"] = torch.from_numpy(whole.astype(np.int64))
-        return out
+        labels = {key: torch.from_numpy(codes[batch]) for key, codes in self._labels.items()}
+        return _batch_dict(X, labels, torch.from_numpy(self._library[batch]), batch, whole)
 
     def __iter__(self) -> Iterator[dict]:
         if self._arrays is None:
@@ -324,6 +317,14 @@ class StoreBatches(torch.utils.data.IterableDataset):
                 yield list(cut)
             else:
                 yield from cut
+
+
+def _batch_dict(X, labels: dict, library_size, batch: np.ndarray, whole: np.ndarray | None) -> dict:
+    """A loader's batch: ``X``, ``labels``, ``library_size``; the cells' ``index`` (``global_index``) on the host."""
+    out = {"X": X, "labels": labels, "library_size": library_size, "index": torch.from_numpy(batch.astype(np.int64))}
+    if whole is not None:
+        out["global_index"] = torch.from_numpy(whole.astype(np.int64))
+    return out
 
 
 @dataclass

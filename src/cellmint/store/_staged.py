@@ -21,7 +21,7 @@ import scipy.sparse as sp
 import torch
 
 from .._utils._device import dense_rows
-from ._sampling import MemoryBatches, StoreBatches, _gather
+from ._sampling import MemoryBatches, StoreBatches, _batch_dict, _gather
 
 #: the share of the device's free memory the staged counts may take (the rest: the network, its batches)
 STAGE_FRACTION = 0.5
@@ -109,12 +109,5 @@ class StagedBatches(MemoryBatches):
         where = torch.repeat_interleave(shift, counts, output_size=total) + torch.arange(total, device=device)
         X = dense_rows(counts, self._device_index[where], self._device_data[where], self._n_vars, total)
         picked = torch.as_tensor(batch).to(device, non_blocking=True)
-        out = {
-            "X": X,
-            "labels": {key: codes[picked] for key, codes in self._device_labels.items()},
-            "library_size": self._device_library[picked],
-            "index": torch.from_numpy(batch.astype(np.int64)),
-        }
-        if whole is not None:
-            out["global_index"] = torch.from_numpy(whole.astype(np.int64))
-        return out
+        labels = {key: codes[picked] for key, codes in self._device_labels.items()}
+        return _batch_dict(X, labels, self._device_library[picked], batch, whole)
