@@ -193,7 +193,7 @@ class QueryExpression:
             self.axes = np.zeros((genes, 1), np.float32)
             self._on = None
             return np.zeros((n, 1), np.float16)
-        centred = kept - self.mean
+        centred = np.subtract(kept, self.mean, out=kept)  # in place: no second 80 MB block for 10,000 cells
         # only the leading eigenvectors, in float32 (LAPACK's subset driver: 2,000 genes in 0.15 s, not 0.9 s)
         gram = centred.T @ centred if genes <= n else centred @ centred.T  # more genes than cells: cells × cells
         size = len(gram)
