@@ -81,8 +81,9 @@ def test_more_neighbours_than_the_probed_lists_hold_fall_back_to_an_exact_search
     np.testing.assert_allclose(distances, expected_distances, rtol=1e-4, atol=1e-3)
 
 
-def test_low_dimensional_search_compares_the_same_cells_as_the_products(monkeypatch):
-    reference, queries = _clustered(12_000, 16, 20, 15), _clustered(2000, 16, 20, 16)
+@pytest.mark.parametrize("dim", [16, 30])  # 30: the open-set's expression axes, padded with zeros to 32
+def test_low_dimensional_search_compares_the_same_cells_as_the_products(monkeypatch, dim):
+    reference, queries = _clustered(12_000, dim, 20, 15), _clustered(2000, dim, 20, 16)
     search = NearestReference(reference)
     assert not search.exact
     fast = search.query(queries, 11)

@@ -55,6 +55,8 @@ KMEANS_ITERATIONS = 10
 #: for up to :data:`LOW_DIMENSIONS_NEIGHBOURS` neighbours (it keeps them sorted by insertion)
 LOW_DIMENSIONS = 32
 LOW_DIMENSIONS_NEIGHBOURS = 64
+#: those latents are compared with zero columns added up to a multiple of this many (:func:`_padded`)
+PAD_COLUMNS = 16
 
 
 def _squared_distances(queries: torch.Tensor, reference: torch.Tensor, reference_norms: torch.Tensor) -> torch.Tensor:
@@ -101,6 +103,21 @@ def _nearest_members(queries, reference, probed, offsets, sizes, found, squared)
                     best[m], where[m] = value, j
 
 
+def _padded(values: np.ndarray) -> np.ndarray:
+    """``values`` with zero columns up to a multiple of :data:`PAD_COLUMNS` (the same distances).
+
+    :func:`_nearest_members`' distance loop then runs in whole vector registers: 200,000 cells' 11
+    nearest among 20,000 in 30 dimensions took 1.0 s instead of 1.6-2.6 s (2 cores, AVX-512), with
+    the same neighbours but for float32 ties (4 in 10^6).
+    """
+    width = -(-values.shape[1] // PAD_COLUMNS) * PAD_COLUMNS
+    if width == values.shape[1]:
+        return np.ascontiguousarray(values)
+    padded = np.zeros((len(values), width), dtype=values.dtype)
+    padded[:, : values.shape[1]] = values
+    return padded
+
+
 class NearestReference:
     """The nearest reference cells (Euclidean) of query latents.
 
@@ -133,6 +150,8 @@ class NearestReference:
         self.ids = order  # position in the list layout -> reference row
         self.reference = reference[order].contiguous()
         self.norms = (self.reference * self.reference).sum(1)
+        # what _nearest_members compares queries of few dimensions with
+        self._low = _padded(self.reference.numpy()) if reference.shape[1] <= LOW_DIMENSIONS else None
         sizes = torch.bincount(assigned, minlength=n_lists)
         self.sizes = sizes.tolist()
         self.offsets = (torch.cumsum(sizes, 0) - sizes).tolist()
@@ -175,7 +194,7 @@ class NearestReference:
             offsets, sizes = np.asarray(self.offsets, np.int64), np.asarray(self.sizes, np.int64)
         found = np.zeros((len(values), k), np.int64)
         squared = np.full((len(values), k), np.inf, np.float32)
-        reference = self.reference.numpy()
+        reference, values = self._low, _padded(values)
 
         def search(rows: slice) -> None:  # the kernel releases the GIL: torch's threads share the rows
             _nearest_members(values[rows], reference, probed[rows], offsets, sizes, found[rows], squared[rows])
