@@ -31,30 +31,15 @@ WARN_OVERLAP = 0.8
 
 
 @numba.njit(nogil=True, cache=True)
-def _panel_values(indptr, indices, data, positions, out, library):
-    """One pass over a CSR chunk: its values onto the model's panel, and each cell's total over all genes.
+def _panel_pass(indptr, indices, data, positions, library, dense, slot, crow, columns, values):  # pragma: no cover
+    """One pass over a CSR chunk: its values over the model's panel, and each cell's total over all genes.
 
-    A value of gene ``g`` goes to ``out[row, positions[g]]`` (``out`` zeros; -1: not in the panel;
-    duplicates add up, as ``toarray`` does); ``library[row]`` sums every value of the row.
-    """
-    for row in range(len(indptr) - 1):
-        total = 0.0
-        for j in range(indptr[row], indptr[row + 1]):
-            value = data[j]
-            total += value
-            p = positions[indices[j]]
-            if p >= 0:
-                out[row, p] += value
-        library[row] = total
-
-
-@numba.njit(nogil=True, cache=True)
-def _panel_entries(indptr, indices, data, positions, slot, crow, columns, values, library):  # pragma: no cover
-    """One pass over a CSR chunk: its values over the model's panel as CSR, and each cell's total over all genes.
-
-    Like :func:`_panel_values`, without the dense block: ``columns`` (panel positions) and ``values``
-    get the row's panel entries in stored order, a gene stored twice in a row summed into one entry;
-    ``slot`` (one per panel gene, filled with -1) is scratch. Returns the number of entries.
+    A value of gene ``g`` belongs to panel column ``positions[g]`` (-1: not in the panel);
+    ``library[row]`` sums every value of the row. The panel values go either into ``dense`` (zeros,
+    cells × panel genes; a gene stored twice in a row adds up, as ``toarray`` does), or, when ``dense``
+    has no rows, into CSR entries: ``crow`` (row starts), ``columns`` (panel positions) and ``values``
+    get each row's panel entries in stored order, a gene stored twice summed into one entry (``slot``,
+    one per panel gene filled with -1, is scratch). Returns the number of CSR entries.
     """
     n = 0
     for row in range(len(indptr) - 1):
@@ -64,14 +49,17 @@ def _panel_entries(indptr, indices, data, positions, slot, crow, columns, values
             value = data[j]
             total += value
             p = positions[indices[j]]
-            if p >= 0:
-                if slot[p] >= crow[row]:  # already in this row
-                    values[slot[p]] += value
-                else:
-                    slot[p] = n
-                    columns[n] = p
-                    values[n] = value
-                    n += 1
+            if p < 0:
+                continue
+            if dense.shape[0]:
+                dense[row, p] += value
+            elif slot[p] >= crow[row]:  # already in this row
+                values[slot[p]] += value
+            else:
+                slot[p] = n
+                columns[n] = p
+                values[n] = value
+                n += 1
         library[row] = total
     crow[len(indptr) - 1] = n
     return n
@@ -153,14 +141,11 @@ class QueryRows:
             if self.recipe.kind == "counts":  # the model's input is log1p(1e4 · x / library): linear values
                 X = self.scale.to_linear(X)
             data = X.data if X.data.dtype in (np.float32, np.float64) else X.data.astype(np.float64)
-            library = np.empty(X.shape[0], dtype=np.float64)
-            if dense:
-                values = np.zeros((X.shape[0], self.n_genes), dtype=np.float32)
-                _panel_values(X.indptr, X.indices, data, self.positions, values, library)
-            else:
-                crow = np.empty(X.shape[0] + 1, dtype=np.int64)
-                columns, entries = np.empty(len(data), dtype=np.int32), np.empty(len(data), dtype=np.float32)
-                slot[:] = -1
-                n = _panel_entries(X.indptr, X.indices, data, self.positions, slot, crow, columns, entries, library)
-                values = sp.csr_matrix((entries[:n], columns[:n], crow), shape=(X.shape[0], self.n_genes))
+            n_rows, n_entries = X.shape[0], 0 if dense else len(data)
+            library, crow = np.empty(n_rows, dtype=np.float64), np.empty(n_rows + 1, dtype=np.int64)
+            block = np.zeros((n_rows, self.n_genes) if dense else (0, 0), dtype=np.float32)
+            columns, entries = np.empty(n_entries, dtype=np.int32), np.empty(n_entries, dtype=np.float32)
+            slot[:] = -1
+            n = _panel_pass(X.indptr, X.indices, data, self.positions, library, block, slot, crow, columns, entries)
+            values = block if dense else sp.csr_matrix((entries[:n], columns[:n], crow), shape=(n_rows, self.n_genes))
             yield chunk.start, chunk.stop, values, library
