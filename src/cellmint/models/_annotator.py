@@ -80,6 +80,11 @@ def learn_hierarchy(codes: dict[str, np.ndarray], classes: dict[str, list[str]])
 HOST_DENSIFIED = ("cpu",)
 
 
+def host_densifies(device: torch.device) -> bool:
+    """Whether sparse values meant for ``device`` are densified on the host (:data:`HOST_DENSIFIED`)."""
+    return torch.device(device).type in HOST_DENSIFIED
+
+
 def _dense_on(X: sp.spmatrix, device: torch.device) -> torch.Tensor:
     """A sparse matrix densified on ``device``: only its stored values are sent there."""
     X = sp.csr_matrix(X)
@@ -149,7 +154,7 @@ class Annotator:
         """
         device = torch.device(device)
         if sp.issparse(X):
-            X = X.toarray() if device.type in HOST_DENSIFIED else _dense_on(X, device)
+            X = X.toarray() if host_densifies(device) else _dense_on(X, device)
         X = torch.as_tensor(np.asarray(X, dtype=np.float32) if not isinstance(X, torch.Tensor) else X)
         if X.ndim != 2 or X.shape[1] != len(self.genes):
             raise ValueError(f"Expected values over the model's {len(self.genes)} genes, got shape {tuple(X.shape)}.")

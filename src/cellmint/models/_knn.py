@@ -55,7 +55,8 @@ KMEANS_ITERATIONS = 10
 #: for up to :data:`LOW_DIMENSIONS_NEIGHBOURS` neighbours (it keeps them sorted by insertion)
 LOW_DIMENSIONS = 32
 LOW_DIMENSIONS_NEIGHBOURS = 64
-#: those latents are compared with zero columns added up to a multiple of this many (:func:`_padded`)
+#: those latents (and the open-set rule's expression axes) get zero columns up to a multiple of this many
+#: (:func:`_padded`)
 PAD_COLUMNS = 16
 
 

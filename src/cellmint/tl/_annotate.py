@@ -24,10 +24,9 @@ from .._utils._device import resolve_device
 from .._utils._docs import doc_params
 from .._utils._resources import ResourceMonitor
 from ..io._models import resolve_model
-from ..models import _annotator as annotator_model
 from ..models import _conformal as conformal
 from ..models import _open_set as open_set_rule
-from ..models._annotator import UNKNOWN, Annotator
+from ..models._annotator import UNKNOWN, Annotator, host_densifies
 from ..models._knn import NearestReference, reference_search
 from ._annotation_calls import Calls, Decision, Rules, level_results, vote
 from ._annotation_query import MIN_OVERLAP, WARN_OVERLAP, QueryRows, align_genes
@@ -272,7 +271,7 @@ def annotate(
     decide = Decision(annotator, min_confidence=min_confidence, min_margin=min_margin, unknown=unknown)
     keep_proba = cluster_key is not None or not (return_table or is_path)
     found = Calls(annotator, keep_proba=keep_proba, calibration=calibration)
-    budget = DENSE_CHUNK_BYTES if torch_device.type in annotator_model.HOST_DENSIFIED else DEVICE_CHUNK_BYTES
+    budget = DENSE_CHUNK_BYTES if host_densifies(torch_device) else DEVICE_CHUNK_BYTES
     chunk_size = chunk_size or max(64, budget // (4 * max(1, len(annotator.genes))))
     expression = open_set_rule.QueryExpression(len(rows.obs)) if search is not None else None
     projections = _network_pass(rows, annotator, found, search, decide, expression, knn=knn,
@@ -333,7 +332,7 @@ def _network_pass(rows: QueryRows, annotator: Annotator, found: Calls, search: _
     """
     projections: dict[str, list[np.ndarray]] = {}
     pending: list[tuple[np.ndarray, dict[str, np.ndarray]]] = []  # network outputs not yet searched
-    dense = device.type in annotator_model.HOST_DENSIFIED
+    dense = host_densifies(device)
     for start, _, values, library in rows.chunks(chunk_size, progress=progress, dense=dense):
         inputs = annotator.inputs(values, library, device=device)  # normalised once, on the device
         del values
@@ -363,7 +362,7 @@ def _expression_coordinates(rows: QueryRows, annotator: Annotator, expression: o
     if expression.complete:
         return sampled
     coordinates = np.empty((len(rows.obs), expression.axes.shape[1]), dtype=np.float16)
-    dense = device.type in annotator_model.HOST_DENSIFIED
+    dense = host_densifies(device)
     for start, stop, values, library in rows.chunks(chunk_size, progress=progress, desc="open-set neighbourhoods",
                                                     dense=dense):  # fmt: skip
         coordinates[start:stop] = expression.project(annotator.inputs(values, library, device=device))
