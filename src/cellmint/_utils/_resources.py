@@ -2,8 +2,9 @@
 
 Peak RSS is measured for the job's own window where the OS allows: on Linux the process's
 high-water mark is reset through ``/proc/self/clear_refs`` at the start and read from
-``/proc/self/status`` (``VmHWM``) at the end. Elsewhere the process-lifetime peak of
-:func:`resource.getrusage` is reported and ``peak_rss_scope`` says ``"process"``. Nested monitors
+``/proc/self/status`` (``VmHWM``) at the end. Where that reset is refused or does not take effect,
+the process-lifetime peak of :func:`resource.getrusage` is reported and ``peak_rss_scope`` says
+``"process"``. Nested monitors
 fold the peak seen before an inner reset into every outer one, so each still reports its own window.
 """
 
@@ -18,6 +19,8 @@ from typing import Any
 
 _PROC_STATUS = Path("/proc/self/status")
 _PROC_CLEAR_REFS = Path("/proc/self/clear_refs")
+#: how far above the current RSS the peak may read just after a reset (other threads allocate meanwhile)
+_RESET_SLACK = 64 * 2**20
 #: monitors measuring now; weak, so that one abandoned by an exception between start() and stop() goes away
 _ACTIVE: weakref.WeakSet[ResourceMonitor] = weakref.WeakSet()
 
@@ -44,11 +47,17 @@ def _hwm_bytes() -> int | None:
 
 
 def _reset_hwm() -> bool:
+    """Reset the kernel's peak-RSS counter; ``True`` only where the reset is seen to take effect.
+
+    A kernel (or sandbox) may accept the write and keep the old peak; the reset counts only when
+    ``VmHWM`` reads back within :data:`_RESET_SLACK` of the current RSS, as a real reset leaves it.
+    """
     try:
         _PROC_CLEAR_REFS.write_text("5")  # "5" resets the peak RSS counter (Linux >= 4.0)
     except OSError:
         return False
-    return True
+    hwm, rss = _hwm_bytes(), current_rss_bytes()
+    return hwm is not None and rss is not None and hwm <= rss + _RESET_SLACK
 
 
 def _lifetime_peak_bytes() -> int | None:
