@@ -4,8 +4,8 @@ Peak RSS is measured for the job's own window where the OS allows: on Linux the 
 high-water mark is reset through ``/proc/self/clear_refs`` at the start and read from
 ``/proc/self/status`` (``VmHWM``) at the end. Where that reset is refused or does not take effect,
 the process-lifetime peak of :func:`resource.getrusage` is reported and ``peak_rss_scope`` says
-``"process"``. Nested monitors
-fold the peak seen before an inner reset into every outer one, so each still reports its own window.
+``"process"``. Nested monitors fold the peak seen before an inner reset into every outer one, so
+each still reports its own window (or, in ``"process"`` scope, the whole process's peak).
 """
 
 from __future__ import annotations
@@ -155,10 +155,12 @@ class ResourceMonitor:
     def start(self) -> ResourceMonitor:
         """Start measuring (what ``with`` does); returns the monitor. For code that cannot be indented in a block."""
         hwm = _hwm_bytes()
-        if hwm is not None and _reset_hwm():
+        if hwm is not None:
+            # before any write to clear_refs, even one not seen to take effect: the kernel may still have reset
+            # its peak (and getrusage's, which a "process" monitor reads)
             for outer in _ACTIVE:
                 outer._peak_before_reset = max(outer._peak_before_reset, hwm)
-        else:
+        if hwm is None or not _reset_hwm():
             self._scope = "process"
         if (torch := self._cuda()) is not None:
             torch.cuda.reset_peak_memory_stats(self.device)
@@ -170,10 +172,9 @@ class ResourceMonitor:
         """Stop measuring; returns the report (also in ``.report``)."""
         wall = time.perf_counter() - self._t0
         _ACTIVE.discard(self)
-        if self._scope == "window":
-            peak = max(self._peak_before_reset, _hwm_bytes() or 0)
-        else:
-            peak = _lifetime_peak_bytes()
+        peak = _hwm_bytes() if self._scope == "window" else _lifetime_peak_bytes()
+        if peak is not None:
+            peak = max(self._peak_before_reset, peak)
         gpu_peak = None
         if (torch := self._cuda()) is not None:
             torch.cuda.synchronize(self.device)
